@@ -1,0 +1,7 @@
+"""Lightning callbacks: throughput/memory, task evaluation, HF export."""
+
+from esft.callbacks.evaluation import TaskEvaluation
+from esft.callbacks.export import ExportHF
+from esft.callbacks.throughput import TokenThroughput
+
+__all__ = ["ExportHF", "TaskEvaluation", "TokenThroughput"]

@@ -1,0 +1,81 @@
+"""Greedy-generation evaluation on held-out splits of built-in tasks, before and after training.
+
+Prints a results table, writes ``eval.json`` to the run's log directory and logs
+``eval/<task>`` to the logger (step 0 = before, the last step = after).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from esft.data.tasks import get_task
+from esft.evaluation import evaluate_tasks
+
+
+class TaskEvaluation(L.Callback):
+    def __init__(
+        self,
+        tasks: list[str],
+        num_examples: int = 100,
+        seed: int = 0,
+        max_new_tokens: int = 32,
+        batch_size: int = 100,
+        before_fit: bool = True,
+        output: str | None = None,
+    ) -> None:
+        """
+        Args:
+            tasks: built-in task names.
+            num_examples: held-out records per task.
+            seed: generation seed of the held-out records.
+            max_new_tokens: generation limit per completion.
+            batch_size: prompts generated together.
+            before_fit: also evaluate the model before training (the "before" column).
+            output: JSON results path (default ``<log_dir>/eval.json``).
+        """
+        self.tasks = tasks
+        self.num_examples = num_examples
+        self.seed = seed
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.before_fit = before_fit
+        self.output = output
+        self.results: dict[str, dict[str, float]] = {}
+        self._records = None
+
+    def _evaluate(self, pl_module) -> dict[str, float]:
+        if self._records is None:
+            self._records = {t: get_task(t).generate(self.num_examples, self.seed, "heldout") for t in self.tasks}
+        return evaluate_tasks(pl_module.model, pl_module.tokenizer, self._records, self.max_new_tokens, self.batch_size)
+
+    def _log(self, trainer, when: str, scores: dict[str, float]) -> None:
+        self.results[when] = scores
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({f"eval/{t}": v for t, v in scores.items()}, step=trainer.global_step)
+
+    @rank_zero_only
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.before_fit:
+            self._log(trainer, "before", self._evaluate(pl_module))
+
+    @rank_zero_only
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._log(trainer, "after", self._evaluate(pl_module))
+        rank_zero_info(self.table())
+        path = Path(self.output or os.path.join(trainer.log_dir or trainer.default_root_dir, "eval.json"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"metric": "exact_match", "num_examples": self.num_examples, "steps": trainer.global_step, **self.results}
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        rank_zero_info(f"[eval] results written to {path}")
+
+    def table(self) -> str:
+        cols = [c for c in ("before", "after") if c in self.results]
+        lines = [f"| task | {' | '.join(cols)} |", "|---|" + "---|" * len(cols)]
+        for t in self.tasks:
+            lines.append(f"| {t} | " + " | ".join(f"{self.results[c][t]:.3f}" for c in cols) + " |")
+        return f"\nExact match on {self.num_examples} held-out examples per task (greedy):\n" + "\n".join(lines)

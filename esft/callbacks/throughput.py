@@ -1,0 +1,61 @@
+"""Real-token throughput, padding fraction and peak memory, logged every N optimizer steps."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import lightning as L
+import torch
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class TokenThroughput(L.Callback):
+    """Logs ``perf/tokens_per_s`` (real, non-pad tokens, all ranks), ``perf/padding_fraction``,
+    ``perf/peak_memory_gib`` and ``perf/tokens_seen``; reads ``num_tokens`` / ``num_padding``
+    from each batch."""
+
+    def __init__(self, log_every_n_steps: int = 10) -> None:
+        self.log_every_n_steps = log_every_n_steps
+        self.tokens_seen = 0
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._tokens = self._padding = 0
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._start is None:
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._tokens += batch["num_tokens"]
+        self._padding += batch["num_padding"]
+        self.tokens_seen += batch["num_tokens"] * trainer.world_size
+        if trainer.global_step % self.log_every_n_steps or not trainer._logger_connector.should_update_logs:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        elapsed = time.perf_counter() - self._start
+        total = self._tokens + self._padding
+        metrics = {
+            "perf/tokens_per_s": self._tokens * trainer.world_size / max(elapsed, 1e-9),
+            "perf/padding_fraction": self._padding / max(total, 1),
+            "perf/peak_memory_gib": peak_memory_gib(pl_module.device),
+            "perf/tokens_seen": float(self.tokens_seen),
+        }
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log("tok/s", metrics["perf/tokens_per_s"], prog_bar=True, logger=False, batch_size=1)
+        self._reset_window()
+
+    def state_dict(self) -> dict:
+        return {"tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.tokens_seen = state_dict.get("tokens_seen", 0)

@@ -1,0 +1,52 @@
+"""The `esft` command: LightningCLI subcommands over any objective and DataModule.
+
+    esft fit --config configs/sft/quickstart.yaml
+    esft fit --config configs/sft/quickstart.yaml --data.path my.jsonl --trainer.max_steps 100
+    esft fit --config configs/sft/quickstart.yaml --ckpt_path last     # resume
+    esft fit --config configs/sft/quickstart.yaml --print_config       # the full, resolved config
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningCLI
+
+from esft.models.tokenizer import resolve_tokenizer_name
+from esft.objectives import CausalLMModule
+
+TRAINER_DEFAULTS = {
+    # Atomic checkpoint writes; packing batches with our own rank-aware sampler.
+    "plugins": [{"class_path": "esft.checkpoint.AtomicCheckpointIO"}],
+    "use_distributed_sampler": False,
+}
+
+
+class ESFTCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # the data is tokenized with the model's tokenizer
+        parser.link_arguments(
+            ("model.init_args.tokenizer", "model.init_args.model_name_or_path"),
+            "data.init_args.tokenizer",
+            compute_fn=resolve_tokenizer_name,
+        )
+
+
+def main(args: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ESFTCLI(
+        CausalLMModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=args if args is not None else sys.argv[1:],
+    )
+
+
+if __name__ == "__main__":
+    main()

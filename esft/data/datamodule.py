@@ -1,0 +1,202 @@
+"""SFTDataModule: load -> validate -> tokenize (prompt-masked) -> pack -> loaders.
+
+Run it through the CLI, e.g. ``esft fit --config configs/sft/quickstart.yaml --data.path data.jsonl``.
+Preparation prints one report: rows read and skipped (with reasons), examples truncated or
+dropped, tokens, and how full the packed micro-batches are.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import partial
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from esft.data.packing import ResumableBatchSampler, best_fit_decreasing, collate_packed, collate_padded
+from esft.data.records import Format, LoadStats, OnBadRecord, load_records
+from esft.data.tasks import get_task
+from esft.data.tokenize import TokenizeStats, TrainOn, Truncation, tokenize_records
+from esft.models.tokenizer import BUILTIN, CHATML_TEMPLATE, load_tokenizer
+
+
+class SFTDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        path: str = BUILTIN,
+        format: Format = "auto",
+        name: str | None = None,
+        split: str = "train",
+        val_path: str | None = None,
+        val_split: str | None = None,
+        val_fraction: float = 0.0,
+        tasks: list[str] | None = None,
+        num_train_per_task: int = 2000,
+        num_val_per_task: int = 100,
+        seed: int = 0,
+        tokenizer: str | None = None,
+        chat_template: str | None = None,
+        max_length: int = 1024,
+        train_on: TrainOn = "assistant",
+        truncation: Truncation = "right",
+        on_bad_record: OnBadRecord = "error",
+        packing: bool = True,
+        max_tokens: int = 4096,
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            path: a .jsonl/.json/.parquet/.csv file, a directory of them, a HF dataset id, or
+                ``builtin`` for the built-in tasks generated from `seed`.
+            format: record format; ``auto`` detects it per row.
+            name: HF dataset configuration name (hub ids only).
+            split: HF dataset split to train on (hub ids only).
+            val_path: validation data (same sources as `path`); wins over `val_fraction`.
+            val_split: HF dataset split to validate on (hub ids only).
+            val_fraction: hold out this fraction of `path` (a seeded shuffle) for validation.
+            tasks: built-in tasks to generate when ``path: builtin``.
+            num_train_per_task: built-in training records per task.
+            num_val_per_task: built-in validation records per task (from the held-out split).
+            seed: seeds generation, the validation split and the shuffle of every epoch.
+            tokenizer: tokenizer path / hub id / ``builtin`` (the CLI links it to the model's).
+            chat_template: a Jinja chat template, or ``chatml``, replacing the tokenizer's.
+            max_length: longest example in tokens; longer ones follow `truncation`.
+            train_on: ``assistant`` trains on every assistant turn only; ``all`` on every token.
+            truncation: ``right`` cuts, ``drop`` drops (counted), ``error`` raises.
+            on_bad_record: ``error`` stops at the first bad row; ``skip`` counts and reports it.
+            packing: pack examples padding-free into micro-batches of at most `max_tokens`.
+            max_tokens: token budget of one packed micro-batch.
+            batch_size: examples per padded micro-batch when ``packing: false``.
+            num_workers: DataLoader worker processes.
+        """
+        super().__init__()
+        if packing and max_length > max_tokens:
+            raise ValueError(f"max_length ({max_length}) must not exceed max_tokens ({max_tokens}) when packing")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.hp = self.hparams
+        self.tasks = tasks if tasks is not None else ["arithmetic", "reverse_words"]
+        self.train_examples: list[dict[str, Any]] = []
+        self.val_examples: list[dict[str, Any]] = []
+        self._resume: dict[str, int] | None = None
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.hp.tokenizer or BUILTIN)
+            if self.hp.chat_template:
+                self._tokenizer.chat_template = CHATML_TEMPLATE if self.hp.chat_template == "chatml" else self.hp.chat_template
+        return self._tokenizer
+
+    # ---- loading -------------------------------------------------------------------------
+    def _builtin(self, split: str, n: int) -> list[dict[str, Any]]:
+        return [r for task in self.tasks for r in get_task(task).generate(n, seed=self.hp.seed, split=split)]
+
+    def _load(self, source: str, split: str) -> list[dict[str, Any]]:
+        records, stats = load_records(source, self.hp.format, self.hp.on_bad_record, split=split, name=self.hp.name)
+        self._report_load(source, stats)
+        return records
+
+    def _report_load(self, source: str, stats: LoadStats) -> None:
+        formats = ", ".join(f"{k}: {v}" for k, v in stats.formats.items())
+        msg = f"[data] {source}: {stats.read} rows read ({formats})"
+        if stats.num_skipped:
+            reasons = "; ".join(f"{n} x {r}" for r, n in stats.skipped.most_common())
+            msg += f", {stats.num_skipped} skipped under on_bad_record=skip ({reasons}); e.g. " + " | ".join(stats.examples[:3])
+        rank_zero_info(msg)
+
+    def _tokenize(self, records: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+        examples, stats = tokenize_records(
+            records, self.tokenizer, self.hp.max_length, self.hp.train_on, self.hp.truncation
+        )
+        self._report_tokenize(label, stats)
+        return examples
+
+    def _report_tokenize(self, label: str, s: TokenizeStats) -> None:
+        msg = (
+            f"[data] {label}: {s.examples} examples, {s.tokens} tokens ({s.trained_tokens} trained), "
+            f"{s.truncated} truncated to max_length={self.hp.max_length}"
+        )
+        if s.num_dropped:
+            msg += ", dropped: " + "; ".join(f"{n} x {r}" for r, n in s.dropped.most_common())
+        rank_zero_info(msg)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_examples or self.val_examples:
+            return
+        hp = self.hp
+        if hp.path == BUILTIN:
+            train = self._builtin("train", hp.num_train_per_task)
+            val = self._builtin("heldout", hp.num_val_per_task) if hp.num_val_per_task > 0 else []
+        else:
+            train = self._load(hp.path, hp.split)
+            if hp.val_path or hp.val_split:
+                val = self._load(hp.val_path or hp.path, hp.val_split or hp.split)
+            elif hp.val_fraction > 0:
+                random.Random(hp.seed).shuffle(train)
+                k = max(1, round(len(train) * hp.val_fraction))
+                train, val = train[k:], train[:k]
+            else:
+                val = []
+        self.train_examples = self._tokenize(train, "train")
+        self.val_examples = self._tokenize(val, "val") if val else []
+
+    # ---- loaders -------------------------------------------------------------------------
+    def _batches(self, examples: list[dict[str, Any]]) -> list[list[int]]:
+        if self.hp.packing:
+            return best_fit_decreasing([e["length"] for e in examples], self.hp.max_tokens)
+        # padded baseline: consecutive examples, in the data's order
+        return [list(range(i, min(i + self.hp.batch_size, len(examples)))) for i in range(0, len(examples), self.hp.batch_size)]
+
+    def _collate(self):
+        return collate_packed if self.hp.packing else partial(collate_padded, pad_token_id=self.tokenizer.pad_token_id)
+
+    def _loader(self, examples: list[dict[str, Any]], shuffle: bool) -> DataLoader:
+        batches = self._batches(examples)
+        trainer = self.trainer
+        sampler = ResumableBatchSampler(
+            batches,
+            shuffle=shuffle,
+            seed=self.hp.seed,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+        )
+        if shuffle:
+            if self.hp.packing:
+                tokens = sum(e["length"] for e in examples)
+                rank_zero_info(
+                    f"[data] packed {len(examples)} examples into {len(batches)} micro-batches of <= "
+                    f"{self.hp.max_tokens} tokens ({tokens / (len(batches) * self.hp.max_tokens):.1%} of the budget used)"
+                )
+            if self._resume is not None:
+                sampler.resume(self._resume["epoch"], self._resume["batches_done"])
+                self._resume = None
+        return DataLoader(
+            examples,
+            batch_sampler=sampler,
+            collate_fn=self._collate(),
+            num_workers=self.hp.num_workers,
+            persistent_workers=self.hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_examples, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_examples, shuffle=False) if self.val_examples else []
+
+    # ---- exact resume ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        """Where training is in the data: the epoch, and batches of it already trained on."""
+        if self.trainer is None:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = dict(state_dict) if state_dict else None

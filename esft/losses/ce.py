@@ -1,0 +1,77 @@
+"""Masked next-token cross-entropy, shared by every objective.
+
+`next_token_targets` turns position-aligned labels into next-token targets; in a packed row the
+last token of a document must not predict the first token of the next one, so targets whose
+position restarts at 0 are masked.
+
+`chunked_cross_entropy` computes the loss from final hidden states and the LM-head weight
+without a full-vocabulary fp32 logits tensor for the batch: only positions that are trained on
+are kept, they are processed `chunk_size` at a time, and each chunk is checkpointed, so its
+logits are recomputed in the backward pass instead of being stored. Peak extra memory is one
+chunk of ``[chunk_size, vocab]`` fp32 logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def next_token_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Shift labels ``[B, T]`` left by one; the result's ``[b, t]`` is the target of position t.
+
+    Where `position_ids` ``[B, T]`` restarts at 0 (a new packed document), the previous
+    position's target is masked. The last position has no target.
+    """
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    if position_ids is not None:
+        boundary = position_ids[:, 1:] == 0
+        targets[:, :-1] = targets[:, :-1].masked_fill(boundary, IGNORE_INDEX)
+    return targets
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of token cross-entropies in fp32; logits ``[N, V]``, targets ``[N]`` (-100 ignored)."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+    return cross_entropy_sum(F.linear(hidden, weight, bias), targets)
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against `targets`, and the token count.
+
+    Args:
+        hidden: final hidden states ``[..., H]``.
+        weight: LM-head weight ``[V, H]``; bias ``[V]`` or None.
+        targets: next-token ids ``[...]`` matching `hidden`'s leading dims; -100 is ignored.
+        chunk_size: trained positions per chunk; ``<= 0`` computes all logits at once.
+
+    Returns:
+        ``(loss_sum, num_tokens)``: divide to get the mean over trained tokens.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != IGNORE_INDEX
+    hidden, targets = hidden[keep], targets[keep]
+    count = keep.sum()
+    if targets.numel() == 0:
+        return hidden.sum() * 0.0, count  # keeps the graph connected
+    if chunk_size <= 0 or targets.numel() <= chunk_size:
+        return _chunk_loss(hidden, weight, bias, targets), count
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for lo in range(0, targets.numel(), chunk_size):
+        sl = slice(lo, lo + chunk_size)
+        total = total + checkpoint(_chunk_loss, hidden[sl], weight, bias, targets[sl], use_reentrant=False)
+    return total, count

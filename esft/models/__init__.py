@@ -1,0 +1,53 @@
+"""Load a HF causal LM from a path / hub id, or build a tiny one from a config dict."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from esft.models.attention import AttnImplementation, resolve_attn_implementation
+from esft.models.tokenizer import BUILTIN, load_tokenizer
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def torch_dtype(dtype: str) -> torch.dtype | str:
+    return "auto" if dtype == "auto" else getattr(torch, dtype)
+
+
+def build_model(
+    tokenizer: PreTrainedTokenizerBase,
+    model_name_or_path: str | None = None,
+    model_config: dict[str, Any] | None = None,
+    dtype: DType = "float32",
+    attn_implementation: AttnImplementation = "auto",
+    device: torch.device | None = None,
+) -> PreTrainedModel:
+    """Exactly one of `model_name_or_path` (pretrained weights) or `model_config` (random init).
+
+    `model_config` is a dict with a transformers ``model_type`` and its fields; the vocabulary
+    size and special token ids default to the tokenizer's.
+    """
+    if (model_name_or_path is None) == (model_config is None):
+        raise ValueError("give exactly one of model_name_or_path (pretrained) or model_config (random init)")
+    attn = resolve_attn_implementation(attn_implementation, device)
+    if model_name_or_path is not None:
+        return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch_dtype(dtype), attn_implementation=attn)
+    fields = copy.deepcopy(model_config)  # from_config writes into the config object (NOTES)
+    model_type = fields.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("model_config needs a 'model_type' (e.g. llama, qwen2, qwen2_moe, mixtral)")
+    fields.setdefault("vocab_size", len(tokenizer))
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        fields.setdefault(name, getattr(tokenizer, name))
+    config = AutoConfig.for_model(model_type, **fields)
+    if config.vocab_size < len(tokenizer):
+        raise ValueError(f"model_config.vocab_size={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype) if dtype != "auto" else None, attn_implementation=attn)
+    return model
+
+
+__all__ = ["BUILTIN", "DType", "build_model", "load_tokenizer", "torch_dtype"]

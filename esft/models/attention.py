@@ -1,0 +1,65 @@
+"""Attention paths for packed (padding-free) batches.
+
+- ``sdpa`` / ``eager`` / ``flex_attention``: transformers builds a block-diagonal causal mask
+  from `position_ids` that restart at 0 per document (portable; O(T^2) mask memory).
+- ``esft_varlen``: `torch.nn.attention.varlen.varlen_attn` (flash varlen, CUDA only), driven
+  by `cu_seqlens`; no mask is built at all.
+
+``auto`` picks ``esft_varlen`` on CUDA when torch has it, else ``sdpa``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+AttnImplementation = Literal["auto", "sdpa", "eager", "flex_attention", "esft_varlen", "flash_attention_2"]
+VARLEN = "esft_varlen"
+
+
+def varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface over `varlen_attn`; query/key/value ``[1, heads, T, D]``."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or query.shape[0] != 1:
+        raise ValueError("esft_varlen attention needs a packed batch [1, T] with cu_seq_lens_q/k")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, D]
+    if k.shape[1] != q.shape[1]:  # GQA: torch 2.11's varlen_attn has no enable_gqa
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    window = getattr(module, "sliding_window", None)
+    out = varlen_attn(
+        q, k, v, cu_q, cu_k, kwargs["max_length_q"], kwargs["max_length_k"],
+        scale=scaling, window_size=(window - 1 if window else -1, 0),
+    )
+    return out.unsqueeze(0), None  # [1, T, heads, D]
+
+
+def register_varlen() -> None:
+    """Register ``esft_varlen`` with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, _varlen_attention)
+    AttentionMaskInterface.register(VARLEN, lambda *args, **kwargs: None)
+
+
+def resolve_attn_implementation(name: str, device: torch.device | None = None) -> str:
+    if name == "auto":
+        on_cuda = device is not None and device.type == "cuda"
+        name = VARLEN if on_cuda and varlen_available() else "sdpa"
+    if name == VARLEN:
+        if not varlen_available():
+            raise RuntimeError("attn_implementation='esft_varlen' needs CUDA and torch.nn.attention.varlen (torch >= 2.9)")
+        register_varlen()
+    return name

@@ -1,0 +1,6 @@
+"""One LightningModule per objective."""
+
+from esft.objectives.base import CausalLMModule
+from esft.objectives.sft import SFTModule
+
+__all__ = ["CausalLMModule", "SFTModule"]

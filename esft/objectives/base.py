@@ -1,0 +1,91 @@
+"""What every objective shares: model and tokenizer building, the packed forward, the masked
+token loss, and optimizer wiring. Objectives subclass `CausalLMModule` and add their loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+from esft.losses import chunked_cross_entropy, cross_entropy_sum, next_token_targets
+from esft.models import DType, build_model, load_tokenizer
+from esft.models.attention import VARLEN, AttnImplementation, resolve_attn_implementation
+from esft.models.tokenizer import resolve_tokenizer_name
+from esft.optim import OptimConfig, build_adamw, warmup_cosine
+
+# config fields that make the LM head more than a plain linear layer; the chunked loss would be wrong
+_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+class CausalLMModule(L.LightningModule):
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        dtype: DType = "float32",
+        attn_implementation: AttnImplementation = "auto",
+        gradient_checkpointing: bool = False,
+        loss_chunk_size: int = 1024,
+        optim: OptimConfig | None = None,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: pretrained model (local directory or HF hub id).
+            model_config: instead, a config dict (``model_type`` + fields) for a random-init model.
+            tokenizer: tokenizer path / hub id / ``builtin``; default: the model's, else builtin.
+            dtype: weight dtype (mixed precision is the trainer's `precision`).
+            attn_implementation: ``auto`` = flash varlen on CUDA, SDPA with a block mask elsewhere.
+            gradient_checkpointing: recompute activations in the backward pass.
+            loss_chunk_size: trained tokens per chunk of the cross-entropy; 0 = all at once.
+            optim: optimizer and schedule.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.optim = optim or OptimConfig()
+        self.tokenizer = load_tokenizer(resolve_tokenizer_name(tokenizer, model_name_or_path))
+        # "auto" starts on SDPA; `setup` moves to varlen once the device is known to be CUDA.
+        first = "sdpa" if attn_implementation == "auto" else attn_implementation
+        self.model = build_model(self.tokenizer, model_name_or_path, model_config, dtype, first)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._plain_head = not any(getattr(self.model.config, k, None) for k in _HEAD_TRANSFORMS)
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.attn_implementation == "auto":
+            name = resolve_attn_implementation("auto", self.trainer.strategy.root_device)
+            if name != self.model.config._attn_implementation:
+                self.model.set_attn_implementation(name)
+
+    # ---- forward and loss ------------------------------------------------------------------
+    def _forward_kwargs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        # use_cache=False: with a cache, transformers skips the packed-document mask (NOTES).
+        kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        if "attention_mask" in batch:
+            kwargs["attention_mask"] = batch["attention_mask"]
+        elif self.model.config._attn_implementation == VARLEN:
+            cu, longest = batch["cu_seqlens"], batch["max_seqlen"]
+            kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        return kwargs
+
+    def token_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token cross-entropy over trained tokens, and their count."""
+        targets = next_token_targets(batch["labels"], batch["position_ids"])
+        kwargs = self._forward_kwargs(batch)
+        if self._plain_head and self.hparams.loss_chunk_size > 0:
+            hidden = self.model.get_decoder()(**kwargs).last_hidden_state
+            head = self.model.get_output_embeddings()
+            return chunked_cross_entropy(hidden, head.weight, targets, head.bias, self.hparams.loss_chunk_size)
+        logits = self.model(**kwargs).logits
+        keep = targets != -100
+        return cross_entropy_sum(logits[keep], targets[keep]), keep.sum()
+
+    # ---- optimization ----------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.optim
+        optimizer = build_adamw(self.model, cfg)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
+        scheduler = warmup_cosine(optimizer, warmup, total, cfg.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

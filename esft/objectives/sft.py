@@ -1,0 +1,25 @@
+"""Supervised fine-tuning: masked next-token cross-entropy on packed batches.
+
+    esft fit --config configs/sft/quickstart.yaml
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from esft.objectives.base import CausalLMModule
+
+
+class SFTModule(CausalLMModule):
+    """SFT with the loss averaged over the trained (non-masked) tokens of each micro-batch."""
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        loss_sum, count = self.token_loss(batch)
+        loss = loss_sum / count.clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(count))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        loss_sum, count = self.token_loss(batch)
+        # weighting by the token count makes the epoch value the exact mean over validation tokens
+        self.log("val/loss", loss_sum / count.clamp(min=1), prog_bar=True, batch_size=int(count))

@@ -1,0 +1,33 @@
+"""Every YAML under configs/ parses, and each starts with the command that runs it."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from esft.cli import main
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert any(p.name == "quickstart.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[2])))
+def test_config_parses_and_names_its_command(path, capsys):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# esft ") and str(path.relative_to(path.parents[2])) in first
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert e.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].startswith("esft.")
+    assert printed["data"]["init_args"]["tokenizer"]  # linked from the model
+
+
+def test_bad_option_is_rejected(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(CONFIGS[0]), "--data.init_args.train_on", "everything"])
+    assert e.value.code != 0
+    assert "train_on" in capsys.readouterr().err

@@ -1,0 +1,126 @@
+"""End to end through the CLI: train a tiny model, checkpoint, interrupt, resume, export."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from esft.cli import main
+
+from conftest import TINY
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAt:
+    """A callback that crashes the run at a given step (after the step's checkpoint, if any)."""
+
+    def __new__(cls, step: int):
+        import lightning as L
+
+        class _Cb(L.Callback):
+            def on_train_batch_start(self, trainer, *args):
+                if trainer.global_step == step:
+                    raise Interrupt(f"interrupted at step {step}")
+
+        return _Cb()
+
+
+def config(root: Path, max_steps: int, extra_callbacks=(), **data) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "log_every_n_steps": 1,
+            "val_check_interval": 4, "check_val_every_n_epoch": None, "enable_progress_bar": False,
+            "default_root_dir": str(root),
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(root), "name": "", "version": ""}},
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(root / "checkpoints"), "every_n_train_steps": 4,
+                               "save_last": True, "save_top_k": -1}},
+                {"class_path": "esft.callbacks.TokenThroughput", "init_args": {"log_every_n_steps": 1}},
+                {"class_path": "esft.callbacks.TaskEvaluation",
+                 "init_args": {"tasks": ["reverse_words"], "num_examples": 4, "max_new_tokens": 8}},
+                {"class_path": "esft.callbacks.ExportHF"},
+                *extra_callbacks,
+            ],
+        },
+        "model": {"class_path": "esft.objectives.SFTModule",
+                  "init_args": {"model_config": TINY["llama"], "loss_chunk_size": 16,
+                                "optim": {"lr": 1e-2, "warmup_steps": 2}}},
+        "data": {"class_path": "esft.data.SFTDataModule",
+                 "init_args": {"tasks": ["arithmetic", "reverse_words"], "num_train_per_task": 48,
+                               "num_val_per_task": 8, "max_length": 64, "max_tokens": 256, **data}},
+    }
+    path = root / "config.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def weights(root: Path) -> dict[str, torch.Tensor]:
+    return load_file(root / "hf" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("full")
+    main(["fit", "--config", str(config(root, 10))])
+    return root
+
+
+def test_fit_logs_evaluates_and_exports(uninterrupted):
+    root = uninterrupted
+    assert (root / "checkpoints" / "last.ckpt").exists() and (root / "checkpoints" / "epoch=0-step=4.ckpt").exists()
+    assert not list((root / "checkpoints").glob("*.tmp"))
+    results = json.loads((root / "eval.json").read_text())
+    assert set(results) >= {"before", "after"} and results["steps"] == 10
+    events = list(root.glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(root)).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "perf/tokens_per_s", "perf/padding_fraction", "perf/peak_memory_gib",
+            "lr-AdamW", "eval/reverse_words"} <= tags
+    assert all(e.value == 0.0 for e in acc.Scalars("perf/padding_fraction"))
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    assert losses[-1] < losses[0]
+
+
+def test_exported_model_loads_in_transformers(uninterrupted):
+    hf = uninterrupted / "hf"
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    tokenizer = AutoTokenizer.from_pretrained(hf)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 1 + 1?"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, uninterrupted):
+    interrupt = {"class_path": "test_e2e.InterruptAt", "init_args": {"step": 6}}
+    cfg = config(tmp_path, 10, extra_callbacks=[interrupt])
+    with pytest.raises(Interrupt):
+        main(["fit", "--config", str(cfg)])
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4
+    main(["fit", "--config", str(config(tmp_path, 10)), "--ckpt_path", "last"])
+    resumed, full = weights(tmp_path), weights(uninterrupted)
+    assert resumed.keys() == full.keys()
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_unpacked_padded_baseline_runs_and_reports_padding(tmp_path):
+    main(["fit", "--config", str(config(tmp_path, 3, packing=False, batch_size=4))])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path)).Reload()
+    assert max(e.value for e in acc.Scalars("perf/padding_fraction")) > 0

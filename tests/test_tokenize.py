@@ -1,0 +1,58 @@
+import pytest
+
+from esft.data.records import DataFormatError
+from esft.data.tokenize import IGNORE_INDEX, tokenize_records
+
+CONV = {"messages": [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "Reverse: apple river"},
+    {"role": "assistant", "content": "river apple"},
+    {"role": "user", "content": "What is 1 + 2?"},
+    {"role": "assistant", "content": "3"},
+]}
+
+
+def trained_text(tokenizer, example):
+    return tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX])
+
+
+def test_every_assistant_turn_and_only_assistant_turns_are_trained(tokenizer):
+    [example], stats = tokenize_records([CONV], tokenizer, max_length=512)
+    assert trained_text(tokenizer, example) == "river apple<|im_end|>\n3<|im_end|>\n"
+    assert stats.trained_tokens == sum(label != IGNORE_INDEX for label in example["labels"])
+    assert example["length"] == len(example["input_ids"]) == len(example["labels"])
+
+
+def test_train_on_all(tokenizer):
+    [example], _ = tokenize_records([CONV], tokenizer, max_length=512, train_on="all")
+    assert example["labels"] == example["input_ids"]
+
+
+def test_truncation_policies(tokenizer):
+    [full], _ = tokenize_records([CONV], tokenizer, max_length=512)
+    n = full["length"] - 2  # cuts into the last assistant turn
+    [cut], stats = tokenize_records([CONV], tokenizer, max_length=n)
+    assert cut["input_ids"] == full["input_ids"][:n] and stats.truncated == 1
+    examples, stats = tokenize_records([CONV], tokenizer, max_length=n, truncation="drop")
+    assert examples == [] and stats.dropped == {"longer than max_length": 1}
+    with pytest.raises(DataFormatError, match="exceed max_length"):
+        tokenize_records([CONV], tokenizer, max_length=n, truncation="error")
+
+
+def test_example_left_without_trained_tokens_is_dropped_and_counted(tokenizer):
+    examples, stats = tokenize_records([CONV], tokenizer, max_length=5)
+    assert examples == [] and stats.dropped == {"no trained tokens (after truncation)": 1}
+
+
+def test_template_that_rewrites_history_is_rejected(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    # renders only the last assistant turn in full: not prefix-stable
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}[old]"
+        "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    with pytest.raises(DataFormatError, match="renders turn 2 differently"):
+        tokenize_records([CONV], tok, max_length=512)
