@@ -29,14 +29,14 @@ class ESFTCLI(LightningCLI):
         # the data is tokenized with the model's tokenizer
         parser.link_arguments(
             ("model.init_args.tokenizer", "model.init_args.model_name_or_path"),
-            "data.init_args.tokenizer",
+            "data.init_args.tokenizer_name",
             compute_fn=resolve_tokenizer_name,
         )
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None) -> ESFTCLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ESFTCLI(
+    return ESFTCLI(
         CausalLMModule,
         LightningDataModule,
         subclass_mode_model=True,
@@ -48,5 +48,10 @@ def main(args: list[str] | None = None) -> None:
     )
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console-script entry point (returns nothing, so the exit status is 0 on success)."""
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -25,19 +25,29 @@ def test_best_fit_decreasing_places_every_item_once_within_capacity():
         best_fit_decreasing([9], 8)
 
 
+def ex(*ids):
+    return {"input_ids": list(ids), "labels": [-100, *ids[1:]], "length": len(ids)}
+
+
 def test_collate_packed_restarts_positions_and_marks_boundaries():
-    ex = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [-100, 5]}]
-    batch = collate_packed(ex)
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
-    assert batch["cu_seqlens"].tolist() == [0, 3, 5] and batch["max_seqlen"] == 3
-    assert batch["num_tokens"] == 5 and batch["num_padding"] == 0
-    padded = collate_packed(ex, pad_to=8)
-    assert padded["input_ids"].shape == (1, 8) and padded["num_padding"] == 3
-    assert padded["labels"][0, 5:].tolist() == [-100] * 3
+    rows = [[ex(1, 2, 3), ex(4, 5)], [ex(6, 7)]]
+    flat = collate_packed(rows, "flat")
+    assert flat["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7]]
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
+    assert flat["cu_seqlens"].tolist() == [0, 3, 5, 7] and flat["max_seqlen"] == 3
+    assert flat["num_tokens"] == 7 and flat["num_padding"] == 0
+    by_row = collate_packed(rows, "rows")
+    assert by_row["input_ids"].tolist() == [[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]]
+    assert by_row["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    assert by_row["labels"][1].tolist() == [-100, 7, -100, -100, -100]
+    assert by_row["cu_seqlens"].tolist() == [0, 3, 5, 7, 10] and by_row["num_padding"] == 3
+    fixed = collate_packed(rows, "flat", pad_to=8)
+    assert fixed["input_ids"].shape == (1, 8) and fixed["num_padding"] == 1
 
 
 def test_next_token_targets_never_cross_documents():
-    batch = collate_packed([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}])
+    batch = collate_packed([[ex(1, 2, 3), ex(4, 5)]])
+    batch["labels"] = batch["input_ids"].clone()
     targets = next_token_targets(batch["labels"], batch["position_ids"])
     assert targets.tolist() == [[2, 3, -100, 5, -100]]
 
@@ -77,35 +87,43 @@ def test_packed_loss_equals_unpacked_loss(tokenizer, family, attn):
     torch.manual_seed(0)
     model = build_model(tokenizer, model_config=TINY[family], attn_implementation=attn).eval()
     examples = _examples(tokenizer)
-    packed, _ = _loss(model, collate_packed(examples))
-    padded, _ = _loss(model, collate_padded(examples, tokenizer.pad_token_id))
-    singles = [_loss(model, collate_packed([e]))[0] * sum(x != -100 for x in e["labels"][1:]) for e in examples]
+    rows = [examples[:2], examples[2:5], examples[5:]]
+    flat, _ = _loss(model, collate_packed(rows, "flat"))
+    by_row, _ = _loss(model, collate_packed(rows, "rows"))
+    padded, _ = _loss(model, collate_padded([examples], tokenizer.pad_token_id))
+    singles = [_loss(model, collate_packed([[e]]))[0] * sum(x != -100 for x in e["labels"][1:]) for e in examples]
     unpacked_mean = sum(singles) / sum(sum(x != -100 for x in e["labels"][1:]) for e in examples)
-    torch.testing.assert_close(packed, unpacked_mean, atol=1e-5, rtol=0)
-    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
+    for packed in (flat, by_row):
+        torch.testing.assert_close(packed, unpacked_mean, atol=1e-5, rtol=0)
+        torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
 
 
 def test_document_logits_do_not_change_with_neighbours(tokenizer):
     torch.manual_seed(0)
     model = build_model(tokenizer, model_config=TINY["llama"], attn_implementation="sdpa").eval()
     a, b, c = _examples(tokenizer, 3)
-    _, alone = _loss(model, collate_packed([b]))
-    _, packed = _loss(model, collate_packed([a, b, c]))
+    _, alone = _loss(model, collate_packed([[b]]))
+    _, packed = _loss(model, collate_packed([[a, b, c]]))
     start = a["length"]
     torch.testing.assert_close(packed[0, start : start + b["length"]], alone[0], atol=1e-5, rtol=0)
+    _, by_row = _loss(model, collate_packed([[a], [c, b]], "rows"))
+    start = c["length"]
+    torch.testing.assert_close(by_row[1, start : start + b["length"]], alone[0], atol=1e-5, rtol=0)
 
 
 def test_resumable_batch_sampler_shuffles_per_epoch_and_skips_on_resume():
-    batches = [[i] for i in range(10)]
-    sampler = ResumableBatchSampler(batches, seed=3)
+    sampler = ResumableBatchSampler(10, units_per_batch=3, seed=3)
     epoch0 = list(sampler)
+    assert len(sampler) == len(epoch0) == 4 and [len(b) for b in epoch0] == [3, 3, 3, 1]
+    assert sorted(i for b in epoch0 for i in b) == list(range(10))
     sampler.set_epoch(1)
     epoch1 = list(sampler)
-    assert sorted(epoch0) == batches and epoch0 != epoch1
-    resumed = ResumableBatchSampler(batches, seed=3)
+    assert epoch0 != epoch1
+    resumed = ResumableBatchSampler(10, units_per_batch=3, seed=3)
     resumed.set_epoch(1)
-    resumed.resume(epoch=1, batches_done=4)
-    assert list(resumed) == epoch1[4:]
+    resumed.resume(epoch=1, batches_done=2)
+    assert list(resumed) == epoch1[2:]
     assert list(resumed) == epoch1  # the skip applies once
-    ranks = [list(ResumableBatchSampler(batches, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
-    assert not set(map(tuple, ranks[0])) & set(map(tuple, ranks[1])) and len(ranks[0]) == 5
+    ranks = [list(ResumableBatchSampler(10, 2, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 2
+    assert not {i for b in ranks[0] for i in b} & {i for b in ranks[1] for i in b}

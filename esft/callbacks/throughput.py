@@ -38,7 +38,7 @@ class TokenThroughput(L.Callback):
         self._tokens += batch["num_tokens"]
         self._padding += batch["num_padding"]
         self.tokens_seen += batch["num_tokens"] * trainer.world_size
-        if trainer.global_step % self.log_every_n_steps or not trainer._logger_connector.should_update_logs:
+        if trainer.global_step % self.log_every_n_steps:
             return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)

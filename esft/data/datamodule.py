@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import random
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from esft.data.packing import ResumableBatchSampler, best_fit_decreasing, collate_packed, collate_padded
-from esft.data.records import Format, LoadStats, OnBadRecord, load_records
+from esft.data.packing import Layout, PackedRows, ResumableBatchSampler, best_fit_decreasing, collate_packed, collate_padded
+from esft.data.records import DataFormatError, Format, LoadStats, OnBadRecord, load_records
 from esft.data.tasks import get_task
 from esft.data.tokenize import TokenizeStats, TrainOn, Truncation, tokenize_records
+from esft.models.attention import FLAT_PACKING
 from esft.models.tokenizer import BUILTIN, CHATML_TEMPLATE, load_tokenizer
 
 
@@ -36,7 +37,7 @@ class SFTDataModule(L.LightningDataModule):
         num_train_per_task: int = 2000,
         num_val_per_task: int = 100,
         seed: int = 0,
-        tokenizer: str | None = None,
+        tokenizer_name: str | None = None,
         chat_template: str | None = None,
         max_length: int = 1024,
         train_on: TrainOn = "assistant",
@@ -44,6 +45,7 @@ class SFTDataModule(L.LightningDataModule):
         on_bad_record: OnBadRecord = "error",
         packing: bool = True,
         max_tokens: int = 4096,
+        layout: Literal["auto", "flat", "rows"] = "auto",
         batch_size: int = 8,
         num_workers: int = 0,
     ) -> None:
@@ -61,14 +63,19 @@ class SFTDataModule(L.LightningDataModule):
             num_train_per_task: built-in training records per task.
             num_val_per_task: built-in validation records per task (from the held-out split).
             seed: seeds generation, the validation split and the shuffle of every epoch.
-            tokenizer: tokenizer path / hub id / ``builtin`` (the CLI links it to the model's).
+            tokenizer_name: tokenizer path / hub id / ``builtin`` (the CLI links it to the model's).
             chat_template: a Jinja chat template, or ``chatml``, replacing the tokenizer's.
             max_length: longest example in tokens; longer ones follow `truncation`.
             train_on: ``assistant`` trains on every assistant turn only; ``all`` on every token.
             truncation: ``right`` cuts, ``drop`` drops (counted), ``error`` raises.
             on_bad_record: ``error`` stops at the first bad row; ``skip`` counts and reports it.
-            packing: pack examples padding-free into micro-batches of at most `max_tokens`.
+            packing: pack examples best-fit-decreasing into rows of at most `max_length` tokens and
+                concatenate ``max_tokens // max_length`` randomly drawn rows into one padding-free
+                micro-batch (a fresh draw every epoch).
             max_tokens: token budget of one packed micro-batch.
+            layout: packed micro-batch layout: ``flat`` (one row, no padding) or ``rows`` (one
+                row per packed row, shorter rows end in filler); ``auto`` picks ``flat`` when the
+                model's attention skips cross-document work (varlen, flash, flex), else ``rows``.
             batch_size: examples per padded micro-batch when ``packing: false``.
             num_workers: DataLoader worker processes.
         """
@@ -88,7 +95,7 @@ class SFTDataModule(L.LightningDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hp.tokenizer or BUILTIN)
+            self._tokenizer = load_tokenizer(self.hp.tokenizer_name or BUILTIN)
             if self.hp.chat_template:
                 self._tokenizer.chat_template = CHATML_TEMPLATE if self.hp.chat_template == "chatml" else self.hp.chat_template
         return self._tokenizer
@@ -144,23 +151,37 @@ class SFTDataModule(L.LightningDataModule):
             else:
                 val = []
         self.train_examples = self._tokenize(train, "train")
+        if not self.train_examples:
+            raise DataFormatError(f"{hp.path}: no training examples left after tokenization (see the report above)")
         self.val_examples = self._tokenize(val, "val") if val else []
 
     # ---- loaders -------------------------------------------------------------------------
-    def _batches(self, examples: list[dict[str, Any]]) -> list[list[int]]:
+    def _units(self, examples: list[dict[str, Any]]) -> tuple[list[list[int]], int]:
+        """Packed rows of <= max_length tokens, grouped max_tokens // max_length to a micro-batch;
+        or single examples, batch_size to a micro-batch."""
         if self.hp.packing:
-            return best_fit_decreasing([e["length"] for e in examples], self.hp.max_tokens)
-        # padded baseline: consecutive examples, in the data's order
-        return [list(range(i, min(i + self.hp.batch_size, len(examples)))) for i in range(0, len(examples), self.hp.batch_size)]
+            rows = best_fit_decreasing([e["length"] for e in examples], self.hp.max_length)
+            return rows, self.hp.max_tokens // self.hp.max_length
+        return [[i] for i in range(len(examples))], self.hp.batch_size
+
+    def _layout(self) -> Layout:
+        if self.hp.layout != "auto":
+            return self.hp.layout
+        module = self.trainer.lightning_module if self.trainer else None
+        attn = getattr(getattr(getattr(module, "model", None), "config", None), "_attn_implementation", None)
+        return "flat" if attn in FLAT_PACKING else "rows"
 
     def _collate(self):
-        return collate_packed if self.hp.packing else partial(collate_padded, pad_token_id=self.tokenizer.pad_token_id)
+        if self.hp.packing:
+            return partial(collate_packed, layout=self._layout())
+        return partial(collate_padded, pad_token_id=self.tokenizer.pad_token_id)
 
     def _loader(self, examples: list[dict[str, Any]], shuffle: bool) -> DataLoader:
-        batches = self._batches(examples)
+        units, per_batch = self._units(examples)
         trainer = self.trainer
         sampler = ResumableBatchSampler(
-            batches,
+            len(units),
+            per_batch,
             shuffle=shuffle,
             seed=self.hp.seed,
             num_replicas=trainer.world_size if trainer else 1,
@@ -170,14 +191,15 @@ class SFTDataModule(L.LightningDataModule):
             if self.hp.packing:
                 tokens = sum(e["length"] for e in examples)
                 rank_zero_info(
-                    f"[data] packed {len(examples)} examples into {len(batches)} micro-batches of <= "
-                    f"{self.hp.max_tokens} tokens ({tokens / (len(batches) * self.hp.max_tokens):.1%} of the budget used)"
+                    f"[data] packed {len(examples)} examples into {len(units)} rows of <= {self.hp.max_length} tokens "
+                    f"({tokens / (len(units) * self.hp.max_length):.1%} full), {per_batch} rows per micro-batch "
+                    f"of <= {self.hp.max_tokens} tokens: {len(sampler)} micro-batches per epoch"
                 )
             if self._resume is not None:
                 sampler.resume(self._resume["epoch"], self._resume["batches_done"])
                 self._resume = None
         return DataLoader(
-            examples,
+            PackedRows(examples, units),
             batch_sampler=sampler,
             collate_fn=self._collate(),
             num_workers=self.hp.num_workers,

@@ -1,7 +1,9 @@
-"""Padding-free packing: best-fit-decreasing bins, collators, and a resumable batch sampler.
+"""Padding-free packing: best-fit-decreasing rows, collators, and a resumable batch sampler.
 
-A packed micro-batch is one row of concatenated documents, ``[1, total_tokens]``, with
-`position_ids` restarting at 0 for every document and `cu_seqlens` marking the boundaries.
+Examples are packed best-fit-decreasing into rows of at most ``max_length`` tokens; a
+micro-batch is a random draw of rows, laid out ``flat`` (all documents in one row) or as
+``rows`` (see `collate_packed`), with `position_ids` restarting at 0 for every document and
+`cu_seqlens` marking the boundaries.
 Attention keeps documents apart: transformers' SDPA / flex / eager paths build a block-diagonal
 causal mask from the restarting `position_ids` (training forwards must pass ``use_cache=False``,
 see NOTES), and the varlen path consumes `cu_seqlens` directly. The loss masks the
@@ -13,12 +15,14 @@ from __future__ import annotations
 import bisect
 import random
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from esft.data.tokenize import IGNORE_INDEX
+
+Layout = Literal["flat", "rows"]
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -48,45 +52,57 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
-def collate_packed(examples: Sequence[dict[str, Any]], pad_to: int | None = None) -> dict[str, Any]:
-    """Concatenate examples into one padding-free row.
+def collate_packed(rows: Sequence[Sequence[dict[str, Any]]], layout: Layout = "flat", pad_to: int | None = None) -> dict[str, Any]:
+    """Collate packed rows (each a list of examples) without padding between documents.
 
-    `pad_to` (optional) appends a filler document of -100 labels up to a fixed length, for
-    fixed-shape steps (torch.compile); it is counted in ``num_padding``.
+    ``flat`` puts every document in one row, ``[1, total_tokens]``: no padding at all; the
+    layout for attention kernels that skip cross-document work (flash varlen, flex).
+    ``rows`` keeps one row per packed row, ``[rows, longest_row]``, and ends shorter rows with a
+    filler document: the layout for SDPA / eager, whose block-diagonal mask costs O(width^2).
+    `pad_to` widens the result to a fixed width (fixed shapes for torch.compile). Filler tokens
+    have -100 labels and their own restarting positions, and are counted in ``num_padding``.
     """
-    ids = [t for e in examples for t in e["input_ids"]]
-    labels = [t for e in examples for t in e["labels"]]
-    positions = [p for e in examples for p in range(len(e["input_ids"]))]
-    lengths = [len(e["input_ids"]) for e in examples]
-    num_tokens = len(ids)
-    if pad_to is not None and pad_to > num_tokens:
-        filler = pad_to - num_tokens
-        ids += [0] * filler
-        labels += [IGNORE_INDEX] * filler
-        positions += list(range(filler))
-        lengths.append(filler)
+    segments = [[e for row in rows for e in row]] if layout == "flat" else [list(row) for row in rows]
+    width = max(max(sum(e["length"] for e in seg) for seg in segments), pad_to or 0)
+    ids, labels, positions, lengths = [], [], [], []
+    for seg in segments:
+        for e in seg:
+            ids += e["input_ids"]
+            labels += e["labels"]
+            positions += range(e["length"])
+            lengths.append(e["length"])
+        filler = width - sum(e["length"] for e in seg)
+        if filler:
+            ids += [0] * filler
+            labels += [IGNORE_INDEX] * filler
+            positions += range(filler)
+            lengths.append(filler)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
+    num_tokens = sum(e["length"] for seg in segments for e in seg)
+    shape = (len(segments), width)
     return {
-        "input_ids": torch.tensor([ids]),
-        "labels": torch.tensor([labels]),
-        "position_ids": torch.tensor([positions]),
+        "input_ids": torch.tensor(ids).view(shape),
+        "labels": torch.tensor(labels).view(shape),
+        "position_ids": torch.tensor(positions).view(shape),
         "cu_seqlens": cu,
         "max_seqlen": max(lengths),
         "num_tokens": num_tokens,
-        "num_padding": len(ids) - num_tokens,
+        "num_padding": shape[0] * shape[1] - num_tokens,
     }
 
 
-def collate_padded(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-    """Right-pad examples into a ``[batch, longest]`` batch with an attention mask (unpacked baseline)."""
-    width = max(len(e["input_ids"]) for e in examples)
+def collate_padded(rows: Sequence[Sequence[dict[str, Any]]], pad_token_id: int) -> dict[str, Any]:
+    """Right-pad every example to the longest, ``[examples, longest]``, with an attention mask
+    (the unpacked baseline). Takes the same list-of-rows input as `collate_packed`."""
+    examples = [e for row in rows for e in row]
+    width = max(e["length"] for e in examples)
     n = len(examples)
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     for row, e in enumerate(examples):
-        k = len(e["input_ids"])
+        k = e["length"]
         input_ids[row, :k] = torch.tensor(e["input_ids"])
         labels[row, :k] = torch.tensor(e["labels"])
         attention_mask[row, :k] = 1
@@ -101,24 +117,42 @@ def collate_padded(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dic
     }
 
 
-class ResumableBatchSampler(Sampler[list[int]]):
-    """Yields fixed batches (lists of example indices) in a per-epoch shuffled order.
+class PackedRows(Dataset):
+    """Item ``i`` is the list of examples of unit ``i`` (a packed row, or a single example)."""
 
-    The order of epoch ``e`` is a permutation seeded by ``(seed, e)``, so it is the same in a
-    resumed run. `resume(epoch, batches_done)` makes the next iteration of that epoch skip the
-    batches that were already trained on; Lightning calls `set_epoch` at every epoch start.
-    Each rank takes every ``num_replicas``-th batch of the permutation.
+    def __init__(self, examples: Sequence[dict[str, Any]], units: list[list[int]]) -> None:
+        self.examples = examples
+        self.units = units
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, i: int) -> list[dict[str, Any]]:
+        return [self.examples[j] for j in self.units[i]]
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """Groups units (packed rows, or single examples) into micro-batches, reshuffled every epoch.
+
+    Each epoch shuffles the `num_units` unit ids with a permutation seeded by ``(seed, epoch)``
+    and takes every `units_per_batch` consecutive ones as a micro-batch, so batches mix lengths and tasks
+    instead of repeating the length-sorted groups that bin packing produces, and the order is
+    the same in a resumed run. `resume(epoch, batches_done)` makes the next iteration of that
+    epoch skip the batches already trained on; Lightning calls `set_epoch` at every epoch start.
+    Rank ``r`` of ``num_replicas`` takes every ``num_replicas``-th micro-batch.
     """
 
     def __init__(
         self,
-        batches: list[list[int]],
+        num_units: int,
+        units_per_batch: int = 1,
         shuffle: bool = True,
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        self.batches = batches
+        self.num_units = num_units
+        self.units_per_batch = units_per_batch
         self.shuffle = shuffle
         self.seed = seed
         self.num_replicas = num_replicas
@@ -133,16 +167,15 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self._skip = (epoch, batches_done)
 
     def __len__(self) -> int:
-        return len(self.batches) // self.num_replicas
+        return -(-self.num_units // self.units_per_batch) // self.num_replicas
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = list(range(len(self.batches)))
+        order = list(range(self.num_units))
         if self.shuffle:
             random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
-        order = order[self.rank : len(self) * self.num_replicas : self.num_replicas]
-        skip = 0
-        if self._skip is not None and self._skip[0] == self.epoch:
-            skip = self._skip[1]
+        k = self.units_per_batch
+        batches = [order[lo : lo + k] for lo in range(0, len(order), k)]
+        mine = batches[self.rank : len(self) * self.num_replicas : self.num_replicas]
+        skip = self._skip[1] if self._skip is not None and self._skip[0] == self.epoch else 0
         self._skip = None
-        for b in order[skip:]:
-            yield self.batches[b]
+        yield from mine[skip:]

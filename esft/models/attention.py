@@ -16,6 +16,8 @@ import torch
 
 AttnImplementation = Literal["auto", "sdpa", "eager", "flex_attention", "esft_varlen", "flash_attention_2"]
 VARLEN = "esft_varlen"
+# paths whose cost follows the documents, not the row: packed batches go to them as one flat row
+FLAT_PACKING = {VARLEN, "flex_attention", "flash_attention_2", "flash_attention_3"}
 
 
 def varlen_available() -> bool:

@@ -65,6 +65,8 @@ class CausalLMModule(L.LightningModule):
         if "attention_mask" in batch:
             kwargs["attention_mask"] = batch["attention_mask"]
         elif self.model.config._attn_implementation == VARLEN:
+            if batch["input_ids"].shape[0] != 1:
+                raise ValueError("esft_varlen attention takes flat packed batches: set data.layout to flat or auto")
             cu, longest = batch["cu_seqlens"], batch["max_seqlen"]
             kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return kwargs

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+
+from esft.data import SFTDataModule
+from esft.data.records import DataFormatError
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def conversations(n):
+    return [{"messages": [{"role": "system", "content": "be brief"},
+                          {"role": "user", "content": f"Reverse: apple river {i}"},
+                          {"role": "assistant", "content": f"{i} river apple"},
+                          {"role": "user", "content": "again"},
+                          {"role": "assistant", "content": f"{i} river apple"}]} for i in range(n)]
+
+
+@pytest.fixture
+def report(capfd, caplog):
+    """The data-preparation report printed since the last call (Lightning logs to stderr or to
+    the logging tree, depending on how the process configured logging)."""
+    caplog.set_level("INFO")
+
+    def read():
+        text = capfd.readouterr().err + caplog.text
+        caplog.clear()
+        return text
+
+    return read
+
+
+def make(path, **kw):
+    kw.setdefault("tokenizer_name", "builtin")
+    dm = SFTDataModule(path=path, max_length=64, max_tokens=256, **kw)
+    dm.setup("fit")
+    return dm
+
+
+def test_val_fraction_and_packed_loader(tmp_path):
+    dm = make(write_jsonl(tmp_path / "d.jsonl", conversations(40)), val_fraction=0.25, layout="flat")
+    assert len(dm.train_examples) == 30 and len(dm.val_examples) == 10
+    batches = list(dm.train_dataloader())
+    assert sum(len(b["cu_seqlens"]) - 1 for b in batches) == 30
+    assert all(b["input_ids"].shape[0] == 1 and b["num_tokens"] <= 256 and b["num_padding"] == 0 for b in batches)
+    assert sum(b["num_tokens"] for b in dm.val_dataloader()) == sum(e["length"] for e in dm.val_examples)
+    dm.hparams.layout = "rows"  # one row per packed row of <= max_length tokens
+    batches = list(dm.train_dataloader())
+    assert all(b["input_ids"].shape[1] <= 64 and b["input_ids"].numel() <= 256 for b in batches)
+    assert sum(b["num_tokens"] for b in batches) == sum(e["length"] for e in dm.train_examples)
+
+
+def test_val_path_and_padded_loader(tmp_path):
+    dm = make(write_jsonl(tmp_path / "a.jsonl", conversations(9)), val_path=write_jsonl(tmp_path / "b.jsonl", conversations(3)),
+              packing=False, batch_size=4)
+    assert len(dm.val_examples) == 3
+    shapes = [tuple(b["input_ids"].shape) for b in dm.train_dataloader()]
+    assert [s[0] for s in shapes] == [4, 4, 1]
+
+
+def test_skip_policy_reports_counts(tmp_path, report):
+    rows = conversations(5) + [{"prompt": "p", "response": ""}, {"prompt": "p", "response": " "}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataFormatError, match=r"d\.jsonl:6: field 'response' is empty"):
+        make(path)
+    report()
+    dm = make(path, on_bad_record="skip")
+    assert len(dm.train_examples) == 5
+    text = report()
+    assert "7 rows read" in text and "2 skipped under on_bad_record=skip" in text and "d.jsonl:6" in text
+
+
+def test_truncation_is_reported(tmp_path, report):
+    rows = [{"prompt": "Reverse: " + " ".join(["apple"] * 80), "response": "apple"}, {"prompt": "hi", "response": "yo"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    report()
+    dm = make(path, truncation="drop")
+    assert len(dm.train_examples) == 1
+    assert "dropped: 1 x longer than max_length" in report()
+    make(path)  # truncation="right"
+    assert "1 truncated to max_length=64" in report()
+    with pytest.raises(DataFormatError, match="no training examples"):
+        make(write_jsonl(tmp_path / "e.jsonl", rows[:1]), truncation="drop")
+
+
+def test_builtin_tasks_are_disjoint_from_validation():
+    dm = make("builtin", tasks=["reverse_words"], num_train_per_task=50, num_val_per_task=10)
+    assert len(dm.train_examples) == 50 and len(dm.val_examples) == 10
+    train = {tuple(e["input_ids"]) for e in dm.train_examples}
+    assert not train & {tuple(e["input_ids"]) for e in dm.val_examples}
+
+
+def test_max_length_above_budget_is_rejected():
+    with pytest.raises(ValueError, match="max_tokens"):
+        SFTDataModule(max_length=512, max_tokens=256)

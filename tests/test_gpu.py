@@ -1,0 +1,60 @@
+"""GPU checks (run with `pytest -m gpu` on a CUDA machine): the flash varlen attention path."""
+
+import pytest
+import torch
+
+from esft.data.packing import collate_packed, collate_padded
+from esft.data.tasks import get_task
+from esft.data.tokenize import tokenize_records
+from esft.losses import cross_entropy_sum, next_token_targets
+from esft.models import build_model
+from esft.models.attention import varlen_available
+
+from conftest import TINY
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not varlen_available(), reason="needs CUDA and torch.nn.attention.varlen"),
+]
+
+
+def _logits_and_loss(model, batch, **extra):
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                attention_mask=batch.get("attention_mask"), use_cache=False, **extra)
+    targets = next_token_targets(batch["labels"], batch["position_ids"])
+    keep = targets != -100
+    return out.logits.float(), cross_entropy_sum(out.logits[keep], targets[keep]) / keep.sum()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_varlen_packed_matches_padded_sdpa(tokenizer, family):
+    torch.manual_seed(0)
+    records = get_task("reverse_words").generate(4) + get_task("arithmetic").generate(4)
+    examples = tokenize_records(records, tokenizer, max_length=256, train_on="all")[0]
+    sdpa = build_model(tokenizer, model_config=TINY[family], dtype="bfloat16", attn_implementation="sdpa").cuda().eval()
+    varlen = build_model(tokenizer, model_config=TINY[family], dtype="bfloat16", attn_implementation="esft_varlen").cuda().eval()
+    varlen.load_state_dict(sdpa.state_dict())
+    packed = collate_packed(examples)
+    cu = packed["cu_seqlens"].cuda()
+    kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed["max_seqlen"], max_length_k=packed["max_seqlen"])
+    with torch.no_grad():
+        logits_v, loss_v = _logits_and_loss(varlen, packed, **kw)
+        _, loss_p = _logits_and_loss(sdpa, collate_padded(examples, tokenizer.pad_token_id))
+        logits_s, loss_s = _logits_and_loss(sdpa, packed)
+    torch.testing.assert_close(loss_v, loss_p, atol=2e-2, rtol=0)
+    torch.testing.assert_close(loss_v, loss_s, atol=2e-2, rtol=0)
+    torch.testing.assert_close(logits_v, logits_s, atol=5e-2, rtol=0)
+
+
+def test_fit_on_gpu_through_the_cli(tmp_path):
+    """`auto` attention resolves to varlen on CUDA; training, generation eval and export run."""
+    import json
+
+    from esft.cli import main
+    from test_e2e import config
+
+    cli = main(["fit", "--config", str(config(tmp_path, 12, accelerator="gpu"))])
+    assert cli.model.model.config._attn_implementation == "esft_varlen"
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["steps"] == 12 and (tmp_path / "hf" / "model.safetensors").exists()
