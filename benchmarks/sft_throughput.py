@@ -13,14 +13,18 @@ after warm-up steps. MFU counts 6 * parameters * tokens against the GPU's dense 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
 import time
 
+from functools import partial
+
 import torch
 
-from esft.data.packing import ResumableBatchSampler, best_fit_decreasing, collate_packed, collate_padded
+from esft.data.packing import PackedRows, ResumableBatchSampler, best_fit_decreasing, collate_packed, collate_padded
+from esft.models.attention import FLAT_PACKING
 from esft.objectives import SFTModule
 from esft.optim import OptimConfig, build_adamw
 
@@ -42,14 +46,20 @@ def synthetic_examples(n: int, vocab: int, seed: int = 0, max_len: int = 2048) -
     return examples
 
 
-def batches(examples, mode: str, max_tokens: int, max_len: int, batch_size: int):
+def batches(examples, mode: str, attn: str, max_tokens: int, max_len: int, batch_size: int):
+    """Endless micro-batches, built the way SFTDataModule builds them."""
     if mode == "padded":
-        units, per_batch, collate = [[i] for i in range(len(examples))], batch_size, lambda b: collate_padded(b, 0)
+        units, per_batch, collate = [[i] for i in range(len(examples))], batch_size, partial(collate_padded, pad_token_id=0)
     else:
         units = best_fit_decreasing([e["length"] for e in examples], max_len)
-        per_batch, collate = max_tokens // max_len, collate_packed
-    for idx in ResumableBatchSampler(units, per_batch, seed=0):
-        yield collate([examples[i] for i in idx])
+        layout = "flat" if attn in FLAT_PACKING else "rows"
+        per_batch, collate = max_tokens // max_len, partial(collate_packed, layout=layout)
+    rows = PackedRows(examples, units)
+    sampler = ResumableBatchSampler(len(units), per_batch, seed=0)
+    for epoch in itertools.count():
+        sampler.set_epoch(epoch)
+        for idx in sampler:
+            yield collate([rows[i] for i in idx])
 
 
 def run(name, module, batch_iter, steps, warmup, hf_loss, device, peak_flops) -> dict:
@@ -87,6 +97,7 @@ def run(name, module, batch_iter, steps, warmup, hf_loss, device, peak_flops) ->
         "mfu_pct": round(100 * 6 * params * tok_s / peak_flops, 1) if peak_flops else None,
         "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
         "tokens_per_step": round(statistics.mean(tokens)),
+        "params": params,
         "loss": round(float(loss), 3),
     }
     del optimizer
@@ -109,21 +120,24 @@ def main() -> None:
     examples = synthetic_examples(4096 if not args.quick else 256, cfg["vocab_size"], max_len=max_len)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
-    setups = [("padded, batch %d, HF loss" % args.batch_size, "padded", "sdpa", True),
-              ("padded, batch %d, chunked CE" % args.batch_size, "padded", "sdpa", False),
-              ("packed %d tok, SDPA block mask, chunked CE" % max_tokens, "packed", "sdpa", False)]
+    # (name, batching, attention, HF loss, loss chunk size)
+    setups = [("padded, batch %d, HF loss" % args.batch_size, "padded", "sdpa", True, 0),
+              ("padded, batch %d, chunked CE" % args.batch_size, "padded", "sdpa", False, 1024),
+              ("packed %d tok, SDPA block mask (rows), chunked CE" % max_tokens, "packed", "sdpa", False, 1024)]
     if device.type == "cuda":
-        setups.append(("packed %d tok, varlen, chunked CE" % max_tokens, "packed", "esft_varlen", False))
+        setups += [("packed %d tok, flash varlen (flat), full logits" % max_tokens, "packed", "esft_varlen", False, 0),
+                   ("packed %d tok, flash varlen (flat), chunked CE" % max_tokens, "packed", "esft_varlen", False, 1024)]
     rows = []
-    for name, mode, attn, hf_loss in setups:
+    for name, mode, attn, hf_loss, chunk in setups:
         torch.manual_seed(0)
-        module = SFTModule(model_config=cfg, dtype=dtype, attn_implementation=attn).to(device)
-        it = batches(examples, mode, max_tokens, max_len, args.batch_size)
+        with torch.device(device):  # initialise the weights where they will live
+            module = SFTModule(model_config=cfg, dtype=dtype, attn_implementation=attn, loss_chunk_size=chunk)
+        it = batches(examples, mode, attn, max_tokens, max_len, args.batch_size)
         rows.append(run(name, module, it, args.steps, args.warmup, hf_loss, device, peak))
         print(rows[-1], flush=True)
         del module
     base = rows[0]["tokens_per_s"]
-    print(f"\n{gpu}, {sum(p.numel() for p in SFTModule(model_config=cfg).model.parameters()) / 1e6:.0f}M params\n")
+    print(f"\n{gpu}, {rows[0]['params'] / 1e6:.0f}M params, {len(examples)} documents, medians of {args.steps} steps\n")
     print("| setup | tokens/s | x padded HF | MFU % | peak GiB |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['setup']} | {r['tokens_per_s']} | {r['tokens_per_s'] / base:.2f} | {r['mfu_pct']} | {r['peak_gib']} |")

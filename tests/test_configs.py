@@ -23,7 +23,8 @@ def test_config_parses_and_names_its_command(path, capsys):
     assert e.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("esft.")
-    assert printed["data"]["init_args"]["tokenizer_name"]  # linked from the model
+    assert printed["data"]["class_path"].startswith("esft.")
+    assert "tokenizer_name" not in printed["data"]["init_args"]  # derived from the model's, not set
 
 
 def test_bad_option_is_rejected(capsys):

@@ -58,7 +58,7 @@ def config(root: Path, max_steps: int, extra_callbacks=(), accelerator: str = "c
                  "init_args": {"tasks": ["arithmetic", "reverse_words"], "num_train_per_task": 48,
                                "num_val_per_task": 8, "max_length": 64, "max_tokens": 256, **data}},
     }
-    path = root / "config.yaml"
+    path = root / "run.yaml"  # not config.yaml: LightningCLI saves the resolved config there
     root.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -128,3 +128,17 @@ def test_flat_packing_has_no_padding_and_padded_baseline_has_some(tmp_path):
     assert padding_fractions(tmp_path / "flat") == [0.0, 0.0, 0.0]
     main(["fit", "--config", str(config(tmp_path / "padded", 3, packing=False, batch_size=8))])
     assert min(padding_fractions(tmp_path / "padded")) > 0.0
+
+
+def test_validate_test_and_predict_from_a_checkpoint(tmp_path, uninterrupted):
+    writer = {"class_path": "esft.callbacks.JSONLPredictionWriter", "init_args": {"path": str(tmp_path / "pred.jsonl")}}
+    cfg = str(config(tmp_path, 10, extra_callbacks=[writer]))
+    ckpt = str(uninterrupted / "checkpoints" / "last.ckpt")
+    for command, metric in (("validate", "val/loss"), ("test", "test/loss")):
+        cli = main([command, "--config", cfg, "--ckpt_path", ckpt])
+        assert 0 < float(cli.trainer.callback_metrics[metric]) < 10
+    main(["predict", "--config", cfg, "--ckpt_path", ckpt, "--model.init_args.max_new_tokens", "8"])
+    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert len(rows) == 16  # 8 held-out records per task
+    assert all(set(r) >= {"messages", "completion", "reference", "score"} for r in rows)
+    assert rows[0]["messages"][-1]["role"] == "user"

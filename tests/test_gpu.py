@@ -35,12 +35,12 @@ def test_varlen_packed_matches_padded_sdpa(tokenizer, family):
     sdpa = build_model(tokenizer, model_config=TINY[family], dtype="bfloat16", attn_implementation="sdpa").cuda().eval()
     varlen = build_model(tokenizer, model_config=TINY[family], dtype="bfloat16", attn_implementation="esft_varlen").cuda().eval()
     varlen.load_state_dict(sdpa.state_dict())
-    packed = collate_packed(examples)
+    packed = collate_packed([examples[:3], examples[3:]], "flat")
     cu = packed["cu_seqlens"].cuda()
     kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed["max_seqlen"], max_length_k=packed["max_seqlen"])
     with torch.no_grad():
         logits_v, loss_v = _logits_and_loss(varlen, packed, **kw)
-        _, loss_p = _logits_and_loss(sdpa, collate_padded(examples, tokenizer.pad_token_id))
+        _, loss_p = _logits_and_loss(sdpa, collate_padded([examples], tokenizer.pad_token_id))
         logits_s, loss_s = _logits_and_loss(sdpa, packed)
     torch.testing.assert_close(loss_v, loss_p, atol=2e-2, rtol=0)
     torch.testing.assert_close(loss_v, loss_s, atol=2e-2, rtol=0)
@@ -54,7 +54,7 @@ def test_fit_on_gpu_through_the_cli(tmp_path):
     from esft.cli import main
     from test_e2e import config
 
-    cli = main(["fit", "--config", str(config(tmp_path, 12, accelerator="gpu"))])
+    cli = main(["fit", "--config", str(config(tmp_path, 12, accelerator="gpu")), "--trainer.precision", "bf16-mixed"])
     assert cli.model.model.config._attn_implementation == "esft_varlen"
     results = json.loads((tmp_path / "eval.json").read_text())
     assert results["steps"] == 12 and (tmp_path / "hf" / "model.safetensors").exists()

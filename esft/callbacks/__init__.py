@@ -2,6 +2,7 @@
 
 from esft.callbacks.evaluation import TaskEvaluation
 from esft.callbacks.export import ExportHF
+from esft.callbacks.predictions import JSONLPredictionWriter
 from esft.callbacks.throughput import TokenThroughput
 
-__all__ = ["ExportHF", "TaskEvaluation", "TokenThroughput"]
+__all__ = ["ExportHF", "JSONLPredictionWriter", "TaskEvaluation", "TokenThroughput"]

@@ -89,6 +89,7 @@ class SFTDataModule(L.LightningDataModule):
         self.tasks = tasks if tasks is not None else ["arithmetic", "reverse_words"]
         self.train_examples: list[dict[str, Any]] = []
         self.val_examples: list[dict[str, Any]] = []
+        self.val_records: list[dict[str, Any]] = []  # untokenized, for generation (`predict`)
         self._resume: dict[str, int] | None = None
         self._tokenizer = None
 
@@ -154,6 +155,7 @@ class SFTDataModule(L.LightningDataModule):
         if not self.train_examples:
             raise DataFormatError(f"{hp.path}: no training examples left after tokenization (see the report above)")
         self.val_examples = self._tokenize(val, "val") if val else []
+        self.val_records = val
 
     # ---- loaders -------------------------------------------------------------------------
     def _units(self, examples: list[dict[str, Any]]) -> tuple[list[list[int]], int]:
@@ -211,6 +213,16 @@ class SFTDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_examples, shuffle=False) if self.val_examples else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The validation data (``esft test`` reports ``test/loss`` on it)."""
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """Validation records in batches of `batch_size`, for ``esft predict`` (generation)."""
+        if not self.val_records:
+            raise ValueError("esft predict generates for the validation records: set data.val_path, val_fraction or use builtin tasks")
+        return DataLoader(self.val_records, batch_size=self.hp.batch_size, collate_fn=list)
 
     # ---- exact resume ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:

@@ -5,7 +5,8 @@
 - ``esft_varlen``: `torch.nn.attention.varlen.varlen_attn` (flash varlen, CUDA only), driven
   by `cu_seqlens`; no mask is built at all.
 
-``auto`` picks ``esft_varlen`` on CUDA when torch has it, else ``sdpa``.
+``auto`` picks ``esft_varlen`` on CUDA when torch has it and activations are 16-bit (flash
+kernels take bf16/fp16 only), else ``sdpa``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ def _varlen_attention(module, query, key, value, attention_mask, scaling=None, d
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is None or query.shape[0] != 1:
         raise ValueError("esft_varlen attention needs a packed batch [1, T] with cu_seq_lens_q/k")
+    if torch.is_autocast_enabled(query.device.type):  # RoPE may have promoted q/k to fp32
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if query.dtype not in (torch.bfloat16, torch.float16) or key.dtype != query.dtype or value.dtype != query.dtype:
+        raise ValueError(
+            f"esft_varlen (flash) attention needs bf16/fp16 activations, got {query.dtype}: "
+            "use dtype bfloat16, trainer precision bf16-mixed, or attn_implementation sdpa"
+        )
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, D]
     if k.shape[1] != q.shape[1]:  # GQA: torch 2.11's varlen_attn has no enable_gqa
         groups = q.shape[1] // k.shape[1]
@@ -56,10 +65,11 @@ def register_varlen() -> None:
     AttentionMaskInterface.register(VARLEN, lambda *args, **kwargs: None)
 
 
-def resolve_attn_implementation(name: str, device: torch.device | None = None) -> str:
+def resolve_attn_implementation(name: str, device: torch.device | None = None, half: bool = False) -> str:
+    """The attention path for `name`; `half` says activations are bf16/fp16."""
     if name == "auto":
         on_cuda = device is not None and device.type == "cuda"
-        name = VARLEN if on_cuda and varlen_available() else "sdpa"
+        name = VARLEN if on_cuda and half and varlen_available() else "sdpa"
     if name == VARLEN:
         if not varlen_available():
             raise RuntimeError("attn_implementation='esft_varlen' needs CUDA and torch.nn.attention.varlen (torch >= 2.9)")

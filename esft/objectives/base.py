@@ -8,6 +8,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from esft.data.tasks import TASKS, get_task
+from esft.evaluation import generate
 from esft.losses import chunked_cross_entropy, cross_entropy_sum, next_token_targets
 from esft.models import DType, build_model, load_tokenizer
 from esft.models.attention import VARLEN, AttnImplementation, resolve_attn_implementation
@@ -28,6 +30,7 @@ class CausalLMModule(L.LightningModule):
         attn_implementation: AttnImplementation = "auto",
         gradient_checkpointing: bool = False,
         loss_chunk_size: int = 1024,
+        max_new_tokens: int = 256,
         optim: OptimConfig | None = None,
     ) -> None:
         """
@@ -39,6 +42,7 @@ class CausalLMModule(L.LightningModule):
             attn_implementation: ``auto`` = flash varlen on CUDA, SDPA with a block mask elsewhere.
             gradient_checkpointing: recompute activations in the backward pass.
             loss_chunk_size: trained tokens per chunk of the cross-entropy; 0 = all at once.
+            max_new_tokens: generation limit of ``esft predict``.
             optim: optimizer and schedule.
         """
         super().__init__()
@@ -54,7 +58,8 @@ class CausalLMModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.hparams.attn_implementation == "auto":
-            name = resolve_attn_implementation("auto", self.trainer.strategy.root_device)
+            half = self.model.dtype in (torch.bfloat16, torch.float16) or "16" in str(self.trainer.precision)
+            name = resolve_attn_implementation("auto", self.trainer.strategy.root_device, half)
             if name != self.model.config._attn_implementation:
                 self.model.set_attn_implementation(name)
 
@@ -82,6 +87,21 @@ class CausalLMModule(L.LightningModule):
         logits = self.model(**kwargs).logits
         keep = targets != -100
         return cross_entropy_sum(logits[keep], targets[keep]), keep.sum()
+
+    # ---- generation ------------------------------------------------------------------------
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
+        """Greedy completions of each record's conversation minus its last (assistant) turn,
+        scored by the record's task verifier where it has one."""
+        conversations = [r["messages"][:-1] for r in batch]
+        completions = generate(self.model, self.tokenizer, conversations, self.hparams.max_new_tokens)
+        out = []
+        for record, completion in zip(batch, completions):
+            row = {"id": record.get("id"), "messages": record["messages"][:-1], "completion": completion,
+                   "reference": record["messages"][-1]["content"]}
+            if record.get("task") in TASKS:
+                row["score"] = get_task(record["task"]).score(record, completion)
+            out.append(row)
+        return out
 
     # ---- optimization ----------------------------------------------------------------------
     def configure_optimizers(self):

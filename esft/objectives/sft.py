@@ -19,7 +19,13 @@ class SFTModule(CausalLMModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=int(count))
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def _eval_loss(self, batch: dict[str, Any], name: str) -> None:
         loss_sum, count = self.token_loss(batch)
-        # weighting by the token count makes the epoch value the exact mean over validation tokens
-        self.log("val/loss", loss_sum / count.clamp(min=1), prog_bar=True, batch_size=int(count))
+        # weighting by the token count makes the epoch value the exact mean over the split's tokens
+        self.log(name, loss_sum / count.clamp(min=1), prog_bar=True, batch_size=int(count))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_loss(batch, "val/loss")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_loss(batch, "test/loss")

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# GPU checks on one CUDA machine: the `gpu` tests (flash varlen path, a CLI fit on GPU) and the
+# SFT throughput table. Writes logs and JSON to $OUT (default /tmp/esft-gpu).
+#   bash benchmarks/gpu_checks.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/esft-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/gpu.txt"
+python3 -c "import inspect; from torch.nn.attention.varlen import varlen_attn; print('varlen_attn', inspect.signature(varlen_attn))" | tee -a "$OUT/gpu.txt"
+python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -W ignore::DeprecationWarning --tb=short > "$OUT/gpu_tests.log" 2>&1
+grep -E "^E |Error|passed|failed" "$OUT/gpu_tests.log" | head -40
+[ "${SKIP_BENCH:-0}" = 1 ] || python3 benchmarks/sft_throughput.py --out "$OUT/sft_throughput.json" 2>&1 | grep -v Warning | tee "$OUT/sft_throughput.log"
