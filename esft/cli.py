@@ -14,6 +14,7 @@ import sys
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
+from esft.data.records import DataFormatError
 from esft.models.tokenizer import resolve_tokenizer_name
 from esft.objectives import CausalLMModule
 
@@ -49,8 +50,12 @@ def main(args: list[str] | None = None) -> ESFTCLI:
 
 
 def run() -> None:
-    """Console-script entry point (returns nothing, so the exit status is 0 on success)."""
-    main()
+    """Console-script entry point. Bad data ends the run with its one-line message and status 2."""
+    try:
+        main()
+    except (DataFormatError, FileNotFoundError) as e:
+        print(f"esft: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -119,8 +119,9 @@ class SFTDataModule(L.LightningDataModule):
         rank_zero_info(msg)
 
     def _tokenize(self, records: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+        show = len(records) >= 20_000 and (self.trainer is None or self.trainer.is_global_zero)
         examples, stats = tokenize_records(
-            records, self.tokenizer, self.hp.max_length, self.hp.train_on, self.hp.truncation
+            records, self.tokenizer, self.hp.max_length, self.hp.train_on, self.hp.truncation, progress=show
         )
         self._report_tokenize(label, stats)
         return examples

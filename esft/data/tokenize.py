@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from esft.data.records import DataFormatError
@@ -70,12 +71,14 @@ def tokenize_records(
     train_on: TrainOn = "assistant",
     truncation: Truncation = "right",
     batch_size: int = 1000,
+    progress: bool = False,
 ) -> tuple[list[dict[str, Any]], TokenizeStats]:
     """Tokenize records into ``{"input_ids", "labels", "length"}`` examples (labels -100 = not trained).
 
     Truncation policy for examples longer than `max_length`: ``right`` keeps the first
     `max_length` tokens (counted in ``stats.truncated``), ``drop`` drops the example (counted),
     ``error`` raises. An example left with no trained token is dropped and counted.
+    `progress` shows a progress bar (for large datasets).
     """
     if tokenizer.chat_template is None:
         raise ValueError(
@@ -84,7 +87,9 @@ def tokenize_records(
         )
     stats = TokenizeStats()
     examples = []
+    bar = tqdm(total=len(records), desc="tokenizing", unit="rec", disable=not progress, leave=False)
     for lo in range(0, len(records), batch_size):
+        bar.update(min(batch_size, len(records) - lo))
         chunk = records[lo : lo + batch_size]
         rendered = [assistant_spans(tokenizer, r["messages"], r.get("id", f"record {lo + j}")) for j, r in enumerate(chunk)]
         encoded = tokenizer(
@@ -122,4 +127,5 @@ def tokenize_records(
             if "task" in record:
                 example["task"] = record["task"]
             examples.append(example)
+    bar.close()
     return examples, stats
