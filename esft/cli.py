@@ -4,6 +4,9 @@
     esft fit --config configs/sft/quickstart.yaml --data.path my.jsonl --trainer.max_steps 100
     esft fit --config configs/sft/quickstart.yaml --ckpt_path last     # resume
     esft fit --config configs/sft/quickstart.yaml --print_config       # the full, resolved config
+    esft eval --model runs/quickstart/hf --tasks reverse_words          # generation-based evaluation
+    esft sweep --config BASE.yaml --grid GRID.yaml --out DIR             # ablation grid x seeds
+    esft export --tasks reverse_words --n 1000 --out data/               # built-in tasks as JSONL
 """
 
 from __future__ import annotations
@@ -49,10 +52,28 @@ def main(args: list[str] | None = None) -> ESFTCLI:
     )
 
 
+def _project_command(name: str):
+    """Project commands beside LightningCLI's subcommands: `esft eval|sweep|export ...`."""
+    if name == "eval":
+        from esft.evaluation.run import main as command
+    elif name == "sweep":
+        from esft.sweep import main as command
+    elif name == "export":
+        from esft.data.tasks.export import main as command
+    else:
+        return None
+    return command
+
+
 def run() -> None:
     """Console-script entry point. Bad data ends the run with its one-line message and status 2."""
+    argv = sys.argv[1:]
+    command = _project_command(argv[0]) if argv else None
     try:
-        main()
+        if command is not None:
+            command(argv[1:])
+        else:
+            main(argv)
     except (DataFormatError, FileNotFoundError) as e:
         print(f"esft: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,7 +1,8 @@
-"""Greedy-generation evaluation on held-out splits of built-in tasks, before and after training.
+"""Greedy-generation evaluation on held-out splits of built-in tasks: before training, every N
+optimizer steps, and after training.
 
 Prints a results table, writes ``eval.json`` to the run's log directory and logs
-``eval/<task>`` to the logger (step 0 = before, the last step = after).
+``eval/<task>`` to the logger at the step it was measured.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class TaskEvaluation(L.Callback):
         max_new_tokens: int = 32,
         batch_size: int = 100,
         before_fit: bool = True,
+        every_n_steps: int | None = None,
         output: str | None = None,
     ) -> None:
         """
@@ -36,6 +38,7 @@ class TaskEvaluation(L.Callback):
             max_new_tokens: generation limit per completion.
             batch_size: prompts generated together.
             before_fit: also evaluate the model before training (the "before" column).
+            every_n_steps: also evaluate every this many optimizer steps (logged, not tabled).
             output: JSON results path (default ``<log_dir>/eval.json``).
         """
         self.tasks = tasks
@@ -44,9 +47,11 @@ class TaskEvaluation(L.Callback):
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.before_fit = before_fit
+        self.every_n_steps = every_n_steps
         self.output = output
         self.results: dict[str, dict[str, float]] = {}
         self._records = None
+        self._last_step = -1
 
     def _evaluate(self, pl_module) -> dict[str, float]:
         if self._records is None:
@@ -62,6 +67,15 @@ class TaskEvaluation(L.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         if self.before_fit:
             self._log(trainer, "before", self._evaluate(pl_module))
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step  # with gradient accumulation a step spans several batches
+            scores = self._evaluate(pl_module)
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({f"eval/{t}": v for t, v in scores.items()}, step=step)
 
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:

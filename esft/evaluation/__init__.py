@@ -1,5 +1,7 @@
-"""Generation-based evaluation on verifiable tasks."""
+"""Generation-based evaluation on verifiable tasks, pass@k, and perplexity."""
 
-from esft.evaluation.generate import evaluate_tasks, generate
+from esft.evaluation.generate import evaluate, evaluate_tasks, generate
+from esft.evaluation.metrics import pass_at_k
+from esft.evaluation.perplexity import perplexity
 
-__all__ = ["evaluate_tasks", "generate"]
+__all__ = ["evaluate", "evaluate_tasks", "generate", "pass_at_k", "perplexity"]

@@ -10,15 +10,11 @@ import torch
 
 from esft.data.tasks import TASKS, get_task
 from esft.evaluation import generate
-from esft.losses import chunked_cross_entropy, cross_entropy_sum, next_token_targets
 from esft.models import DType, build_model, load_tokenizer
-from esft.models.attention import VARLEN, AttnImplementation, resolve_attn_implementation
+from esft.models.attention import AttnImplementation, resolve_attn_implementation
+from esft.models.forward import token_loss
 from esft.models.tokenizer import resolve_tokenizer_name
 from esft.optim import OptimConfig, build_adamw, warmup_cosine
-
-# config fields that make the LM head more than a plain linear layer; the chunked loss would be wrong
-_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
 
 class CausalLMModule(L.LightningModule):
     def __init__(
@@ -54,7 +50,6 @@ class CausalLMModule(L.LightningModule):
         self.model = build_model(self.tokenizer, model_name_or_path, model_config, dtype, first)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self._plain_head = not any(getattr(self.model.config, k, None) for k in _HEAD_TRANSFORMS)
 
     def setup(self, stage: str) -> None:
         if self.hparams.attn_implementation == "auto":
@@ -63,30 +58,10 @@ class CausalLMModule(L.LightningModule):
             if name != self.model.config._attn_implementation:
                 self.model.set_attn_implementation(name)
 
-    # ---- forward and loss ------------------------------------------------------------------
-    def _forward_kwargs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        # use_cache=False: with a cache, transformers skips the packed-document mask (NOTES).
-        kwargs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-        if "attention_mask" in batch:
-            kwargs["attention_mask"] = batch["attention_mask"]
-        elif self.model.config._attn_implementation == VARLEN:
-            if batch["input_ids"].shape[0] != 1:
-                raise ValueError("esft_varlen attention takes flat packed batches: set data.layout to flat or auto")
-            cu, longest = batch["cu_seqlens"], batch["max_seqlen"]
-            kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-        return kwargs
-
+    # ---- loss ------------------------------------------------------------------------------
     def token_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over trained tokens, and their count."""
-        targets = next_token_targets(batch["labels"], batch["position_ids"])
-        kwargs = self._forward_kwargs(batch)
-        if self._plain_head and self.hparams.loss_chunk_size > 0:
-            hidden = self.model.get_decoder()(**kwargs).last_hidden_state
-            head = self.model.get_output_embeddings()
-            return chunked_cross_entropy(hidden, head.weight, targets, head.bias, self.hparams.loss_chunk_size)
-        logits = self.model(**kwargs).logits
-        keep = targets != -100
-        return cross_entropy_sum(logits[keep], targets[keep]), keep.sum()
+        return token_loss(self.model, batch, self.hparams.loss_chunk_size)
 
     # ---- generation ------------------------------------------------------------------------
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:

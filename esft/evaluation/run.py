@@ -1,0 +1,129 @@
+"""`esft eval`: evaluate a model by generation on built-in tasks or a data file, and perplexity.
+
+    esft eval --model runs/quickstart/hf --tasks reverse_words arithmetic
+    esft eval --model runs/quickstart/checkpoints/last.ckpt --tasks reverse_words \\
+        --num-samples 8 --k 1 4 8 --temperature 0.8          # sampled: pass@1, pass@4, pass@8
+    esft eval --model Qwen/Qwen2.5-0.5B-Instruct --data test.jsonl   # rows with a `task` are scored,
+                                                                     # every row counts for perplexity
+
+`--model` is a HF model directory, a hub id, or a Lightning checkpoint (``.ckpt``) of any esft
+objective. Results go to ``--out`` (default ``runs/eval``): ``results.json``, ``results.md``
+(also printed) and TensorBoard scalars ``eval/<task>/<metric>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esft.data.records import load_records
+from esft.data.tasks import TASKS, get_task
+from esft.evaluation.generate import evaluate
+from esft.evaluation.perplexity import perplexity
+
+
+def load_model(name: str, device: torch.device, dtype: str = "auto"):
+    """(model, tokenizer) from a HF directory / hub id, or from a Lightning checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from esft.models import load_tokenizer, torch_dtype
+
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if name.endswith(".ckpt"):
+        from esft.objectives import CausalLMModule
+
+        module = CausalLMModule.load_from_checkpoint(name, map_location="cpu", attn_implementation="sdpa")
+        model, tokenizer = module.model.to(torch_dtype(dtype)), module.tokenizer
+    else:
+        tokenizer = load_tokenizer(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype), attn_implementation="sdpa")
+    return model.to(device).eval(), tokenizer
+
+
+def markdown(results: dict[str, dict[str, float]]) -> str:
+    metrics = sorted({m for row in results.values() for m in row if m != "n"}, key=lambda m: (m != "score", m))
+    lines = ["| task | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for name, row in results.items():
+        cells = [f"{row[m]:.3f}" if m in row else "" for m in metrics]
+        lines.append(f"| {name} | {int(row.get('n', 0))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="esft eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF directory, hub id, or Lightning .ckpt")
+    p.add_argument("--tasks", nargs="*", default=[], help=f"built-in tasks: {', '.join(sorted(TASKS))}")
+    p.add_argument("--num-examples", type=int, default=100, help="records per task")
+    p.add_argument("--split", default="heldout", choices=["train", "heldout"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated records (and of sampling)")
+    p.add_argument("--data", help="a data file / directory / hub id in any esft format")
+    p.add_argument("--data-split", default="test", help="split, for a hub dataset")
+    p.add_argument("--max-length", type=int, default=2048, help="perplexity: longest example in tokens")
+    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt (> 1 samples)")
+    p.add_argument("--k", type=int, nargs="*", default=[1], help="pass@k for these k (k <= num-samples)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--out", default="runs/eval")
+    args = p.parse_args(argv)
+    if not args.tasks and not args.data:
+        p.error("give --tasks and/or --data")
+    unknown = [t for t in args.tasks if t not in TASKS]
+    if unknown:
+        p.error(f"unknown tasks {unknown}; built-in tasks: {', '.join(sorted(TASKS))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model, device, args.dtype)
+    records_by_task = {t: get_task(t).generate(args.num_examples, args.seed, args.split) for t in args.tasks}
+    data_records: list[dict[str, Any]] = []
+    if args.data:
+        data_records, _ = load_records(args.data, split=args.data_split)
+        by_task = defaultdict(list)
+        for r in data_records:
+            if r.get("task") in TASKS:
+                by_task[r["task"]].append(r)
+        for t, rs in by_task.items():
+            records_by_task.setdefault(f"{t}", []).extend(rs)
+    sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.num_samples > 1 else {}
+    results = evaluate(model, tokenizer, records_by_task, args.max_new_tokens, args.batch_size,
+                       args.num_samples, args.k, progress=True, **sampling)
+    if data_records:
+        results[f"perplexity:{Path(args.data).name}"] = {
+            **perplexity(model, tokenizer, data_records, args.max_length, progress=True),
+            "n": float(len(data_records)),
+        }
+    report = {"model": args.model, "split": args.split, "seed": args.seed, "num_samples": args.num_samples,
+              "wall_s": round(time.perf_counter() - start, 2), "results": results}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(results)
+    (out / "results.md").write_text(f"Model: `{args.model}`\n\n{table}\n")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(out)) as writer:
+        for name, row in results.items():
+            for metric, value in row.items():
+                writer.add_scalar(f"eval/{name}/{metric}", value, 0)
+    print(f"\n{table}\n\nresults: {out / 'results.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Generation, pass@k, perplexity and the `esft eval` command, on a tiny model trained here."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from esft.cli import main as cli_main
+from esft.cli import run
+from esft.data.tasks import get_task
+from esft.evaluation import generate, pass_at_k, perplexity
+from esft.models import load_tokenizer
+
+from test_e2e import config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    cli_main(["fit", "--config", str(config(root, 30)), "--trainer.callbacks+=esft.callbacks.TaskEvaluation",
+              "--trainer.callbacks.tasks=[reverse_words]", "--trainer.callbacks.every_n_steps=10"])
+    return root
+
+
+def test_pass_at_k_matches_the_combinatorial_definition():
+    assert pass_at_k(5, 0, 3) == 0.0 and pass_at_k(5, 3, 3) == 1.0
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
+    with pytest.raises(ValueError):
+        pass_at_k(3, 4, 1)
+
+
+def test_periodic_evaluation_is_logged(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = [e.step for e in EventAccumulator(str(trained)).Reload().Scalars("eval/reverse_words")]
+    assert {10, 20} <= set(steps)
+
+
+def test_batched_greedy_generation_equals_one_by_one(trained):
+    model = AutoModelForCausalLM.from_pretrained(trained / "hf")
+    tokenizer = load_tokenizer(str(trained / "hf"))
+    conversations = [r["messages"][:-1] for r in get_task("arithmetic").generate(12, split="heldout")]
+    batched = generate(model, tokenizer, conversations, max_new_tokens=8, batch_size=12)
+    single = generate(model, tokenizer, conversations, max_new_tokens=8, batch_size=1)
+    assert batched == single and len(batched) == 12
+
+
+def test_sampling_returns_num_samples_per_prompt(trained):
+    model = AutoModelForCausalLM.from_pretrained(trained / "hf")
+    tokenizer = load_tokenizer(str(trained / "hf"))
+    conversations = [r["messages"][:-1] for r in get_task("reverse_words").generate(3)]
+    out = generate(model, tokenizer, conversations, max_new_tokens=6, num_samples=4, temperature=1.0)
+    assert len(out) == 12
+
+
+def test_perplexity_counts_trained_tokens_and_drops_with_training(trained):
+    records = get_task("reverse_words").generate(20, split="heldout")
+    tokenizer = load_tokenizer(str(trained / "hf"))
+    after = perplexity(AutoModelForCausalLM.from_pretrained(trained / "hf"), tokenizer, records, max_length=64, max_tokens=256)
+    fresh = AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(trained / "hf").config)
+    before = perplexity(fresh, tokenizer, records, max_length=64, max_tokens=256)
+    assert after["examples"] == 20 and after["tokens"] > 20
+    assert after["perplexity"] < before["perplexity"] and after["perplexity"] == pytest.approx(torch.tensor(after["loss"]).exp().item())
+
+
+def test_esft_eval_on_export_and_checkpoint(trained, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "eval"
+    monkeypatch.setattr("sys.argv", ["esft", "eval", "--model", str(trained / "hf"), "--tasks", "reverse_words", "arithmetic",
+                                     "--num-examples", "8", "--max-new-tokens", "8", "--out", str(out)])
+    run()
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["results"]) == {"reverse_words", "arithmetic"}
+    assert 0.0 <= report["results"]["reverse_words"]["pass@1"] <= 1.0
+    assert "| reverse_words | 8 |" in capsys.readouterr().out and (out / "results.md").exists()
+    assert list(out.glob("events.out.tfevents.*"))
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in get_task("reverse_words").generate(6, split="heldout")))
+    monkeypatch.setattr("sys.argv", ["esft", "eval", "--model", str(trained / "checkpoints" / "last.ckpt"), "--data", str(data),
+                                     "--num-samples", "3", "--k", "1", "3", "--max-new-tokens", "8", "--out", str(out)])
+    run()
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results["reverse_words"]["n"] == 6 and results["reverse_words"]["pass@3"] >= results["reverse_words"]["pass@1"]
+    assert results["perplexity:d.jsonl"]["perplexity"] > 1.0
+
+
+def test_esft_eval_rejects_unknown_tasks(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["esft", "eval", "--model", "x", "--tasks", "nope"])
+    with pytest.raises(SystemExit):
+        run()
+    assert "unknown tasks ['nope']" in capsys.readouterr().err
