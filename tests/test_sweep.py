@@ -1,0 +1,225 @@
+"""`esft sweep`: a grid of overrides x seeds over a tiny base config, resumable, with reports.
+
+Every run is a real `python -m esft.cli fit` subprocess (~6 s each on 2 CPU cores), so the
+tests share one sweep (run in two passes, the first stopped after one run) and keep grids small.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from esft.sweep import SweepError, load_grid, main, set_dotted
+
+from conftest import TINY
+
+
+def base_config(root: Path) -> Path:
+    """The shape of tests/test_e2e.py's `config()`: tiny Llama, 2 steps, 4 eval examples."""
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": 2, "log_every_n_steps": 1,
+            "val_check_interval": 2, "check_val_every_n_epoch": None, "enable_progress_bar": False,
+            "enable_model_summary": False, "default_root_dir": str(root / "base"),
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(root / "base"), "name": "", "version": ""}},
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(root / "base" / "checkpoints"), "every_n_train_steps": 2,
+                               "save_last": True}},
+                {"class_path": "esft.callbacks.TokenThroughput", "init_args": {"log_every_n_steps": 1}},
+                {"class_path": "esft.callbacks.TaskEvaluation",
+                 "init_args": {"tasks": ["reverse_words"], "num_examples": 4, "max_new_tokens": 8}},
+            ],
+        },
+        "model": {"class_path": "esft.objectives.SFTModule",
+                  "init_args": {"model_config": TINY["llama"], "loss_chunk_size": 16,
+                                "optim": {"lr": 1e-2, "warmup_steps": 1}}},
+        "data": {"class_path": "esft.data.SFTDataModule",
+                 "init_args": {"tasks": ["arithmetic", "reverse_words"], "num_train_per_task": 48,
+                               "num_val_per_task": 8, "max_length": 64, "max_tokens": 256}},
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "base.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def write_grid(root: Path, text: str) -> Path:
+    path = root / "grid.yaml"
+    path.write_text(text)
+    return path
+
+
+GRID = """
+seeds: [0, 1]
+axes:
+  model.init_args.optim.lr: [1e-2, 3e-3]
+"""
+CELLS = ["lr=0.01", "lr=0.003"]
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """A 2 cells x 2 seeds sweep stopped after one run (as if killed), then rerun to the end."""
+    root = tmp_path_factory.mktemp("sweep")
+    args = ["--config", str(base_config(root)), "--grid", str(write_grid(root, GRID)), "--out", str(root / "out")]
+    first = root / "out" / "lr=0.01" / "seed0"
+    main(args + ["--max-cells", "1"])
+    assert (first / "done.json").exists()
+    assert sorted(p.parent.relative_to(root / "out").as_posix() for p in (root / "out").glob("*/seed*/cell.yaml")) \
+        == ["lr=0.01/seed0"]
+    before = ((first / "done.json").stat().st_mtime_ns, (first / "done.json").read_text())
+    import io
+    from contextlib import redirect_stdout
+
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        main(args)
+    return root / "out", before, printed.getvalue()
+
+
+def test_rerun_finishes_only_the_missing_runs(resumed):
+    out, (mtime, text), printed = resumed
+    done = out / "lr=0.01" / "seed0" / "done.json"
+    assert (done.stat().st_mtime_ns, done.read_text()) == (mtime, text)
+    lines = printed.splitlines()
+    assert [line for line in lines if "skip" in line] == ["[1/4] lr=0.01 seed=0  skip: done"]
+    ran = sorted(line.split("  ")[0] for line in lines if "  done in " in line)
+    assert ran == ["[2/4] lr=0.003 seed=0", "[3/4] lr=0.01 seed=1", "[4/4] lr=0.003 seed=1"]
+    assert len(list(out.glob("*/seed*/done.json"))) == 4
+
+
+def test_sweep_writes_results_summary_and_plot(resumed):
+    import pandas as pd
+
+    out, _, _ = resumed
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 4 and list(results.columns[:3]) == ["cell", "seed", "model.init_args.optim.lr"]
+    assert {"train/loss", "val/loss", "perf/tokens_per_s", "eval/reverse_words", "wall_s"} <= set(results.columns)
+    assert sorted(zip(results.cell, results.seed)) == sorted((c, s) for c in CELLS for s in (0, 1))
+    assert results.groupby("cell")["train/loss"].nunique().min() == 2  # the seeds differ
+
+    summary = (out / "summary.md").read_text()
+    header, _, *rows = summary.splitlines()
+    assert header.startswith("| cell | n |") and "train/loss" in header
+    assert [r.split(" | ")[0] for r in rows[:2]] == ["| " + c for c in CELLS]
+    assert all(" | 2 | " in r and " ± " in r for r in rows[:2])
+    assert len(pd.read_csv(out / "summary.csv")) == 2
+    assert (out / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+    # each run lives in its own directory: config, log, TensorBoard events, checkpoints, eval.json
+    run = out / "lr=0.003" / "seed1"
+    cfg = yaml.safe_load((run / "cell.yaml").read_text())
+    assert cfg["seed_everything"] == 1 and cfg["model"]["init_args"]["optim"]["lr"] == 3e-3
+    assert cfg["trainer"]["default_root_dir"] == str(run)
+    assert cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] == str(run / "checkpoints")
+    assert (run / "checkpoints" / "last.ckpt").exists() and (run / "eval.json").exists()
+    assert list(run.glob("events.out.tfevents.*")) and "$ " in (run / "log.txt").read_text()
+    assert json.loads((run / "done.json").read_text())["metrics"]["eval/reverse_words"] >= 0.0
+
+
+def test_metrics_option_selects_the_table_columns(resumed, tmp_path, capsys):
+    out, _, _ = resumed
+    root = out.parent
+    main(["--config", str(root / "base.yaml"), "--grid", str(root / "grid.yaml"), "--out", str(out),
+          "--metrics", "val/loss", "eval/*"])
+    assert "skip" in capsys.readouterr().out
+    assert (out / "summary.md").read_text().splitlines()[0] == "| cell | n | eval/reverse_words | val/loss |"
+
+    # a finished run is kept when its config changes, but the skip line says so
+    changed = tmp_path / "grid.yaml"
+    changed.write_text(GRID + "set: {trainer.log_every_n_steps: 2}\n")
+    main(["--config", str(root / "base.yaml"), "--grid", str(changed), "--out", str(out), "--seeds", "0",
+          "--max-cells", "0"])
+    skips = [line for line in capsys.readouterr().out.splitlines() if "skip" in line]
+    assert len(skips) == 2 and all("config has changed" in line for line in skips)
+
+
+def test_a_failing_cell_is_recorded_and_the_others_still_run(tmp_path, capsys):
+    grid = write_grid(tmp_path, """
+seeds: [0]
+cells:
+  broken: {model.init_args.optim.lr: not-a-number}
+  ok: {}
+""")
+    args = ["--config", str(base_config(tmp_path)), "--grid", str(grid), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 1
+    captured = capsys.readouterr()
+    assert "broken seed=0 (exit" in captured.err
+    failed = json.loads((tmp_path / "out" / "broken" / "seed0" / "failed.json").read_text())
+    assert failed["returncode"] != 0 and "lr" in failed["log_tail"]
+    assert not (tmp_path / "out" / "broken" / "seed0" / "done.json").exists()
+    assert (tmp_path / "out" / "ok" / "seed0" / "done.json").exists()
+    assert "1 failed: broken seed=0" in (tmp_path / "out" / "summary.md").read_text()
+
+    # a dry rerun shows what a rerun would do: retry the failure, skip the finished run
+    main(args + ["--dry-run"])
+    printed = capsys.readouterr().out
+    assert "[1/2] broken seed=0  failed" in printed and "[2/2] ok seed=0  done" in printed
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("trainer.max_steps.value", "'trainer.max_steps' is 2 (int), not a mapping"),
+        ("trainr.max_steps", "unknown top-level key 'trainr'"),
+        ("trainer.callbacks.7.init_args.dirpath", "index 7 is out of range for 'trainer.callbacks'"),
+        ("trainer.callbacks.EarlyStopping.init_args.patience", "no item of class 'EarlyStopping'"),
+        ("trainer..max_steps", "bad override key"),
+    ],
+)
+def test_a_bad_override_path_is_an_error_naming_the_key(tmp_path, capsys, key, message):
+    grid = write_grid(tmp_path, f"seeds: [0]\ncells:\n  bad: {{{key}: 1}}\n")
+    with pytest.raises(SystemExit) as e:
+        main(["--config", str(base_config(tmp_path)), "--grid", str(grid), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("esft sweep: error: ") and key in err and message in err
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_set_dotted_creates_keys_indexes_lists_and_picks_callbacks_by_class():
+    cfg = {"trainer": {"callbacks": [{"class_path": "a.ModelCheckpoint", "init_args": {}}]}, "model": None}
+    set_dotted(cfg, "model.init_args.optim.lr", 0.1)
+    set_dotted(cfg, "trainer.callbacks.ModelCheckpoint.init_args.every_n_train_steps", 5)
+    set_dotted(cfg, "trainer.callbacks.0.init_args.save_last", True)
+    set_dotted(cfg, "seed_everything", 3)
+    assert cfg == {"trainer": {"callbacks": [{"class_path": "a.ModelCheckpoint",
+                                              "init_args": {"every_n_train_steps": 5, "save_last": True}}]},
+                   "model": {"init_args": {"optim": {"lr": 0.1}}}, "seed_everything": 3}
+    with pytest.raises(SweepError, match="'trainer.callbacks.0.class_path.x'"):
+        set_dotted(cfg, "trainer.callbacks.0.class_path.x", 1)
+
+
+def test_grid_names_cells_from_axes_crossed_with_named_cells(tmp_path):
+    grid = load_grid(write_grid(tmp_path, """
+seeds: [1, 2]
+set: {trainer.max_steps: 5}
+axes:
+  model.init_args.optim.lr: [1e-3, 3.0e-3]
+  data.init_args.packing: [true, false]
+cells:
+  base: {}
+  "no warmup/x": {model.init_args.optim.warmup_steps: 0}
+"""), seeds=[7])
+    assert grid.seeds == [7]
+    assert list(grid.cells)[:2] == ["base,lr=0.001,packing=true", "base,lr=0.001,packing=false"]
+    assert len(grid.cells) == 8 and all("/" not in name and " " not in name for name in grid.cells)
+    assert grid.cells["no-warmup-x,lr=0.003,packing=false"] == {
+        "trainer.max_steps": 5, "model.init_args.optim.warmup_steps": 0,
+        "model.init_args.optim.lr": 3e-3, "data.init_args.packing": False}
+
+
+def test_quickstart_study_dry_run_lists_its_cells(capsys):
+    repo = Path(__file__).parents[1]
+    main(["--config", str(repo / "configs/sft/quickstart.yaml"),
+          "--grid", str(repo / "experiments/quickstart_lr/grid.yaml"), "--out", "/nonexistent/out", "--dry-run"])
+    printed = capsys.readouterr().out
+    assert "2 cells x 3 seeds = 6 runs" in printed
+    assert "[1/6] lr=0.001 seed=0  pending" in printed and "[6/6] lr=0.003 seed=2  pending" in printed
+    assert not Path("/nonexistent/out").exists()
