@@ -90,3 +90,16 @@ def test_esft_eval_rejects_unknown_tasks(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         run()
     assert "unknown tasks ['nope']" in capsys.readouterr().err
+
+
+def test_esft_eval_scores_gsm8k_and_math_style_files(trained, tmp_path, monkeypatch):
+    rows = [{"question": "What is 2 + 2?", "answer": "2 + 2 = 4\n#### 4"},
+            {"problem": "What is 3 - 1?", "solution": r"It is $\boxed{2}$."}]
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval"
+    monkeypatch.setattr("sys.argv", ["esft", "eval", "--model", str(trained / "hf"), "--math-data", str(data),
+                                     "--max-new-tokens", "8", "--out", str(out)])
+    run()
+    result = json.loads((out / "results.json").read_text())["results"]["math:math.jsonl"]
+    assert result["n"] == 2 and 0.0 <= result["score"] <= 1.0

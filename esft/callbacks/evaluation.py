@@ -14,14 +14,14 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from esft.data.tasks import get_task
+from esft.data.tasks import TaskSpec, build_task
 from esft.evaluation import evaluate_tasks
 
 
 class TaskEvaluation(L.Callback):
     def __init__(
         self,
-        tasks: list[str],
+        tasks: list[TaskSpec],
         num_examples: int = 100,
         seed: int = 0,
         max_new_tokens: int = 32,
@@ -32,7 +32,7 @@ class TaskEvaluation(L.Callback):
     ) -> None:
         """
         Args:
-            tasks: built-in task names.
+            tasks: built-in tasks: names, or mappings of a ``name`` and constructor options.
             num_examples: held-out records per task.
             seed: generation seed of the held-out records.
             max_new_tokens: generation limit per completion.
@@ -55,7 +55,8 @@ class TaskEvaluation(L.Callback):
 
     def _evaluate(self, pl_module) -> dict[str, float]:
         if self._records is None:
-            self._records = {t: get_task(t).generate(self.num_examples, self.seed, "heldout") for t in self.tasks}
+            tasks = [build_task(spec) for spec in self.tasks]
+            self._records = {t.name: t.generate(self.num_examples, self.seed, "heldout") for t in tasks}
         return evaluate_tasks(pl_module.model, pl_module.tokenizer, self._records, self.max_new_tokens, self.batch_size)
 
     def _log(self, trainer, when: str, scores: dict[str, float]) -> None:
@@ -90,6 +91,6 @@ class TaskEvaluation(L.Callback):
     def table(self) -> str:
         cols = [c for c in ("before", "after") if c in self.results]
         lines = [f"| task | {' | '.join(cols)} |", "|---|" + "---|" * len(cols)]
-        for t in self.tasks:
+        for t in self.results[cols[0]]:
             lines.append(f"| {t} | " + " | ".join(f"{self.results[c][t]:.3f}" for c in cols) + " |")
         return f"\nExact match on {self.num_examples} held-out examples per task (greedy):\n" + "\n".join(lines)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from esft.data.packing import Layout, PackedRows, ResumableBatchSampler, best_fit_decreasing, collate_packed, collate_padded
 from esft.data.records import DataFormatError, Format, LoadStats, OnBadRecord, load_records
-from esft.data.tasks import get_task
+from esft.data.tasks import TaskSpec, build_task
 from esft.data.tokenize import TokenizeStats, TrainOn, Truncation, tokenize_records
 from esft.models.attention import FLAT_PACKING
 from esft.models.tokenizer import BUILTIN, CHATML_TEMPLATE, load_tokenizer
@@ -33,7 +33,7 @@ class SFTDataModule(L.LightningDataModule):
         val_path: str | None = None,
         val_split: str | None = None,
         val_fraction: float = 0.0,
-        tasks: list[str] | None = None,
+        tasks: list[TaskSpec] | None = None,
         num_train_per_task: int = 2000,
         num_val_per_task: int = 100,
         seed: int = 0,
@@ -59,7 +59,8 @@ class SFTDataModule(L.LightningDataModule):
             val_path: validation data (same sources as `path`); wins over `val_fraction`.
             val_split: HF dataset split to validate on (hub ids only).
             val_fraction: hold out this fraction of `path` (a seeded shuffle) for validation.
-            tasks: built-in tasks to generate when ``path: builtin``.
+            tasks: built-in tasks to generate when ``path: builtin``: names, or mappings of a
+                ``name`` and constructor options (``{name: math_word, think: true}``).
             num_train_per_task: built-in training records per task.
             num_val_per_task: built-in validation records per task (from the held-out split).
             seed: seeds generation, the validation split and the shuffle of every epoch.
@@ -103,7 +104,7 @@ class SFTDataModule(L.LightningDataModule):
 
     # ---- loading -------------------------------------------------------------------------
     def _builtin(self, split: str, n: int) -> list[dict[str, Any]]:
-        return [r for task in self.tasks for r in get_task(task).generate(n, seed=self.hp.seed, split=split)]
+        return [r for spec in self.tasks for r in build_task(spec).generate(n, seed=self.hp.seed, split=split)]
 
     def _load(self, source: str, split: str) -> list[dict[str, Any]]:
         records, stats = load_records(source, self.hp.format, self.hp.on_bad_record, split=split, name=self.hp.name)

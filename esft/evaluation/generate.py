@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from esft.data.tasks import get_task
-from esft.evaluation.metrics import pass_at_k
+from esft.evaluation.metrics import summarize
 from esft.models.attention import VARLEN
 
 
@@ -97,11 +97,7 @@ def evaluate(
             model, tokenizer, [r["messages"][:-1] for r in records], max_new_tokens, batch_size, num_samples, progress, **sampling
         )
         scores = [task.score(r, c) for r, c in zip((r for r in records for _ in range(num_samples)), completions)]
-        row: dict[str, float] = {"score": sum(scores) / len(scores), "n": float(len(records))}
-        correct = [sum(s == 1.0 for s in scores[i * num_samples : (i + 1) * num_samples]) for i in range(len(records))]
-        for k in ks:
-            if k <= num_samples:
-                row[f"pass@{k}"] = sum(pass_at_k(num_samples, c, k) for c in correct) / len(records)
+        row = summarize(scores, num_samples, ks)
         if hasattr(task, "metrics"):
             extra = [task.metrics(r, completions[i * num_samples]) for i, r in enumerate(records)]
             for key in extra[0]:

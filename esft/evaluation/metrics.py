@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from math import comb
 
 
@@ -17,3 +18,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def summarize(scores: Sequence[float], num_samples: int, ks: Sequence[int]) -> dict[str, float]:
+    """Mean score, record count and pass@k (k <= `num_samples`) from per-sample scores, laid out
+    `num_samples` per record; a sample is correct when it scores 1.0."""
+    n_records = len(scores) // num_samples
+    correct = [sum(s == 1.0 for s in scores[i * num_samples : (i + 1) * num_samples]) for i in range(n_records)]
+    out = {"score": sum(scores) / len(scores), "n": float(n_records)}
+    for k in ks:
+        if k <= num_samples:
+            out[f"pass@{k}"] = sum(pass_at_k(num_samples, c, k) for c in correct) / n_records
+    return out

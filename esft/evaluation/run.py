@@ -5,6 +5,7 @@
         --num-samples 8 --k 1 4 8 --temperature 0.8          # sampled: pass@1, pass@4, pass@8
     esft eval --model Qwen/Qwen2.5-0.5B-Instruct --data test.jsonl   # rows with a `task` are scored,
                                                                      # every row counts for perplexity
+    esft eval --model Qwen/Qwen2.5-Math-1.5B-Instruct --math-data gsm8k_test.jsonl   # GSM8K / MATH files
 
 `--model` is a HF model directory, a hub id, or a Lightning checkpoint (``.ckpt``) of any esft
 objective. Results go to ``--out`` (default ``runs/eval``): ``results.json``, ``results.md``
@@ -47,6 +48,25 @@ def load_model(name: str, device: torch.device, dtype: str = "auto"):
     return model.to(device).eval(), tokenizer
 
 
+def math_file_scores(model, tokenizer, source: str, split: str, max_new_tokens: int, batch_size: int,
+                     ks: list[int], num_samples: int, **sampling: Any) -> dict[str, float]:
+    """Generate for every GSM8K / MATH-style row and score with the math verifier."""
+    from esft.data.records import DataFormatError, read_rows
+    from esft.data.tasks.math import score_rows
+    from esft.evaluation.generate import generate
+    from esft.evaluation.metrics import summarize
+
+    rows, conversations = [], []
+    for where, row in read_rows(source, split=split):
+        question = row.get("question") or row.get("problem")
+        if not isinstance(question, str) or not question.strip():
+            raise DataFormatError(f"{where}: a math row needs a non-empty 'question' (GSM8K) or 'problem' (MATH) field")
+        rows.append(row)
+        conversations.append([{"role": "user", "content": question}])
+    completions = generate(model, tokenizer, conversations, max_new_tokens, batch_size, num_samples, True, **sampling)
+    return summarize(score_rows([r for r in rows for _ in range(num_samples)], completions), num_samples, ks)
+
+
 def markdown(results: dict[str, dict[str, float]]) -> str:
     metrics = sorted({m for row in results.values() for m in row if m != "n"}, key=lambda m: (m != "score", m))
     lines = ["| task | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
@@ -65,6 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated records (and of sampling)")
     p.add_argument("--data", help="a data file / directory / hub id in any esft format")
     p.add_argument("--data-split", default="test", help="split, for a hub dataset")
+    p.add_argument("--math-data", help="GSM8K-style (question, answer with '#### N') or MATH-style (problem, "
+                   "solution with \\boxed{}) rows: file, directory or hub id; scored by the math verifier")
     p.add_argument("--max-length", type=int, default=2048, help="perplexity: longest example in tokens")
     p.add_argument("--num-samples", type=int, default=1, help="completions per prompt (> 1 samples)")
     p.add_argument("--k", type=int, nargs="*", default=[1], help="pass@k for these k (k <= num-samples)")
@@ -76,8 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--out", default="runs/eval")
     args = p.parse_args(argv)
-    if not args.tasks and not args.data:
-        p.error("give --tasks and/or --data")
+    if not args.tasks and not args.data and not args.math_data:
+        p.error("give --tasks, --data and/or --math-data")
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown:
         p.error(f"unknown tasks {unknown}; built-in tasks: {', '.join(sorted(TASKS))}")
@@ -103,6 +125,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.num_samples > 1 else {}
     results = evaluate(model, tokenizer, records_by_task, args.max_new_tokens, args.batch_size,
                        args.num_samples, args.k, progress=True, **sampling)
+    if args.math_data:
+        results[f"math:{Path(args.math_data).name}"] = math_file_scores(
+            model, tokenizer, args.math_data, args.data_split, args.max_new_tokens, args.batch_size, args.k, args.num_samples, **sampling
+        )
     if data_records:
         results[f"perplexity:{Path(args.data).name}"] = {
             **perplexity(model, tokenizer, data_records, args.max_length, progress=True),

@@ -44,7 +44,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def train_builtin_tokenizer(out_dir: Path = BUILTIN_DIR, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def train_builtin_tokenizer(out_dir: Path = BUILTIN_DIR, vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     """Train the built-in byte-level BPE on the built-in tasks and save it to `out_dir`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

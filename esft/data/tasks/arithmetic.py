@@ -21,6 +21,7 @@ class Arithmetic(Task):
     """`a op b` with operands of 1..`max_digits` digits and op in `ops`; the answer is the number."""
 
     name = "arithmetic"
+    domain = "math"
 
     def __init__(self, max_digits: int = 3, ops: str = "+-") -> None:
         self.max_digits = max_digits

@@ -29,6 +29,7 @@ class Task(ABC):
     """
 
     name: str = ""
+    domain: str = "general"  # the task family it stands for (math, code, intent, ...), see `DOMAINS`
 
     @abstractmethod
     def sample(self, rng: random.Random) -> tuple[str, str]:

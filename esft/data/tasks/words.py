@@ -23,6 +23,8 @@ LEXICON = (
 
 
 class _WordListTask(Task):
+    domain = "general"
+
     def __init__(self, min_words: int = 3, max_words: int = 6) -> None:
         self.min_words = min_words
         self.max_words = max_words
