@@ -144,8 +144,8 @@ def test_validate_test_and_predict_from_a_checkpoint(tmp_path, uninterrupted):
     assert rows[0]["messages"][-1]["role"] == "user"
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "deepseek_v3"])
-def test_moe_families_train_through_the_cli(tmp_path, family):
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "mixtral"])
+def test_model_families_train_through_the_cli(tmp_path, family):
     cfg = str(config(tmp_path, 3))
     cli = main(["fit", "--config", cfg, "--model.init_args.model_config", json.dumps(TINY[family])])
     assert cli.model.model.config.model_type == family and cli.trainer.global_step == 3

@@ -43,7 +43,8 @@ class CausalLMModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.optim = optim or OptimConfig()
+        # a checkpoint's hyperparameters may hold the optimizer config as a plain mapping
+        self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**(optim or {}))
         self.tokenizer = load_tokenizer(resolve_tokenizer_name(tokenizer, model_name_or_path))
         # "auto" starts on SDPA; `setup` moves to varlen once the device is known to be CUDA.
         first = "sdpa" if attn_implementation == "auto" else attn_implementation
