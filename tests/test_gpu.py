@@ -58,3 +58,72 @@ def test_fit_on_gpu_through_the_cli(tmp_path):
     assert cli.model.model.config._attn_implementation == "esft_varlen"
     results = json.loads((tmp_path / "eval.json").read_text())
     assert results["steps"] == 12 and (tmp_path / "hf" / "model.safetensors").exists()
+
+
+# ---- precision and speed switches (see README "Precision and speed switches") ----------------
+def _fit(tmp_path, *args, steps=6, **data):
+    from esft.cli import main
+    from test_e2e import config
+
+    cli = main(["fit", "--config", str(config(tmp_path, steps, accelerator="gpu", **data)), *args])
+    from test_speed import train_losses
+
+    losses = train_losses(tmp_path)
+    assert cli.trainer.global_step == steps and all(torch.isfinite(torch.tensor(losses)))
+    return cli, losses
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-true"])
+def test_precisions_on_gpu(tmp_path, precision):
+    cli, losses = _fit(tmp_path, "--trainer.precision", precision)
+    assert losses[-1] < losses[0]
+    if precision == "16-mixed":  # fp16 autocast with loss scaling
+        assert cli.trainer.precision_plugin.scaler is not None
+    else:
+        assert {p.dtype for p in cli.model.parameters()} == {torch.bfloat16}
+    assert cli.model.model.config._attn_implementation == "esft_varlen"
+
+
+def test_torchao_fp8_trains_on_gpu(tmp_path):
+    pytest.importorskip("torchao.float8")
+    from torchao.float8.float8_linear import Float8Linear
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs FP8 tensor cores")
+    cli, losses = _fit(tmp_path, "--trainer.precision", "bf16-mixed", "--model.init_args.fp8", "tensorwise")
+    assert cli.datamodule._pad_to_budget()  # on by default with fp8: token counts divisible by 16
+    assert sum(isinstance(m, Float8Linear) for m in cli.model.modules()) == 14
+    assert losses[-1] < losses[0]
+
+
+def test_liger_loss_matches_chunked_loss(tokenizer):
+    pytest.importorskip("liger_kernel")
+    from esft.models.forward import token_loss
+
+    torch.manual_seed(0)
+    records = get_task("reverse_words").generate(6) + get_task("arithmetic").generate(6)
+    examples = tokenize_records(records, tokenizer, max_length=256, train_on="all")[0]
+    model = build_model(tokenizer, model_config=TINY["llama"], dtype="bfloat16", attn_implementation="sdpa").cuda()
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collate_packed([examples], "flat").items()}
+    results = {}
+    for impl in ("chunked", "liger"):
+        model.zero_grad()
+        loss, n = token_loss(model, batch, 64, impl)
+        (loss / n).backward()
+        results[impl] = (loss / n, model.lm_head.weight.grad.float().clone(), n)
+    (a, ga, na), (b, gb, nb) = results["chunked"], results["liger"]
+    assert na == nb
+    torch.testing.assert_close(b.float(), a.float(), atol=2e-2, rtol=0)
+    assert (gb - ga).norm() / ga.norm() < 2e-2
+
+
+def test_compile_with_varlen_on_gpu(tmp_path):
+    """compile + budget padding + flash varlen: training compiles once."""
+    from test_speed import GraphCount
+
+    torch._dynamo.reset()
+    count = {"class_path": "test_speed.GraphCount"}
+    cli, _ = _fit(tmp_path, "--trainer.precision", "bf16-mixed", "--model.init_args.compile", "true",
+                  steps=4, extra_callbacks=[count])
+    graphs = next(c for c in cli.trainer.callbacks if isinstance(c, GraphCount)).graphs
+    assert len(set(graphs)) == 1

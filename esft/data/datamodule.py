@@ -15,7 +15,16 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from esft.data.packing import Layout, PackedRows, ResumableBatchSampler, best_fit_decreasing, collate_packed, collate_padded
+from esft.data.packing import (
+    Layout,
+    PackedRows,
+    ResumableBatchSampler,
+    best_fit_decreasing,
+    collate_fixed,
+    collate_packed,
+    collate_padded,
+    max_segments,
+)
 from esft.data.records import DataFormatError, Format, LoadStats, OnBadRecord, load_records
 from esft.data.tasks import TaskSpec, build_task
 from esft.data.tokenize import TokenizeStats, TrainOn, Truncation, tokenize_records
@@ -46,6 +55,7 @@ class SFTDataModule(L.LightningDataModule):
         packing: bool = True,
         max_tokens: int = 4096,
         layout: Literal["auto", "flat", "rows"] = "auto",
+        pad_to_budget: bool | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
     ) -> None:
@@ -77,6 +87,11 @@ class SFTDataModule(L.LightningDataModule):
             layout: packed micro-batch layout: ``flat`` (one row, no padding) or ``rows`` (one
                 row per packed row, shorter rows end in filler); ``auto`` picks ``flat`` when the
                 model's attention skips cross-document work (varlen, flash, flex), else ``rows``.
+            pad_to_budget: pad every packed micro-batch to the same shape (``flat``:
+                ``[1, max_tokens]``, ``rows``: ``[max_tokens // max_length, max_length]``) and
+                `cu_seqlens` to a fixed length, so torch.compile compiles once (and FP8 matmuls see
+                token counts divisible by 16 when `max_tokens` is); ``null`` turns it on when the
+                model has ``compile: true`` or ``fp8`` set. Filler tokens count as padding.
             batch_size: examples per padded micro-batch when ``packing: false``.
             num_workers: DataLoader worker processes.
         """
@@ -175,10 +190,21 @@ class SFTDataModule(L.LightningDataModule):
         attn = getattr(getattr(getattr(module, "model", None), "config", None), "_attn_implementation", None)
         return "flat" if attn in FLAT_PACKING else "rows"
 
-    def _collate(self):
-        if self.hp.packing:
-            return partial(collate_packed, layout=self._layout())
-        return partial(collate_padded, pad_token_id=self.tokenizer.pad_token_id)
+    def _pad_to_budget(self) -> bool:
+        if self.hp.pad_to_budget is not None:
+            return self.hp.pad_to_budget
+        module = self.trainer.lightning_module if self.trainer else None
+        hparams = getattr(module, "hparams", {})
+        return bool(hparams.get("compile") or hparams.get("fp8"))
+
+    def _collate(self, units: list[list[int]], per_batch: int):
+        if not self.hp.packing:
+            return partial(collate_padded, pad_token_id=self.tokenizer.pad_token_id)
+        if self._pad_to_budget():
+            segments = max_segments(units, per_batch, self.hp.max_tokens, self.hp.max_length)
+            return partial(collate_fixed, layout=self._layout(), max_tokens=self.hp.max_tokens,
+                           max_length=self.hp.max_length, num_segments=segments)
+        return partial(collate_packed, layout=self._layout())
 
     def _loader(self, examples: list[dict[str, Any]], shuffle: bool) -> DataLoader:
         units, per_batch = self._units(examples)
@@ -205,7 +231,7 @@ class SFTDataModule(L.LightningDataModule):
         return DataLoader(
             PackedRows(examples, units),
             batch_sampler=sampler,
-            collate_fn=self._collate(),
+            collate_fn=self._collate(units, per_batch),
             num_workers=self.hp.num_workers,
             persistent_workers=self.hp.num_workers > 0,
         )

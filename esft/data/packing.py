@@ -52,7 +52,12 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
-def collate_packed(rows: Sequence[Sequence[dict[str, Any]]], layout: Layout = "flat", pad_to: int | None = None) -> dict[str, Any]:
+def collate_packed(
+    rows: Sequence[Sequence[dict[str, Any]]],
+    layout: Layout = "flat",
+    pad_to: int | None = None,
+    max_filler: int | None = None,
+) -> dict[str, Any]:
     """Collate packed rows (each a list of examples) without padding between documents.
 
     ``flat`` puts every document in one row, ``[1, total_tokens]``: no padding at all; the
@@ -60,7 +65,8 @@ def collate_packed(rows: Sequence[Sequence[dict[str, Any]]], layout: Layout = "f
     ``rows`` keeps one row per packed row, ``[rows, longest_row]``, and ends shorter rows with a
     filler document: the layout for SDPA / eager, whose block-diagonal mask costs O(width^2).
     `pad_to` widens the result to a fixed width (fixed shapes for torch.compile). Filler tokens
-    have -100 labels and their own restarting positions, and are counted in ``num_padding``.
+    have -100 labels and their own restarting positions, and are counted in ``num_padding``;
+    `max_filler` splits a longer filler into documents of at most that many tokens.
     """
     segments = [[e for row in rows for e in row]] if layout == "flat" else [list(row) for row in rows]
     width = max(max(sum(e["length"] for e in seg) for seg in segments), pad_to or 0)
@@ -72,11 +78,13 @@ def collate_packed(rows: Sequence[Sequence[dict[str, Any]]], layout: Layout = "f
             positions += range(e["length"])
             lengths.append(e["length"])
         filler = width - sum(e["length"] for e in seg)
-        if filler:
-            ids += [0] * filler
-            labels += [IGNORE_INDEX] * filler
-            positions += range(filler)
-            lengths.append(filler)
+        while filler > 0:
+            piece = min(filler, max_filler or filler)
+            ids += [0] * piece
+            labels += [IGNORE_INDEX] * piece
+            positions += range(piece)
+            lengths.append(piece)
+            filler -= piece
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
     num_tokens = sum(e["length"] for seg in segments for e in seg)
@@ -90,6 +98,41 @@ def collate_packed(rows: Sequence[Sequence[dict[str, Any]]], layout: Layout = "f
         "num_tokens": num_tokens,
         "num_padding": shape[0] * shape[1] - num_tokens,
     }
+
+
+def max_segments(units: Sequence[Sequence[int]], rows_per_batch: int, max_tokens: int, max_length: int) -> int:
+    """An upper bound on the documents (fillers included) of any micro-batch of `collate_fixed`:
+    the `rows_per_batch` fullest rows, plus one filler per row, plus the flat layout's fillers."""
+    counts = sorted((len(u) for u in units), reverse=True)[:rows_per_batch]
+    return sum(counts) + rows_per_batch + -(-max_tokens // max_length)
+
+
+def collate_fixed(
+    rows: Sequence[Sequence[dict[str, Any]]],
+    layout: Layout,
+    max_tokens: int,
+    max_length: int,
+    num_segments: int,
+) -> dict[str, Any]:
+    """`collate_packed` padded to the budget, so that every micro-batch has the same shapes and
+    Python ints (torch.compile recompiles on a change): ``flat`` is ``[1, max_tokens]``; ``rows``
+    is ``[max_tokens // max_length, max_length]``, with missing rows all filler. Filler documents
+    are at most `max_length` long, `max_seqlen` is always `max_length`, and `cu_seqlens` has
+    ``num_segments + 1`` entries (the last boundary repeated: empty documents).
+    """
+    if layout == "flat":
+        batch = collate_packed(rows, "flat", pad_to=max_tokens, max_filler=max_length)
+    else:
+        n = max_tokens // max_length
+        if len(rows) > n:
+            raise ValueError(f"{len(rows)} rows do not fit a budget of {n} rows")
+        batch = collate_packed(list(rows) + [[]] * (n - len(rows)), "rows", pad_to=max_length)
+    cu = batch["cu_seqlens"]
+    if cu.numel() > num_segments + 1:
+        raise ValueError(f"{cu.numel() - 1} documents exceed num_segments={num_segments}")
+    batch["cu_seqlens"] = torch.cat([cu, cu[-1:].expand(num_segments + 1 - cu.numel())])
+    batch["max_seqlen"] = max_length
+    return batch
 
 
 def collate_padded(rows: Sequence[Sequence[dict[str, Any]]], pad_token_id: int) -> dict[str, Any]:

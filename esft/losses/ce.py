@@ -39,6 +39,15 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def trained_positions(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten ``hidden [..., H]`` and ``targets [...]`` and keep the positions with a target:
+    ``(hidden [N, H], targets [N], N)``. Losses then never compute logits for masked tokens."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != IGNORE_INDEX
+    return hidden[keep], targets[keep], keep.sum()
+
+
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
     return cross_entropy_sum(F.linear(hidden, weight, bias), targets)
 
@@ -61,11 +70,7 @@ def chunked_cross_entropy(
     Returns:
         ``(loss_sum, num_tokens)``: divide to get the mean over trained tokens.
     """
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = targets.reshape(-1)
-    keep = targets != IGNORE_INDEX
-    hidden, targets = hidden[keep], targets[keep]
-    count = keep.sum()
+    hidden, targets, count = trained_positions(hidden, targets)
     if targets.numel() == 0:
         return hidden.sum() * 0.0, count  # keeps the graph connected
     if chunk_size <= 0 or targets.numel() <= chunk_size:

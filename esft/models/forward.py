@@ -1,15 +1,24 @@
 """The training forward shared by every objective and by evaluation: packed or padded batch in,
-summed next-token cross-entropy over trained tokens out."""
+summed next-token cross-entropy over trained tokens out.
+
+Three loss implementations share the target construction (`next_token_targets`): ``chunked``
+(`esft.losses.chunked_cross_entropy` on the final hidden states), the model's full logits (for
+heads that are not a plain linear layer, or ``chunk_size=0``), and ``liger`` (Liger Kernel's fused
+linear cross-entropy, CUDA only: ``pip install liger-kernel``).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedModel
 
 from esft.losses import chunked_cross_entropy, cross_entropy_sum, next_token_targets
+from esft.losses.ce import IGNORE_INDEX, trained_positions
 from esft.models.attention import VARLEN
+
+LossImpl = Literal["chunked", "liger"]
 
 # config fields that make the LM head more than a plain linear layer; the chunked loss would be wrong
 _HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -34,17 +43,47 @@ def forward_kwargs(model: PreTrainedModel, batch: dict[str, Any]) -> dict[str, A
     return kwargs
 
 
-def token_loss(model: PreTrainedModel, batch: dict[str, Any], chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def liger_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against `targets` with Liger Kernel's
+    fused linear cross-entropy (no logits tensor at all), and the trained-token count.
+
+    Shapes as `esft.losses.chunked_cross_entropy`; -100 targets are ignored. CUDA only.
+    """
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError as e:
+        raise ModuleNotFoundError("loss_impl='liger' needs liger-kernel: pip install liger-kernel (or esft[liger])") from e
+    if not hidden.is_cuda:
+        raise RuntimeError(f"loss_impl='liger' runs Triton kernels on CUDA only; the model is on {hidden.device.type}: use loss_impl='chunked'")
+    hidden, targets, count = trained_positions(hidden, targets)
+    if targets.numel() == 0:
+        return hidden.sum() * 0.0, count
+    loss = liger_fused_linear_cross_entropy(
+        hidden.to(weight.dtype), weight, targets, bias, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return loss.float(), count
+
+
+def token_loss(
+    model: PreTrainedModel, batch: dict[str, Any], chunk_size: int = 1024, impl: LossImpl = "chunked"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over the batch's trained tokens, and their count.
 
-    With a plain LM head and ``chunk_size > 0`` the loss is computed from the final hidden states
-    in chunks (`esft.losses.chunked_cross_entropy`); otherwise from the model's full logits.
+    With a plain LM head the loss is computed from the final hidden states: ``impl="liger"`` by
+    Liger's fused kernel, else (``chunk_size > 0``) in chunks (`esft.losses.chunked_cross_entropy`).
+    Otherwise it comes from the model's full logits.
     """
     targets = next_token_targets(batch["labels"], batch["position_ids"])
     kwargs = forward_kwargs(model, batch)
-    if chunk_size > 0 and plain_head(model):
+    if impl == "liger" and not plain_head(model):
+        raise ValueError("loss_impl='liger' needs a plain linear LM head; this model transforms its logits")
+    if impl == "liger" or (chunk_size > 0 and plain_head(model)):
         hidden = model.get_decoder()(**kwargs).last_hidden_state
         head = model.get_output_embeddings()
+        if impl == "liger":
+            return liger_cross_entropy(hidden, head.weight, targets, head.bias)
         return chunked_cross_entropy(hidden, head.weight, targets, head.bias, chunk_size)
     logits = model(**kwargs).logits
     keep = targets != -100

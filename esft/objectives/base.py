@@ -1,5 +1,10 @@
 """What every objective shares: model and tokenizer building, the packed forward, the masked
-token loss, and optimizer wiring. Objectives subclass `CausalLMModule` and add their loss."""
+token loss, and optimizer wiring. Objectives subclass `CausalLMModule` and add their loss.
+
+Speed switches live here too: torchao FP8 (`fp8`), the Liger fused loss (`loss_impl`) and
+`compile`; mixed precision is the trainer's ``precision``, Transformer Engine FP8 a trainer plugin
+(`esft.precision`).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,10 @@ from esft.data.tasks import TASKS, get_task
 from esft.evaluation import generate
 from esft.models import DType, build_model, load_tokenizer
 from esft.models.attention import AttnImplementation, resolve_attn_implementation
-from esft.models.forward import token_loss
+from esft.models.forward import LossImpl, token_loss
 from esft.models.tokenizer import resolve_tokenizer_name
 from esft.optim import OptimConfig, build_adamw, warmup_cosine
+from esft.precision import Float8Recipe, convert_torchao_fp8
 
 class CausalLMModule(L.LightningModule):
     def __init__(
@@ -26,6 +32,10 @@ class CausalLMModule(L.LightningModule):
         attn_implementation: AttnImplementation = "auto",
         gradient_checkpointing: bool = False,
         loss_chunk_size: int = 1024,
+        loss_impl: LossImpl = "chunked",
+        fp8: Float8Recipe | None = None,
+        fp8_skip: list[str] | None = None,
+        compile: bool = False,
         max_new_tokens: int = 256,
         optim: OptimConfig | None = None,
     ) -> None:
@@ -38,6 +48,14 @@ class CausalLMModule(L.LightningModule):
             attn_implementation: ``auto`` = flash varlen on CUDA, SDPA with a block mask elsewhere.
             gradient_checkpointing: recompute activations in the backward pass.
             loss_chunk_size: trained tokens per chunk of the cross-entropy; 0 = all at once.
+            loss_impl: ``chunked`` (any device) or ``liger`` (Liger Kernel's fused linear
+                cross-entropy; CUDA and ``pip install liger-kernel``).
+            fp8: torchao float8 training recipe (``tensorwise`` or ``rowwise``) for the Linear
+                layers with dims divisible by 16; needs ``pip install torchao`` and an FP8 GPU.
+            fp8_skip: module-name substrings kept out of FP8; default ``["lm_head"]`` (the
+                model's output head is always kept out).
+            compile: ``torch.compile`` the decoder (the loss stays eager); pair it with the
+                DataModule's fixed-shape batches (``pad_to_budget``, on by default with compile).
             max_new_tokens: generation limit of ``esft predict``.
             optim: optimizer and schedule.
         """
@@ -51,18 +69,25 @@ class CausalLMModule(L.LightningModule):
         self.model = build_model(self.tokenizer, model_name_or_path, model_config, dtype, first)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if fp8 is not None:
+            convert_torchao_fp8(self.model, fp8, ["lm_head"] if fp8_skip is None else fp8_skip)
 
     def setup(self, stage: str) -> None:
         if self.hparams.attn_implementation == "auto":
-            half = self.model.dtype in (torch.bfloat16, torch.float16) or "16" in str(self.trainer.precision)
+            weights = getattr(self.trainer.precision_plugin, "weights_dtype", None)  # Transformer Engine
+            half = self.model.dtype in (torch.bfloat16, torch.float16) or "16" in str(self.trainer.precision) \
+                or weights in (torch.bfloat16, torch.float16)
             name = resolve_attn_implementation("auto", self.trainer.strategy.root_device, half)
             if name != self.model.config._attn_implementation:
                 self.model.set_attn_implementation(name)
+        decoder = self.model.get_decoder()
+        if self.hparams.compile and getattr(decoder, "_compiled_call_impl", None) is None:
+            decoder.compile()
 
     # ---- loss ------------------------------------------------------------------------------
     def token_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over trained tokens, and their count."""
-        return token_loss(self.model, batch, self.hparams.loss_chunk_size)
+        return token_loss(self.model, batch, self.hparams.loss_chunk_size, self.hparams.loss_impl)
 
     # ---- generation ------------------------------------------------------------------------
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
