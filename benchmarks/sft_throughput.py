@@ -24,7 +24,7 @@ from functools import partial
 import torch
 
 from esft.data.packing import PackedRows, ResumableBatchSampler, best_fit_decreasing, collate_packed, collate_padded
-from esft.models.attention import FLAT_PACKING
+from esft.models.attention import packed_layout
 from esft.objectives import SFTModule
 from esft.optim import OptimConfig, build_adamw
 
@@ -32,7 +32,7 @@ QWEN2_05B = dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, nu
                  num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
                  max_position_embeddings=4096)
 TINY = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True)
+            num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True)
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
 
 
@@ -52,7 +52,7 @@ def batches(examples, mode: str, attn: str, max_tokens: int, max_len: int, batch
         units, per_batch, collate = [[i] for i in range(len(examples))], batch_size, partial(collate_padded, pad_token_id=0)
     else:
         units = best_fit_decreasing([e["length"] for e in examples], max_len)
-        layout = "flat" if attn in FLAT_PACKING else "rows"
+        layout = packed_layout(attn)
         per_batch, collate = max_tokens // max_len, partial(collate_packed, layout=layout)
     rows = PackedRows(examples, units)
     sampler = ResumableBatchSampler(len(units), per_batch, seed=0)

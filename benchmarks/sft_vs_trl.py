@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import statistics
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from esft.callbacks.throughput import peak_memory_gib
 from esft.data.tasks import get_task
 
 TASK_MIX = ("math_word", "extract_fields", "verdict", "intent_json", "list_ops", "translate", "reverse_words", "arithmetic")
@@ -38,12 +38,6 @@ SIZES = {
     "0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True),
 }
-
-
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def summarize(name: str, times: list[float], tokens: list[int], warmup: int, device: torch.device) -> dict:

@@ -28,7 +28,7 @@ from esft.data.packing import (
 from esft.data.records import DataFormatError, Format, LoadStats, OnBadRecord, load_records
 from esft.data.tasks import TaskSpec, build_task
 from esft.data.tokenize import TokenizeStats, TrainOn, Truncation, tokenize_records
-from esft.models.attention import FLAT_PACKING
+from esft.models.attention import packed_layout
 from esft.models.tokenizer import BUILTIN, CHATML_TEMPLATE, load_tokenizer
 
 
@@ -188,7 +188,7 @@ class SFTDataModule(L.LightningDataModule):
             return self.hp.layout
         module = self.trainer.lightning_module if self.trainer else None
         attn = getattr(getattr(getattr(module, "model", None), "config", None), "_attn_implementation", None)
-        return "flat" if attn in FLAT_PACKING else "rows"
+        return packed_layout(attn)
 
     def _pad_to_budget(self) -> bool:
         if self.hp.pad_to_budget is not None:

@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from esft.data.packing import best_fit_decreasing, collate_packed
 from esft.data.tokenize import TrainOn, tokenize_records
-from esft.models.attention import FLAT_PACKING
+from esft.models.attention import packed_layout
 from esft.models.forward import token_loss
 
 
@@ -30,7 +30,7 @@ def perplexity(
     cut to `max_length`."""
     examples, _ = tokenize_records(records, tokenizer, max_length, train_on, "right")
     rows = best_fit_decreasing([e["length"] for e in examples], max_length)
-    layout = "flat" if model.config._attn_implementation in FLAT_PACKING else "rows"
+    layout = packed_layout(model.config._attn_implementation)
     per_batch = max(1, max_tokens // max_length)
     device = next(model.parameters()).device
     total, count = 0.0, 0

@@ -21,6 +21,12 @@ VARLEN = "esft_varlen"
 FLAT_PACKING = {VARLEN, "flex_attention", "flash_attention_2", "flash_attention_3"}
 
 
+def packed_layout(attn_implementation: str | None) -> Literal["flat", "rows"]:
+    """The packed-batch layout (`esft.data.packing.collate_packed`) that suits an attention path:
+    ``flat`` where its cost follows the documents, ``rows`` where a mask costs O(width^2)."""
+    return "flat" if attn_implementation in FLAT_PACKING else "rows"
+
+
 def varlen_available() -> bool:
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
