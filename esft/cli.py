@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -52,17 +53,17 @@ def main(args: list[str] | None = None) -> ESFTCLI:
     )
 
 
+# Project commands beside LightningCLI's subcommands: `esft <name> ...` runs `<module>.main(argv)`.
+PROJECT_COMMANDS = {
+    "eval": "esft.evaluation.run",
+    "sweep": "esft.sweep",
+    "export": "esft.data.tasks.export",
+}
+
+
 def _project_command(name: str):
-    """Project commands beside LightningCLI's subcommands: `esft eval|sweep|export ...`."""
-    if name == "eval":
-        from esft.evaluation.run import main as command
-    elif name == "sweep":
-        from esft.sweep import main as command
-    elif name == "export":
-        from esft.data.tasks.export import main as command
-    else:
-        return None
-    return command
+    module = PROJECT_COMMANDS.get(name)
+    return None if module is None else importlib.import_module(module).main
 
 
 def run() -> None:
