@@ -103,3 +103,19 @@ def test_esft_eval_scores_gsm8k_and_math_style_files(trained, tmp_path, monkeypa
     run()
     result = json.loads((out / "results.json").read_text())["results"]["math:math.jsonl"]
     assert result["n"] == 2 and 0.0 <= result["score"] <= 1.0
+
+
+def test_rollout_token_ids_match_text(trained):
+    from esft.evaluation.generate import rollout
+
+    model = AutoModelForCausalLM.from_pretrained(trained / "hf")
+    tok = load_tokenizer(str(trained / "hf"))
+    convs = [[{"role": "user", "content": "reverse: a b"}], [{"role": "user", "content": "hello there friend"}]]
+    outs = rollout(model, tok, convs, max_new_tokens=5, num_samples=2, do_sample=True, top_p=0.9)
+    assert len(outs) == 4
+    for r, conv in zip(outs, [convs[0]] * 2 + [convs[1]] * 2):
+        prompt = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        assert r.prompt_ids == tok(prompt, add_special_tokens=False)["input_ids"]
+        assert 1 <= len(r.completion_ids) <= 5
+        assert r.truncated == (tok.eos_token_id not in r.completion_ids)
+        assert r.text == tok.decode(r.completion_ids, skip_special_tokens=True).strip()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,8 +32,18 @@ def generation_mode(model: PreTrainedModel):
         model.train(was_training)
 
 
+@dataclass
+class Rollout:
+    """One sampled completion, as token ids: what RL and on-policy distillation train on."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]  # up to and including the first end-of-turn token; no padding
+    text: str  # the completion decoded without special tokens, stripped
+    truncated: bool  # stopped by ``max_new_tokens`` before an end-of-turn token
+
+
 @torch.no_grad()
-def generate(
+def rollout(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     conversations: Sequence[list[dict[str, str]]],
@@ -41,10 +52,11 @@ def generate(
     num_samples: int = 1,
     progress: bool = False,
     **sampling: Any,
-) -> list[str]:
-    """Complete each conversation with an assistant turn; greedy unless ``do_sample=True``.
+) -> list[Rollout]:
+    """Complete each conversation with an assistant turn; greedy unless ``do_sample=True``
+    (``temperature``, ``top_p``, ... are passed to ``model.generate``).
 
-    Returns ``len(conversations) * num_samples`` completions, the samples of a conversation
+    Returns ``len(conversations) * num_samples`` rollouts, the samples of a conversation
     consecutive. Prompts are sorted by length before batching (less left padding) and the
     results put back in order.
     """
@@ -52,7 +64,8 @@ def generate(
     sampling.setdefault("do_sample", num_samples > 1)
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[list[str]] = [[] for _ in prompts]
+    results: list[list[Rollout]] = [[] for _ in prompts]
+    eos = tokenizer.eos_token_id
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         with generation_mode(model), tqdm(total=len(prompts), desc="generating", disable=not progress, leave=False) as bar:
@@ -64,16 +77,38 @@ def generate(
                     max_new_tokens=max_new_tokens,
                     num_return_sequences=num_samples,
                     pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=eos,
                     **sampling,
                 )
-                texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                width = enc["input_ids"].shape[1]
+                completions = out[:, width:].tolist()
                 for j, i in enumerate(idx):
-                    results[i] = [t.strip() for t in texts[j * num_samples : (j + 1) * num_samples]]
+                    mask = enc["attention_mask"][j].bool()
+                    prompt_ids = enc["input_ids"][j][mask].tolist()
+                    for ids in completions[j * num_samples : (j + 1) * num_samples]:
+                        stop = ids.index(eos) + 1 if eos in ids else len(ids)
+                        ids = ids[:stop]
+                        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                        results[i].append(Rollout(prompt_ids, ids, text, truncated=eos not in ids))
                 bar.update(len(idx))
     finally:
         tokenizer.padding_side = side
-    return [text for group in results for text in group]
+    return [r for group in results for r in group]
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[list[dict[str, str]]],
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+    num_samples: int = 1,
+    progress: bool = False,
+    **sampling: Any,
+) -> list[str]:
+    """The completions of `rollout` as text."""
+    rollouts = rollout(model, tokenizer, conversations, max_new_tokens, batch_size, num_samples, progress, **sampling)
+    return [r.text for r in rollouts]
 
 
 def evaluate(
