@@ -7,7 +7,8 @@ Data: synthetic documents with lognormal lengths (median 270, mean ~400, clipped
 tokens) of random token ids, full-sequence loss, AdamW. Every row runs the product's own
 `SFTModule.token_loss`; the "HF loss" row instead calls the model with ``labels=`` (the usual
 padded recipe, full fp32 logits). Real (non-pad) tokens/s are medians over the timed steps,
-after warm-up steps. MFU counts 6 * parameters * tokens against the GPU's dense bf16 peak.
+after warm-up steps. MFU counts model FLOPs (`esft.flops`: matmul weights and causal attention
+of the real documents) against the GPU's dense BF16 peak.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import random
 import statistics
 import time
 
@@ -23,27 +23,16 @@ from functools import partial
 
 import torch
 
+from esft.bench import SHAPES, lognormal_examples
 from esft.data.packing import PackedRows, ResumableBatchSampler, best_fit_decreasing, collate_packed, collate_padded
 from esft.models.attention import packed_layout
+from esft.flops import attention_flops_per_pair, matmul_params, peak_bf16_tflops, training_flops
 from esft.objectives import SFTModule
 from esft.optim import OptimConfig, build_adamw
 
-QWEN2_05B = dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
-                 max_position_embeddings=4096)
+QWEN2_05B = SHAPES["0.5b"]
 TINY = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True)
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-
-
-def synthetic_examples(n: int, vocab: int, seed: int = 0, max_len: int = 2048) -> list[dict]:
-    rng = random.Random(seed)
-    examples = []
-    for _ in range(n):
-        length = int(min(max_len, max(16, rng.lognormvariate(5.6, 0.9))))  # median e^5.6 = 270
-        ids = [rng.randrange(3, vocab) for _ in range(length)]
-        examples.append({"input_ids": ids, "labels": ids, "length": length})
-    return examples
 
 
 def batches(examples, mode: str, attn: str, max_tokens: int, max_len: int, batch_size: int):
@@ -62,13 +51,13 @@ def batches(examples, mode: str, attn: str, max_tokens: int, max_len: int, batch
             yield collate([rows[i] for i in idx])
 
 
-def run(name, module, batch_iter, steps, warmup, hf_loss, device, peak_flops) -> dict:
+def run(name, module, batch_iter, steps, warmup, hf_loss, device, peak_tflops) -> dict:
     model = module.model
     optimizer = build_adamw(model, OptimConfig(lr=1e-5))
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times, tokens = [], []
+    times, tokens, pairs = [], [], []
     for step in range(warmup + steps):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(batch_iter).items()}
         if device.type == "cuda":
@@ -88,13 +77,17 @@ def run(name, module, batch_iter, steps, warmup, hf_loss, device, peak_flops) ->
         if step >= warmup:
             times.append(time.perf_counter() - start)
             tokens.append(batch["num_tokens"])
+            pairs.append(batch["num_causal_pairs"])
     per_step = [t / s for t, s in zip(tokens, times)]
     tok_s = statistics.median(per_step)
     params = sum(p.numel() for p in model.parameters())
+    flops = training_flops(matmul_params(model), attention_flops_per_pair(model.config), sum(tokens), sum(pairs))
+    tflops = tok_s * flops / sum(tokens) / 1e12
     row = {
         "setup": name,
         "tokens_per_s": round(tok_s),
-        "mfu_pct": round(100 * 6 * params * tok_s / peak_flops, 1) if peak_flops else None,
+        "tflops": round(tflops, 2),
+        "mfu_pct": round(100 * tflops / peak_tflops, 1) if peak_tflops else None,
         "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 1) if device.type == "cuda" else None,
         "tokens_per_step": round(statistics.mean(tokens)),
         "params": params,
@@ -117,9 +110,9 @@ def main() -> None:
     cfg, dtype = (TINY, "float32") if args.quick else (QWEN2_05B, "bfloat16")
     max_len = 256 if args.quick else 2048
     max_tokens = 1024 if args.quick else args.max_tokens
-    examples = synthetic_examples(4096 if not args.quick else 256, cfg["vocab_size"], max_len=max_len)
+    examples = lognormal_examples(4096 if not args.quick else 256, cfg["vocab_size"], max_len)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
+    peak = peak_bf16_tflops(device)
     # (name, batching, attention, HF loss, loss chunk size)
     setups = [("padded, batch %d, HF loss" % args.batch_size, "padded", "sdpa", True, 0),
               ("padded, batch %d, chunked CE" % args.batch_size, "padded", "sdpa", False, 1024),

@@ -87,8 +87,10 @@ def test_fit_logs_evaluates_and_exports(uninterrupted):
 
     acc = EventAccumulator(str(root)).Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "val/loss", "perf/tokens_per_s", "perf/padding_fraction", "perf/peak_memory_gib",
+    assert {"train/loss", "val/loss", "perf/tokens_per_s", "perf/tflops", "perf/padding_fraction", "perf/peak_memory_gib",
             "lr-AdamW/pg1", "eval/reverse_words"} <= tags
+    assert "perf/mfu" not in tags  # no known peak on a CPU
+    assert all(e.value > 0 for e in acc.Scalars("perf/tflops"))
     assert all(0.0 <= e.value < 0.25 for e in acc.Scalars("perf/padding_fraction"))  # filler at row ends (SDPA rows)
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert losses[-1] < losses[0]

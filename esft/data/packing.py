@@ -52,6 +52,12 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
+def causal_pairs(lengths: Sequence[int]) -> int:
+    """(query, key) pairs causal attention computes over real documents: sum of s(s+1)/2.
+    Fillers and padding are left out (model FLOPs count real work only; see `esft.flops`)."""
+    return sum(s * (s + 1) // 2 for s in lengths)
+
+
 def collate_packed(
     rows: Sequence[Sequence[dict[str, Any]]],
     layout: Layout = "flat",
@@ -87,7 +93,8 @@ def collate_packed(
             filler -= piece
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths).cumsum(0)
-    num_tokens = sum(e["length"] for seg in segments for e in seg)
+    real = [e["length"] for seg in segments for e in seg]
+    num_tokens = sum(real)
     shape = (len(segments), width)
     return {
         "input_ids": torch.tensor(ids).view(shape),
@@ -97,6 +104,7 @@ def collate_packed(
         "max_seqlen": max(lengths),
         "num_tokens": num_tokens,
         "num_padding": shape[0] * shape[1] - num_tokens,
+        "num_causal_pairs": causal_pairs(real),
     }
 
 
@@ -157,6 +165,7 @@ def collate_padded(rows: Sequence[Sequence[dict[str, Any]]], pad_token_id: int) 
         "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0),
         "num_tokens": num_tokens,
         "num_padding": n * width - num_tokens,
+        "num_causal_pairs": causal_pairs([e["length"] for e in examples]),
     }
 
 
