@@ -1,4 +1,5 @@
-"""Atomic checkpoint writes: a run killed during a save leaves the previous checkpoint usable."""
+"""Atomic checkpoint writes: a run killed during a save leaves the previous checkpoint usable; a
+checkpoint that cannot be read fails with its path and the reason."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing or unreadable."""
+
+    @classmethod
+    def unreadable(cls, path, error: Exception) -> "CheckpointError":
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        return cls(f"{path}: cannot be loaded as a checkpoint ({type(error).__name__}: {reason})")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -27,3 +37,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            if map_location is None:
+                return super().load_checkpoint(path, weights_only=weights_only)
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{path}: no such checkpoint file") from e
+        except Exception as e:  # truncated file, not a torch checkpoint, unpickling refused, ...
+            raise CheckpointError.unreadable(path, e) from e

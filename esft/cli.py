@@ -18,6 +18,8 @@ import sys
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
+from esft.callbacks.guards import NonFiniteError
+from esft.checkpoint import CheckpointError
 from esft.data.records import DataFormatError
 from esft.models.tokenizer import resolve_tokenizer_name
 from esft.objectives import CausalLMModule
@@ -37,6 +39,13 @@ class ESFTCLI(LightningCLI):
             "data.init_args.tokenizer_name",
             compute_fn=resolve_tokenizer_name,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters first: an unreadable file fails here
+        try:
+            super()._parse_ckpt_path()
+        except Exception as e:
+            raise CheckpointError.unreadable(self.config[self.config.subcommand].get("ckpt_path"), e) from e
 
 
 def main(args: list[str] | None = None) -> ESFTCLI:
@@ -68,7 +77,8 @@ def _project_command(name: str):
 
 
 def run() -> None:
-    """Console-script entry point. Bad data ends the run with its one-line message and status 2."""
+    """Console-script entry point. Bad data or an unreadable checkpoint ends the run with its
+    one-line message and status 2; a non-finite loss or gradient (`NonFiniteGuard`) with status 1."""
     argv = sys.argv[1:]
     command = _project_command(argv[0]) if argv else None
     try:
@@ -76,9 +86,12 @@ def run() -> None:
             command(argv[1:])
         else:
             main(argv)
-    except (DataFormatError, FileNotFoundError) as e:
+    except (DataFormatError, FileNotFoundError, CheckpointError) as e:
         print(f"esft: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"esft: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

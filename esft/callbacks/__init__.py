@@ -1,8 +1,9 @@
-"""Lightning callbacks: throughput/memory, task evaluation, HF export."""
+"""Lightning callbacks: throughput/memory, task evaluation, HF export, non-finite guard."""
 
 from esft.callbacks.evaluation import TaskEvaluation
 from esft.callbacks.export import ExportHF
+from esft.callbacks.guards import NonFiniteGuard
 from esft.callbacks.predictions import JSONLPredictionWriter
 from esft.callbacks.throughput import TokenThroughput
 
-__all__ = ["ExportHF", "JSONLPredictionWriter", "TaskEvaluation", "TokenThroughput"]
+__all__ = ["ExportHF", "JSONLPredictionWriter", "NonFiniteGuard", "TaskEvaluation", "TokenThroughput"]
