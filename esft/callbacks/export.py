@@ -7,7 +7,9 @@ import shutil
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 
 class ExportHF(L.Callback):
@@ -15,17 +17,33 @@ class ExportHF(L.Callback):
 
     The files go to a sibling temporary directory that is renamed into place, so an
     interrupted export never leaves a half-written model where a finished one is expected.
+    Sharded models (FSDP2, DeepSpeed ZeRO-3) are gathered on every rank and written once.
     """
 
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
 
-    @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
+        model = pl_module.model
+        if isinstance(model, FSDPModule):  # FSDP2: every rank takes part in gathering the full weights
+            state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            self._write(trainer, pl_module, state)
+        elif getattr(trainer.strategy, "zero_stage_3", False):  # DeepSpeed ZeRO-3: partitioned parameters
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+                self._write(trainer, pl_module, None)
+        else:
+            self._write(trainer, pl_module, None)
+        trainer.strategy.barrier("esft-export")
+
+    def _write(self, trainer, pl_module, state_dict: dict | None) -> None:
+        if not trainer.is_global_zero:
+            return
         target = Path(self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf"))
         tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
-        pl_module.model.save_pretrained(tmp, safe_serialization=True)
+        pl_module.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         pl_module.tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -8,10 +8,12 @@ Speed switches live here too: torchao FP8 (`fp8`), the Liger fused loss (`loss_i
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 from esft.data.tasks import TASKS, get_task
 from esft.evaluation import generate
@@ -80,14 +82,37 @@ class CausalLMModule(L.LightningModule):
             name = resolve_attn_implementation("auto", self.trainer.strategy.root_device, half)
             if name != self.model.config._attn_implementation:
                 self.model.set_attn_implementation(name)
+
+    def configure_model(self) -> None:
+        """Under Lightning's `ModelParallelStrategy` (FSDP2): ``fully_shard`` every decoder layer,
+        then the root, over the data-parallel mesh; ``compile`` then compiles each sharded layer.
+        Elsewhere ``compile`` compiles the whole decoder. Runs once (Lightning may call it again)."""
+        mesh = self.device_mesh
+        layers = self.model.get_decoder().layers
+        if mesh is not None and not isinstance(self.model, FSDPModule):
+            if mesh["tensor_parallel"].size() > 1:
+                raise ValueError("tensor parallelism is not supported: set ModelParallelStrategy(tensor_parallel_size=1)")
+            dp = mesh["data_parallel"]
+            for layer in layers:
+                fully_shard(layer, mesh=dp)
+            fully_shard(self.model, mesh=dp)
+            # the loss calls the decoder and the head directly, not `model.forward`: run it as an FSDP
+            # forward method of the root, so that the root's parameters (embeddings, final norm,
+            # head) are gathered for it and their gradients reduce-scattered
+            self.model.esft_token_loss = partial(token_loss, self.model)
+            register_fsdp_forward_method(self.model, "esft_token_loss")
+            if self.hparams.compile:
+                for layer in layers:
+                    layer.compile()
         decoder = self.model.get_decoder()
-        if self.hparams.compile and getattr(decoder, "_compiled_call_impl", None) is None:
+        if self.hparams.compile and mesh is None and getattr(decoder, "_compiled_call_impl", None) is None:
             decoder.compile()
 
     # ---- loss ------------------------------------------------------------------------------
     def token_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over trained tokens, and their count."""
-        return token_loss(self.model, batch, self.hparams.loss_chunk_size, self.hparams.loss_impl)
+        loss_fn = getattr(self.model, "esft_token_loss", None) or partial(token_loss, self.model)
+        return loss_fn(batch, self.hparams.loss_chunk_size, self.hparams.loss_impl)
 
     # ---- generation ------------------------------------------------------------------------
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ class SFTModule(CausalLMModule):
     def _eval_loss(self, batch: dict[str, Any], name: str) -> None:
         loss_sum, count = self.token_loss(batch)
         # weighting by the token count makes the epoch value the exact mean over the split's tokens
-        self.log(name, loss_sum / count.clamp(min=1), prog_bar=True, batch_size=int(count))
+        self.log(name, loss_sum / count.clamp(min=1), prog_bar=True, batch_size=int(count), sync_dist=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_loss(batch, "val/loss")

@@ -1,0 +1,70 @@
+"""Data parallelism on this CPU: 2-process DDP and FSDP2 (gloo) end with the same weights as one
+process taking the same global batch by gradient accumulation."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import TINY
+
+ROOT = Path(__file__).parents[1]
+
+
+def write_config(root: Path, **trainer) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "max_steps": 6, "logger": False, "enable_progress_bar": False,
+                    "enable_checkpointing": False, "enable_model_summary": False, "limit_val_batches": 0,
+                    "default_root_dir": str(root),
+                    "callbacks": [{"class_path": "esft.callbacks.ExportHF", "init_args": {"dirpath": str(root / "hf")}}],
+                    **trainer},
+        "model": {"class_path": "esft.objectives.SFTModule",
+                  "init_args": {"model_config": TINY["llama"], "optim": {"lr": 1e-2, "warmup_steps": 2, "weight_decay": 0.1}}},
+        "data": {"class_path": "esft.data.SFTDataModule",
+                 "init_args": {"tasks": ["arithmetic", "reverse_words"], "num_train_per_task": 96, "num_val_per_task": 0,
+                               "max_length": 64, "max_tokens": 128}},
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def fit(config: Path, *args: str) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "esft.cli", "fit", "--config", str(config), *args],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict[str, torch.Tensor]:
+    """One process, the same global batch as two ranks (2 micro-batches per step)."""
+    root = tmp_path_factory.mktemp("single")
+    fit(write_config(root, devices=1, accumulate_grad_batches=2))
+    return load_file(root / "hf" / "model.safetensors")
+
+
+FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+         "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1, "save_distributed_checkpoint": False}}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2], ids=["ddp", "fsdp2"])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, single, strategy):
+    fit(write_config(tmp_path, strategy=strategy, devices=2))
+    two = load_file(tmp_path / "hf" / "model.safetensors")  # written once, from the gathered weights
+    assert two.keys() == single.keys()
+    for name in single:
+        torch.testing.assert_close(two[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_the_comparison_has_power(tmp_path, single):
+    fit(write_config(tmp_path, devices=1))  # half the global batch ends elsewhere
+    half = load_file(tmp_path / "hf" / "model.safetensors")
+    assert max((half[n] - single[n]).abs().max().item() for n in single) > 1e-3
