@@ -7,7 +7,15 @@ import yaml
 
 from esft.cli import main
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+CONFIGS_DIR = Path(__file__).parents[1] / "configs"
+CONFIGS = sorted(CONFIGS_DIR.rglob("*.yaml"))
+
+
+def contains(full, part) -> bool:
+    """`part` (a YAML overlay) is in `full` (a printed config that adds the defaults)."""
+    if isinstance(part, dict):
+        return isinstance(full, dict) and all(k in full and contains(full[k], v) for k, v in part.items())
+    return full == part
 
 
 def test_there_are_configs():
@@ -18,13 +26,17 @@ def test_there_are_configs():
 def test_config_parses_and_names_its_command(path, capsys):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# esft ") and str(path.relative_to(path.parents[2])) in first
+    # configs/distributed/ holds trainer overlays, used after a full config
+    base = ["--config", str(CONFIGS_DIR / "sft" / "quickstart.yaml")] if path.parent.name == "distributed" else []
     with pytest.raises(SystemExit) as e:
-        main(["fit", "--config", str(path), "--print_config"])
+        main(["fit", *base, "--config", str(path), "--print_config"])
     assert e.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("esft.")
     assert printed["data"]["class_path"].startswith("esft.")
     assert "tokenizer_name" not in printed["data"]["init_args"]  # derived from the model's, not set
+    if path.parent.name == "distributed":
+        assert contains(printed["trainer"], yaml.safe_load(path.read_text())["trainer"])
 
 
 def test_bad_option_is_rejected(capsys):
