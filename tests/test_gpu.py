@@ -127,3 +127,15 @@ def test_compile_with_varlen_on_gpu(tmp_path):
                   steps=4, extra_callbacks=[count])
     graphs = next(c for c in cli.trainer.callbacks if isinstance(c, GraphCount)).graphs
     assert len(set(graphs)) == 1
+
+
+def test_fsdp2_one_process_wiring_on_gpu(tmp_path):
+    """FSDP2 (ModelParallelStrategy) on one GPU with compile and the varlen path: trains, exports."""
+    from torch.distributed.fsdp import FSDPModule
+
+    strategy = ('{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy", "init_args": '
+                '{"data_parallel_size": 1, "tensor_parallel_size": 1, "save_distributed_checkpoint": false}}')
+    cli, losses = _fit(tmp_path, "--trainer.precision", "bf16-mixed", "--trainer.strategy", strategy,
+                       "--model.init_args.compile", "true")
+    assert isinstance(cli.model.model, FSDPModule) and losses[-1] < losses[0]
+    assert (tmp_path / "hf" / "model.safetensors").exists()
