@@ -1,6 +1,7 @@
 """Data parallelism on this CPU: 2-process DDP and FSDP2 (gloo) end with the same weights as one
 process taking the same global batch by gradient accumulation."""
 
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,10 @@ def write_config(root: Path, **trainer) -> Path:
         "trainer": {"accelerator": "cpu", "max_steps": 6, "logger": False, "enable_progress_bar": False,
                     "enable_checkpointing": False, "enable_model_summary": False, "limit_val_batches": 0,
                     "default_root_dir": str(root),
-                    "callbacks": [{"class_path": "esft.callbacks.ExportHF", "init_args": {"dirpath": str(root / "hf")}}],
+                    "callbacks": [{"class_path": "esft.callbacks.ExportHF", "init_args": {"dirpath": str(root / "hf")}},
+                                  {"class_path": "esft.callbacks.TaskEvaluation",
+                                   "init_args": {"tasks": ["reverse_words"], "num_examples": 4, "max_new_tokens": 4,
+                                                 "output": str(root / "eval.json")}}],
                     **trainer},
         "model": {"class_path": "esft.objectives.SFTModule",
                   "init_args": {"model_config": TINY["llama"], "optim": {"lr": 1e-2, "warmup_steps": 2, "weight_decay": 0.1}}},
@@ -59,6 +63,7 @@ FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, single, strategy):
     fit(write_config(tmp_path, strategy=strategy, devices=2))
     two = load_file(tmp_path / "hf" / "model.safetensors")  # written once, from the gathered weights
+    assert "after" in json.loads((tmp_path / "eval.json").read_text())  # generation ran (sharded: on every rank)
     assert two.keys() == single.keys()
     for name in single:
         torch.testing.assert_close(two[name], single[name], atol=2e-5, rtol=1e-4, msg=name)

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.fsdp import FSDPModule
 
 from esft.data.tasks import TaskSpec, build_task
 from esft.evaluation import evaluate_tasks
@@ -59,28 +60,35 @@ class TaskEvaluation(L.Callback):
             self._records = {t.name: t.generate(self.num_examples, self.seed, "heldout") for t in tasks}
         return evaluate_tasks(pl_module.model, pl_module.tokenizer, self._records, self.max_new_tokens, self.batch_size)
 
+    @staticmethod
+    def _runs_here(trainer, pl_module) -> bool:
+        """Rank 0 generates alone, unless the model is sharded (FSDP2): then every rank takes part
+        in the parameter gathers of each forward pass, and rank 0 keeps the result."""
+        return trainer.is_global_zero or isinstance(pl_module.model, FSDPModule)
+
     def _log(self, trainer, when: str, scores: dict[str, float]) -> None:
         self.results[when] = scores
-        if trainer.logger is not None:
+        if trainer.logger is not None and trainer.is_global_zero:
             trainer.logger.log_metrics({f"eval/{t}": v for t, v in scores.items()}, step=trainer.global_step)
 
-    @rank_zero_only
     def on_fit_start(self, trainer, pl_module) -> None:
-        if self.before_fit:
+        if self.before_fit and self._runs_here(trainer, pl_module):
             self._log(trainer, "before", self._evaluate(pl_module))
 
-    @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step and self._runs_here(trainer, pl_module):
             self._last_step = step  # with gradient accumulation a step spans several batches
             scores = self._evaluate(pl_module)
-            if trainer.logger is not None:
+            if trainer.logger is not None and trainer.is_global_zero:
                 trainer.logger.log_metrics({f"eval/{t}": v for t, v in scores.items()}, step=step)
 
-    @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
+        if not self._runs_here(trainer, pl_module):
+            return
         self._log(trainer, "after", self._evaluate(pl_module))
+        if not trainer.is_global_zero:
+            return
         rank_zero_info(self.table())
         path = Path(self.output or os.path.join(trainer.log_dir or trainer.default_root_dir, "eval.json"))
         path.parent.mkdir(parents=True, exist_ok=True)

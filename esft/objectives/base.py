@@ -101,6 +101,7 @@ class CausalLMModule(L.LightningModule):
             # head) are gathered for it and their gradients reduce-scattered
             self.model.esft_token_loss = partial(token_loss, self.model)
             register_fsdp_forward_method(self.model, "esft_token_loss")
+            register_fsdp_forward_method(self.model, "generate")  # evaluation and RL rollouts
             if self.hparams.compile:
                 for layer in layers:
                     layer.compile()
