@@ -41,7 +41,8 @@ def write_config(root: Path, **trainer) -> Path:
 
 
 def fit(config: Path, *args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "esft.cli", "fit", "--config", str(config), *args],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -73,3 +74,23 @@ def test_the_comparison_has_power(tmp_path, single):
     fit(write_config(tmp_path, devices=1))  # half the global batch ends elsewhere
     half = load_file(tmp_path / "hf" / "model.safetensors")
     assert max((half[n] - single[n]).abs().max().item() for n in single) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2], ids=["ddp", "fsdp2"])
+def test_interrupted_two_process_run_resumes_to_the_same_weights(tmp_path, strategy):
+    checkpoints = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                   "init_args": {"dirpath": str(tmp_path / "run" / "ckpt"), "every_n_train_steps": 3, "save_last": True}}
+    fit(write_config(tmp_path / "full", strategy=strategy, devices=2))
+    config = write_config(tmp_path / "run", strategy=strategy, devices=2, enable_checkpointing=True)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["trainer"]["callbacks"] += [checkpoints, {"class_path": "test_e2e.InterruptAt", "init_args": {"step": 4}}]
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(AssertionError, match="interrupted at step 4"):
+        fit(config)
+    cfg["trainer"]["callbacks"] = cfg["trainer"]["callbacks"][:-1]
+    config.write_text(yaml.safe_dump(cfg))
+    fit(config, "--ckpt_path", str(tmp_path / "run" / "ckpt" / "last.ckpt"))
+    full, resumed = (load_file(tmp_path / run / "hf" / "model.safetensors") for run in ("full", "run"))
+    for name in full:
+        torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0, msg=name)
