@@ -58,6 +58,7 @@ PROJECT_COMMANDS = {
     "eval": "esft.evaluation.run",
     "sweep": "esft.sweep",
     "export": "esft.data.tasks.export",
+    "distill-data": "esft.distill_data",
 }
 
 
