@@ -100,6 +100,25 @@ def collate_with_teacher_cache(rows: Sequence[Sequence[dict[str, Any]]], collate
 
 
 @torch.no_grad()
+def teacher_topk(teacher: PreTrainedModel, batch: dict[str, Any], k: int, temperature: float = 1.0,
+                 chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-`k` token ids (int32) and log-probs (fp32) at `temperature` for every
+    trained token of a packed `batch`, ``[N, k]`` each, in `trained_positions` order."""
+    head = teacher.get_output_embeddings()
+    hidden = teacher.get_decoder()(**forward_kwargs(teacher, batch)).last_hidden_state
+    hidden = trained_positions(hidden, next_token_targets(batch["labels"], batch["position_ids"]))[0]
+    ids, logprobs = [], []
+    for lo in range(0, hidden.shape[0], chunk_size):
+        logits = F.linear(hidden[lo : lo + chunk_size], head.weight, head.bias).float()
+        values, top = F.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)
+        ids.append(top.to(torch.int32))
+        logprobs.append(values)
+    if not ids:
+        return torch.zeros(0, k, dtype=torch.int32), torch.zeros(0, k)
+    return torch.cat(ids), torch.cat(logprobs)
+
+
+@torch.no_grad()
 def write_teacher_cache(
     teacher: PreTrainedModel,
     examples: Sequence[dict[str, Any]],
@@ -115,8 +134,7 @@ def write_teacher_cache(
     its top-`k` log-probs at `temperature` for every trained token to `path`. Returns a summary."""
     if not plain_head(teacher):
         raise ValueError("the teacher cache needs a plain linear LM head; this teacher transforms its logits")
-    head = teacher.get_output_embeddings()
-    vocab = head.weight.shape[0]
+    vocab = teacher.get_output_embeddings().weight.shape[0]
     if not 0 < k <= vocab:
         raise ValueError(f"k must be in [1, {vocab}] (the teacher's vocabulary), got {k}")
     device = next(teacher.parameters()).device
@@ -133,16 +151,11 @@ def write_teacher_cache(
     ids_out, lp_out = [], []
     for group in tqdm(groups, desc="teacher top-k", disable=not progress, leave=False):
         batch = collate_packed([[e] for e in group] if layout == "rows" else [group], layout)
-        batch = move_data_to_device(batch, device)
-        hidden = teacher.get_decoder()(**forward_kwargs(teacher, batch)).last_hidden_state
-        hidden, _, count = trained_positions(hidden, next_token_targets(batch["labels"], batch["position_ids"]))
-        if int(count) != sum(num_targets(e) for e in group):
+        top, values = teacher_topk(teacher, move_data_to_device(batch, device), k, temperature)
+        if len(top) != sum(num_targets(e) for e in group):
             raise RuntimeError("trained-token count of a teacher batch differs from its examples'")
-        for lo in range(0, hidden.shape[0], 1024):
-            logits = F.linear(hidden[lo : lo + 1024], head.weight, head.bias).float()
-            values, top = F.log_softmax(logits / temperature, dim=-1).topk(k, dim=-1)
-            ids_out.append(top.to(torch.int32).cpu())
-            lp_out.append(values.to(dtype).cpu())
+        ids_out.append(top.cpu())
+        lp_out.append(values.to(dtype).cpu())
     counts = torch.tensor([num_targets(e) for e in examples], dtype=torch.int64)
     offsets = torch.zeros(len(examples) + 1, dtype=torch.int64)
     offsets[1:] = counts.cumsum(0)
