@@ -18,3 +18,5 @@ grep -E "^E |Error|passed|failed" "$OUT/gpu_tests.log" | head -40
     --out "$OUT/sft_vs_trl.json" 2>&1 | grep -E "^\||model," | tee "$OUT/sft_vs_trl.log"
 [ "${SKIP_BENCH:-0}" = 1 ] || python3 benchmarks/sft_throughput.py --out "$OUT/sft_throughput.json" 2>&1 | grep -v Warning | tee "$OUT/sft_throughput.log"
 [ "${SKIP_BENCH:-0}" = 1 ] || python3 benchmarks/distill_throughput.py --out "$OUT/distill_throughput.json" 2>&1 | grep -v Warning | tee "$OUT/distill_throughput.log"
+python3 -m pytest -m gpu tests/test_distill.py -q -p no:cacheprovider -W ignore::DeprecationWarning --tb=short > "$OUT/distill_gpu_tests.log" 2>&1
+grep -E "^E |Error|passed|failed" "$OUT/distill_gpu_tests.log" | head -20

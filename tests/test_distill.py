@@ -21,7 +21,7 @@ DATA = {"tasks": ["arithmetic", "reverse_words"], "num_train_per_task": 24, "num
         "max_length": 64, "max_tokens": 256}
 
 
-def run_config(root: Path, model: dict, data: dict | None = None, steps: int = 3) -> Path:
+def run_config(root: Path, model: dict, data: dict | None = None, steps: int = 3, **trainer) -> Path:
     cfg = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": steps, "log_every_n_steps": 1,
@@ -30,7 +30,7 @@ def run_config(root: Path, model: dict, data: dict | None = None, steps: int = 3
                     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": str(root), "name": "", "version": ""}},
                     "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(root / "ckpt"), "save_last": True}}]},
+                                   "init_args": {"dirpath": str(root / "ckpt"), "save_last": True}}], **trainer},
         "model": {"class_path": "esft.objectives.DistillModule",
                   "init_args": {"model_config": TINY["llama"], "loss_chunk_size": 16,
                                 "optim": {"lr": 1e-2, "warmup_steps": 1}, **model}},
@@ -174,3 +174,17 @@ def test_on_policy_batch_continues_the_batch_prompts():
     assert 0 < trained <= 5 * len(prompts)
     kd, _, n = module.distill_loss(move_data_to_device(new, module.device))
     assert torch.isfinite(kd) and int(n) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_on_gpu_bf16_varlen_with_on_policy_steps(tmp_path):
+    """On CUDA `auto` attention is flash varlen (flat batches) for student and teacher alike; on-policy
+    steps generate through SDPA and go back to varlen."""
+    cli = main(["fit", "--config", str(run_config(tmp_path, {"teacher_config": TEACHER, "divergence": "jsd", "lmbda": 0.5,
+                                                            "on_policy_max_new_tokens": 6}, steps=6,
+                                                  accelerator="gpu", precision="bf16-mixed"))])
+    module = cli.model
+    assert module.teacher.device.type == "cuda"
+    assert module.teacher.config._attn_implementation == module.model.config._attn_implementation
+    assert torch.isfinite(cli.trainer.logged_metrics["train/loss"])
