@@ -13,8 +13,8 @@ Divergences (per token, over the vocabulary; ``S`` the student, ``T`` the teache
   itself vanishes at both ends; ``JSD_beta / beta -> KL(T || S)`` as beta -> 0 and
   ``JSD_beta / (1 - beta) -> KL(S || T)`` as beta -> 1, so the special cases are its limits up to
   that scale.)
-- ``tv``: total variation, ``0.5 * sum |S - T|`` (used as a distillation loss e.g. in DistiLLM's
-  comparisons; bounded by 1 per token).
+- ``tv``: total variation, ``0.5 * sum |S - T|``, one of the f-divergences studied for
+  distillation by Wen et al. 2023 (f-DISTILL, arXiv 2307.15190); bounded by 1 per token.
 
 Temperature ``tau`` divides both models' logits before the softmax. Following GKD/TRL the loss is
 not rescaled by ``tau**2`` (Hinton et al. do rescale; multiply by ``tau**2`` yourself to match).
@@ -25,7 +25,7 @@ at a time inside a checkpoint, so peak extra memory is one chunk of ``[chunk_siz
 logits per model (recomputed in the backward pass), never the batch's. It also returns the
 hard-label cross-entropy of the same chunks, for the ``alpha`` mix with the SFT loss.
 
-`topk_kd_divergence` is the loss on a cached teacher (`esft.distill_cache`): the teacher's top-k
+`topk_kd_divergence` is the loss on a cached teacher (`esft.data.teacher_cache`): the teacher's top-k
 log-probabilities per token. Tail mass: both distributions are coarsened to k + 1 buckets, the k
 cached token ids plus one "rest of the vocabulary" bucket holding ``1 - sum(top-k)`` of each
 model's mass, and the divergence is taken between the coarsened distributions. This never
