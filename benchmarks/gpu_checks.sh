@@ -28,3 +28,6 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo "suite: $(( $(date +%s) - bench_start )) s"
 fi
 echo "total: $(( $(date +%s) - start )) s"
+[ "${SKIP_BENCH:-0}" = 1 ] || python3 benchmarks/distill_throughput.py --out "$OUT/distill_throughput.json" 2>&1 | grep -v Warning | tee "$OUT/distill_throughput.log"
+python3 -m pytest -m gpu tests/test_distill.py -q -p no:cacheprovider -W ignore::DeprecationWarning --tb=short > "$OUT/distill_gpu_tests.log" 2>&1
+grep -E "^E |Error|passed|failed" "$OUT/distill_gpu_tests.log" | head -20

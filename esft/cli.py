@@ -68,6 +68,7 @@ PROJECT_COMMANDS = {
     "sweep": "esft.sweep",
     "export": "esft.data.tasks.export",
     "bench": "esft.bench",
+    "distill-data": "esft.distill_data",
 }
 
 

@@ -1,5 +1,7 @@
 """Pure loss functions: tensors in, tensors out, no module state."""
 
 from esft.losses.ce import chunked_cross_entropy, cross_entropy_sum, next_token_targets
+from esft.losses.kd import chunked_kd_loss, chunked_topk_kd_loss, kd_divergence, topk_kd_divergence
 
-__all__ = ["chunked_cross_entropy", "cross_entropy_sum", "next_token_targets"]
+__all__ = ["chunked_cross_entropy", "cross_entropy_sum", "next_token_targets", "chunked_kd_loss", "chunked_topk_kd_loss",
+           "kd_divergence", "topk_kd_divergence"]

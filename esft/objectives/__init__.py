@@ -2,5 +2,6 @@
 
 from esft.objectives.base import CausalLMModule
 from esft.objectives.sft import SFTModule
+from esft.objectives.distill import DistillModule
 
-__all__ = ["CausalLMModule", "SFTModule"]
+__all__ = ["CausalLMModule", "SFTModule", "DistillModule"]
