@@ -17,3 +17,8 @@ grep -E "^E |Error|passed|failed" "$OUT/gpu_tests.log" | head -40
     --model-size 0.5b --max-length 2048 --rows 8 --dtype bfloat16 --steps 10 --warmup 3 \
     --out "$OUT/sft_vs_trl.json" 2>&1 | grep -E "^\||model," | tee "$OUT/sft_vs_trl.log"
 [ "${SKIP_BENCH:-0}" = 1 ] || python3 benchmarks/sft_throughput.py --out "$OUT/sft_throughput.json" 2>&1 | grep -v Warning | tee "$OUT/sft_throughput.log"
+# optimizers: the 8-bit AdamW test (skips without bitsandbytes) and state memory / step time per optimizer
+python3 -m pytest -m gpu tests/test_optim.py -q -p no:cacheprovider -W ignore::DeprecationWarning --tb=short > "$OUT/gpu_tests_optim.log" 2>&1
+grep -E "^E |Error|passed|failed|skipped" "$OUT/gpu_tests_optim.log" | head -10
+[ "${SKIP_BENCH:-0}" = 1 ] || python3 benchmarks/optimizer_step.py --device cuda --model-size 0.5b --dtype bfloat16 \
+    --optimizers adamw muon adafactor lion adamw8bit --out "$OUT/optimizer_step.json" 2>&1 | grep -E "^\||model|skipped" | tee "$OUT/optimizer_step.log"
