@@ -57,6 +57,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateFinder
 
+from esft.optim import OptimConfig
 from esft.sweep import SweepError, _atomic_write, _short_keys, build_config, load_yaml
 
 SPACE_KEYS = ("metric", "direction", "n_trials", "seed", "startup_trials", "pruner", "enqueue_base", "set", "space")
@@ -155,12 +156,9 @@ def base_params(base: dict, space: Space) -> dict[str, Any] | None:
     out = {}
     for key, spec in space.params.items():
         value = _get_dotted(base, key)
-        if value is None:
-            from esft.optim import OptimConfig  # fall back to the optimizer defaults
-
-            prefix = "model.init_args.optim."
-            if key.startswith(prefix) and hasattr(OptimConfig, key[len(prefix):]):
-                value = getattr(OptimConfig, key[len(prefix):])
+        prefix = "model.init_args.optim."
+        if value is None and key.startswith(prefix) and hasattr(OptimConfig, key[len(prefix):]):
+            value = getattr(OptimConfig, key[len(prefix):])  # the base config leaves the default
         if "choices" in spec:
             if value not in spec["choices"]:
                 return None
@@ -236,10 +234,11 @@ def objective_value(trainer, metric: str) -> float:
     """The metric's final value: TaskEvaluation's "after" score for ``eval/<task>``, else the
     last logged value in ``trainer.callback_metrics``."""
     if metric.startswith("eval/"):
+        task = metric[len("eval/"):]
         for cb in trainer.callbacks:
-            after = getattr(cb, "results", {}).get("after") if hasattr(cb, "results") else None
-            if isinstance(after, dict) and metric[len("eval/"):] in after:
-                return float(after[metric[len("eval/"):]])
+            after = (getattr(cb, "results", None) or {}).get("after")
+            if isinstance(after, dict) and task in after:
+                return float(after[task])
     value = trainer.callback_metrics.get(metric)
     if value is None:
         raise KeyError(f"metric {metric!r} was not logged (have {sorted(trainer.callback_metrics)})")

@@ -286,3 +286,31 @@ def test_early_stopping_from_yaml_stops_the_run(tmp_path):
     trainer, _ = fit(tmp_path, {"lr": 1e-3}, max_steps=20, callbacks=[stop])
     # validation at steps 2 (sets the best) and 4 (no improvement: patience 1 runs out)
     assert trainer.global_step == 4
+
+
+# ---- study callbacks -------------------------------------------------------------------------
+class Logger:
+    def __init__(self):
+        self.logged = {}
+
+    def log_metrics(self, metrics, step):
+        self.logged.update(metrics)
+
+
+def test_steps_to_loss_follows_the_smoothed_loss():
+    from types import SimpleNamespace
+
+    from esft.callbacks import StepsToLoss
+
+    def run(losses, target):
+        cb = StepsToLoss(target=target, smoothing=0.5)
+        trainer = SimpleNamespace(callback_metrics={}, global_step=0, max_steps=10, logger=Logger())
+        for step, value in enumerate(losses, 1):
+            trainer.global_step, trainer.callback_metrics = step, {"train/loss": torch.tensor(value)}
+            cb.on_train_batch_end(trainer, None, None, None, 0)
+        cb.on_train_end(trainer, None)
+        return trainer.logger.logged
+
+    # EMA with weight 0.5: 3, 2, 1.5, 1.25, 0.875 -> at or below 1.0 at step 5 (the raw loss was at step 2)
+    assert run([3.0, 1.0, 1.0, 1.0, 0.5], 1.0) == {"optim/steps_to_target": 5.0, "optim/reached_target": 1.0}
+    assert run([3.0, 2.0], 1.0) == {"optim/steps_to_target": 11.0, "optim/reached_target": 0.0}

@@ -177,3 +177,12 @@ def test_cli_table_has_tune():
     from esft.cli import PROJECT_COMMANDS, _project_command
 
     assert PROJECT_COMMANDS["tune"] == "esft.tune" and _project_command("tune") is tune.main
+
+
+def test_objective_value_reads_task_scores_and_logged_metrics():
+    scores = SimpleNamespace(results={"after": {"reverse_words": 0.75}})
+    trainer = SimpleNamespace(callbacks=[object(), scores], callback_metrics={"val/loss": torch.tensor(1.5)})
+    assert tune.objective_value(trainer, "eval/reverse_words") == 0.75
+    assert tune.objective_value(trainer, "val/loss") == 1.5
+    with pytest.raises(KeyError, match="'val/acc' was not logged"):
+        tune.objective_value(trainer, "val/acc")
