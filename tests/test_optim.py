@@ -239,7 +239,7 @@ class GradNormProbe(L.Callback):
         opt.register_step_post_hook(record)
 
 
-def fit(root: Path, optim: dict, max_steps: int = 3, trainer: dict | None = None, callbacks=()):
+def fit(root: Path, optim: dict, max_steps: int = 3, trainer: dict | None = None, callbacks=(), ckpt: str | None = None):
     cfg = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "log_every_n_steps": 1,
@@ -256,7 +256,7 @@ def fit(root: Path, optim: dict, max_steps: int = 3, trainer: dict | None = None
     root.mkdir(parents=True, exist_ok=True)
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    trainer = main(["fit", "--config", str(path)]).trainer
+    trainer = main(["fit", "--config", str(path), *(["--ckpt_path", ckpt] if ckpt else [])]).trainer
     probe = next(cb for cb in trainer.callbacks if type(cb).__name__ == "GradNormProbe")
     return trainer, probe
 
@@ -314,3 +314,25 @@ def test_steps_to_loss_follows_the_smoothed_loss():
     # EMA with weight 0.5: 3, 2, 1.5, 1.25, 0.875 -> at or below 1.0 at step 5 (the raw loss was at step 2)
     assert run([3.0, 1.0, 1.0, 1.0, 0.5], 1.0) == {"optim/steps_to_target": 5.0, "optim/reached_target": 1.0}
     assert run([3.0, 2.0], 1.0) == {"optim/steps_to_target": 11.0, "optim/reached_target": 0.0}
+
+
+def test_interrupted_muon_wsd_run_resumes_to_the_same_weights(tmp_path):
+    from test_e2e import Interrupt
+
+    optim = {"optimizer": "muon", "schedule": "wsd", "decay_ratio": 0.5, "warmup_steps": 2, "weight_decay": 0.1,
+             "lr_multipliers": {"*embed_tokens*": 0.5}}
+
+    def run(root, interrupt=False, ckpt=None):
+        ckpt_cb = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                   "init_args": {"dirpath": str(root / "ck"), "every_n_train_steps": 2, "save_last": True, "save_top_k": -1}}
+        extra = [{"class_path": "test_e2e.InterruptAt", "init_args": {"step": 3}}] if interrupt else []
+        return fit(root, optim, max_steps=6, trainer={"enable_checkpointing": True, "gradient_clip_val": 1.0},
+                   callbacks=[ckpt_cb, *extra], ckpt=ckpt)[0]
+
+    full = run(tmp_path / "full").lightning_module.model.state_dict()
+    with pytest.raises(Interrupt):
+        run(tmp_path / "cut", interrupt=True)
+    resumed = run(tmp_path / "cut", ckpt="last")
+    assert resumed.global_step == 6
+    for name, value in resumed.lightning_module.model.state_dict().items():
+        torch.testing.assert_close(value, full[name], atol=1e-6, rtol=1e-5, msg=name)
