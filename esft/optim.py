@@ -159,19 +159,20 @@ def grouped_parameters(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any
         rank = next((i for i, (pattern, _) in enumerate(patterns) if fnmatch.fnmatchcase(name, pattern)), -1)
         if rank >= 0:
             used.add(rank)
-        buckets.setdefault((not muon, no_decay, rank), []).append(p)
+        buckets.setdefault((0 if muon else 1, no_decay, rank), []).append(p)  # Muon's groups first
     unused = [patterns[i][0] for i in range(len(patterns)) if i not in used]
     if unused:
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         raise ValueError(f"model.init_args.optim.lr_multipliers: {unused} match no trainable parameter "
                          f"(names look like {names[:4]} ...)")
     groups = []
-    for (not_muon, no_decay, rank), params in sorted(buckets.items()):
+    for (order, no_decay, rank), params in sorted(buckets.items()):
+        muon = order == 0
         mult = float(patterns[rank][1]) if rank >= 0 else 1.0
-        peak = cfg.muon_lr if (not not_muon and cfg.muon_lr is not None) else cfg.lr
-        name = ("" if not_muon else "muon/") + ("no_decay" if no_decay else "decay")
+        peak = cfg.muon_lr if muon and cfg.muon_lr is not None else cfg.lr
+        name = ("muon/" if muon else "") + ("no_decay" if no_decay else "decay")
         groups.append({"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-                       "lr": peak * mult, "lr_mult": mult, "muon": not not_muon,
+                       "lr": peak * mult, "lr_mult": mult, "muon": muon,
                        "group": name + (f"*{mult:g}" if rank >= 0 else "")})
     if not groups:
         raise ValueError("no trainable parameters: every parameter has requires_grad=False")
