@@ -32,8 +32,9 @@ tried again first; trials that fail for another reason are recorded and the sear
 stops after ``--max-failures``). One process per study.
 
 After every trial: ``trials.csv`` (one row a trial: number, state, value, parameters, seconds),
-``summary.md`` (best trial and all trials ranked), ``history.png`` (optimisation history) and
-``importance.png`` (parameter importances, fANOVA; from 2 complete trials with varying values).
+``summary.md`` (best trial and all trials ranked), ``history.png`` (optimisation history),
+``importance.png`` (parameter importances, fANOVA; from 2 complete trials with varying values) and
+``best_grid.yaml`` (the best values as an `esft sweep` cell, to confirm them over seeds).
 
 ``--lr-find`` runs Lightning's learning-rate range test (Smith 2017) on the base config instead:
 the LR grows exponentially over ``--lr-find-steps`` steps, the run stops, and ``lr_find.json``
@@ -384,7 +385,21 @@ def write_reports(study, out: Path, space: Space) -> None:
         mark = " (base)" if r["base_config"] else ""
         lines.append(f"| {r['number']}{mark} | {r['state'].lower()} | {value} | {params} | {r['seconds'] or ''} |")
     _atomic_write(out / "summary.md", "\n".join(lines) + "\n")
+    if complete:
+        write_best_grid(study.best_trial, out, space)
     _plots(study, out, len(complete))
+
+
+def write_best_grid(best, out: Path, space: Space) -> None:
+    """``best_grid.yaml``: the best trial's values as an `esft sweep` cell, to confirm over seeds."""
+    import yaml
+
+    cell = {key: best.params[name] for key, name in space.names.items() if name in best.params}
+    header = (f"# esft sweep --config BASE.yaml --grid {out / 'best_grid.yaml'} --out DIR\n#\n"
+              f"# The best trial of the study in {out} (trial {best.number}, {space.metric} {best.value:.4g}),\n"
+              f"# with the shared overrides of the search, to rerun over seeds beside the base config.\n")
+    grid = {"seeds": [0, 1, 2], **({"set": space.common} if space.common else {}), "cells": {"tuned": cell}}
+    _atomic_write(out / "best_grid.yaml", header + yaml.safe_dump(grid, sort_keys=False))
 
 
 def _plots(study, out: Path, n_complete: int) -> None:

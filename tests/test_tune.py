@@ -116,6 +116,9 @@ def test_study_writes_reports_and_resumes_from_storage(tmp_path):
     assert (out / "importance.png").exists()
     rows = (out / "trials.csv").read_text().splitlines()
     assert rows[0].startswith("number,state,value,lr,warmup_steps") and len(rows) == 3
+    best = yaml.safe_load((out / "best_grid.yaml").read_text())
+    assert best["cells"]["tuned"] == {"model.init_args.optim.lr": study.best_trial.params["lr"],
+                                      "model.init_args.optim.warmup_steps": study.best_trial.params["warmup_steps"]}
     cfg = yaml.safe_load((out / "trial_001" / "cell.yaml").read_text())
     assert cfg["model"]["init_args"]["optim"]["lr"] == pytest.approx(trials[1].params["lr"])
 
