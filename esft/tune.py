@@ -57,6 +57,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateFinder
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from esft.optim import OptimConfig
 from esft.sweep import SweepError, _atomic_write, _short_keys, build_config, load_yaml
@@ -321,6 +322,9 @@ def run_study(base: dict, space: Space, out: Path, max_failures: int = 3, timeou
             trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
             study.tell(trial, value)
             bar.write(f"trial {trial.number}: {space.metric}={value:.4g}  {shown}  ({time.perf_counter() - t0:.0f}s)")
+        except SIGTERMException:  # the process is being stopped: leave the trial to `recover`
+            bar.close()
+            raise
         except optuna.TrialPruned as e:
             trial.set_user_attr("seconds", round(time.perf_counter() - t0, 2))
             study.tell(trial, state=TrialState.PRUNED)
