@@ -189,3 +189,18 @@ def test_objective_value_reads_task_scores_and_logged_metrics():
     assert tune.objective_value(trainer, "val/loss") == 1.5
     with pytest.raises(KeyError, match="'val/acc' was not logged"):
         tune.objective_value(trainer, "val/acc")
+
+
+def test_sigterm_stops_the_study_and_leaves_the_trial_to_recover(tmp_path, monkeypatch):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def stopped(cfg, run_dir):
+        raise SIGTERMException(1)
+
+    monkeypatch.setattr(tune, "_fit", stopped)
+    space = tune.load_space(write_space(tmp_path / "s.yaml"))
+    with pytest.raises(SIGTERMException):
+        tune.run_study(base_config(tmp_path / "base"), space, tmp_path / "out")
+    study = optuna.load_study(study_name="esft-tune", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    assert [t.state for t in study.trials] == [TrialState.RUNNING]
+    assert tune.recover(study) == [0] and study.trials[0].state == TrialState.FAIL
