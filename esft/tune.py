@@ -385,6 +385,8 @@ def write_reports(study, out: Path, space: Space) -> None:
               "|---:|---|---:|" + "---|" * len(param_names) + "---:|"]
     for r in ranked:
         value = "–" if r["value"] is None else f"{r['value']:.4g}"
+        if r["state"] == "PRUNED" and r["value"] is not None:
+            value += f" (step {r['last_step']})"  # the last intermediate value, not a final one
         params = " | ".join(f"{r[n]:.4g}" if isinstance(r[n], float) else str(r[n]) for n in param_names)
         mark = " (base)" if r["base_config"] else ""
         lines.append(f"| {r['number']}{mark} | {r['state'].lower()} | {value} | {params} | {r['seconds'] or ''} |")
