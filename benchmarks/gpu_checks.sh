@@ -31,3 +31,8 @@ echo "total: $(( $(date +%s) - start )) s"
 [ "${SKIP_BENCH:-0}" = 1 ] || python3 benchmarks/distill_throughput.py --out "$OUT/distill_throughput.json" 2>&1 | grep -v Warning | tee "$OUT/distill_throughput.log"
 python3 -m pytest -m gpu tests/test_distill.py -q -p no:cacheprovider -W ignore::DeprecationWarning --tb=short > "$OUT/distill_gpu_tests.log" 2>&1
 grep -E "^E |Error|passed|failed" "$OUT/distill_gpu_tests.log" | head -20
+# optimizers: the 8-bit AdamW test (skips without bitsandbytes) and state memory / step time per optimizer
+python3 -m pytest -m gpu tests/test_optim.py -q -p no:cacheprovider -W ignore::DeprecationWarning --tb=short > "$OUT/gpu_tests_optim.log" 2>&1
+grep -E "^E |Error|passed|failed|skipped" "$OUT/gpu_tests_optim.log" | head -10
+[ "${SKIP_BENCH:-0}" = 1 ] || python3 benchmarks/optimizer_step.py --device cuda --model-size 0.5b --dtype bfloat16 \
+    --optimizers adamw muon adafactor lion adamw8bit --out "$OUT/optimizer_step.json" 2>&1 | grep -E "^\||model|skipped" | tee "$OUT/optimizer_step.log"

@@ -7,6 +7,7 @@
     esft eval --model runs/quickstart/hf --tasks reverse_words          # generation-based evaluation
     esft sweep --config BASE.yaml --grid GRID.yaml --out DIR             # ablation grid x seeds
     esft export --tasks reverse_words --n 1000 --out data/               # built-in tasks as JSONL
+    esft tune --config BASE.yaml --space SPACE.yaml --out DIR            # Optuna search (or --lr-find)
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ PROJECT_COMMANDS = {
     "export": "esft.data.tasks.export",
     "bench": "esft.bench",
     "distill-data": "esft.distill_data",
+    "tune": "esft.tune",
 }
 
 

@@ -34,9 +34,14 @@ def next_token_targets(labels: torch.Tensor, position_ids: torch.Tensor | None =
     return targets
 
 
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of token cross-entropies in fp32; logits ``[N, V]``, targets ``[N]`` (-100 ignored)."""
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Sum of token cross-entropies in fp32; logits ``[N, V]``, targets ``[N]`` (-100 ignored).
+
+    `label_smoothing` ε (Szegedy et al. 2016) mixes the one-hot target with the uniform
+    distribution: per token ``(1 - ε) * CE + ε * mean_v(-log p_v)``; 0 is the plain loss.
+    """
+    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum",
+                           label_smoothing=label_smoothing)
 
 
 def trained_positions(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,8 +53,9 @@ def trained_positions(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torc
     return hidden[keep], targets[keep], keep.sum()
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
-    return cross_entropy_sum(F.linear(hidden, weight, bias), targets)
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                label_smoothing: float = 0.0) -> torch.Tensor:
+    return cross_entropy_sum(F.linear(hidden, weight, bias), targets, label_smoothing)
 
 
 def chunked_cross_entropy(
@@ -58,6 +64,7 @@ def chunked_cross_entropy(
     targets: torch.Tensor,
     bias: torch.Tensor | None = None,
     chunk_size: int = 1024,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against `targets`, and the token count.
 
@@ -66,6 +73,7 @@ def chunked_cross_entropy(
         weight: LM-head weight ``[V, H]``; bias ``[V]`` or None.
         targets: next-token ids ``[...]`` matching `hidden`'s leading dims; -100 is ignored.
         chunk_size: trained positions per chunk; ``<= 0`` computes all logits at once.
+        label_smoothing: ε of `cross_entropy_sum`; 0 (the default) is the plain cross-entropy.
 
     Returns:
         ``(loss_sum, num_tokens)``: divide to get the mean over trained tokens.
@@ -74,9 +82,10 @@ def chunked_cross_entropy(
     if targets.numel() == 0:
         return hidden.sum() * 0.0, count  # keeps the graph connected
     if chunk_size <= 0 or targets.numel() <= chunk_size:
-        return _chunk_loss(hidden, weight, bias, targets), count
+        return _chunk_loss(hidden, weight, bias, targets, label_smoothing), count
     total = hidden.new_zeros((), dtype=torch.float32)
     for lo in range(0, targets.numel(), chunk_size):
         sl = slice(lo, lo + chunk_size)
-        total = total + checkpoint(_chunk_loss, hidden[sl], weight, bias, targets[sl], use_reentrant=False)
+        total = total + checkpoint(_chunk_loss, hidden[sl], weight, bias, targets[sl], label_smoothing,
+                                   use_reentrant=False)
     return total, count

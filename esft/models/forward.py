@@ -44,7 +44,8 @@ def forward_kwargs(model: PreTrainedModel, batch: dict[str, Any]) -> dict[str, A
 
 
 def liger_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against `targets` with Liger Kernel's
     fused linear cross-entropy (no logits tensor at all), and the trained-token count.
@@ -61,19 +62,21 @@ def liger_cross_entropy(
     if targets.numel() == 0:
         return hidden.sum() * 0.0, count
     loss = liger_fused_linear_cross_entropy(
-        hidden.to(weight.dtype), weight, targets, bias, ignore_index=IGNORE_INDEX, reduction="sum"
+        hidden.to(weight.dtype), weight, targets, bias, ignore_index=IGNORE_INDEX, reduction="sum",
+        **({"label_smoothing": label_smoothing} if label_smoothing else {}),
     )
     return loss.float(), count
 
 
 def token_loss(
-    model: PreTrainedModel, batch: dict[str, Any], chunk_size: int = 1024, impl: LossImpl = "chunked"
+    model: PreTrainedModel, batch: dict[str, Any], chunk_size: int = 1024, impl: LossImpl = "chunked",
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over the batch's trained tokens, and their count.
 
     With a plain LM head the loss is computed from the final hidden states: ``impl="liger"`` by
     Liger's fused kernel, else (``chunk_size > 0``) in chunks (`esft.losses.chunked_cross_entropy`).
-    Otherwise it comes from the model's full logits.
+    Otherwise it comes from the model's full logits. `label_smoothing` (0 = off) applies to all three.
     """
     targets = next_token_targets(batch["labels"], batch["position_ids"])
     kwargs = forward_kwargs(model, batch)
@@ -83,8 +86,8 @@ def token_loss(
         hidden = model.get_decoder()(**kwargs).last_hidden_state
         head = model.get_output_embeddings()
         if impl == "liger":
-            return liger_cross_entropy(hidden, head.weight, targets, head.bias)
-        return chunked_cross_entropy(hidden, head.weight, targets, head.bias, chunk_size)
+            return liger_cross_entropy(hidden, head.weight, targets, head.bias, label_smoothing)
+        return chunked_cross_entropy(hidden, head.weight, targets, head.bias, chunk_size, label_smoothing)
     logits = model(**kwargs).logits
     keep = targets != -100
-    return cross_entropy_sum(logits[keep], targets[keep]), keep.sum()
+    return cross_entropy_sum(logits[keep], targets[keep], label_smoothing), keep.sum()

@@ -21,8 +21,9 @@ from esft.models import DType, build_model, load_tokenizer
 from esft.models.attention import AttnImplementation, resolve_attn_implementation
 from esft.models.forward import LossImpl, token_loss
 from esft.models.tokenizer import resolve_tokenizer_name
-from esft.optim import OptimConfig, build_adamw, warmup_cosine
+from esft.optim import OptimConfig, build_optimizer, build_scheduler
 from esft.precision import Float8Recipe, convert_torchao_fp8
+from esft.regularization import apply_regularization
 
 class CausalLMModule(L.LightningModule):
     def __init__(
@@ -59,7 +60,7 @@ class CausalLMModule(L.LightningModule):
             compile: ``torch.compile`` the decoder (the loss stays eager); pair it with the
                 DataModule's fixed-shape batches (``pad_to_budget``, on by default with compile).
             max_new_tokens: generation limit of ``esft predict``.
-            optim: optimizer and schedule.
+            optim: optimizer, parameter groups, schedule and regularization (`esft.optim.OptimConfig`).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -69,6 +70,7 @@ class CausalLMModule(L.LightningModule):
         # "auto" starts on SDPA; `setup` moves to varlen once the device is known to be CUDA.
         first = "sdpa" if attn_implementation == "auto" else attn_implementation
         self.model = build_model(self.tokenizer, model_name_or_path, model_config, dtype, first)
+        apply_regularization(self.model, self.optim.dropout, self.optim.neftune_alpha)  # dropout override, NEFTune
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if fp8 is not None:
@@ -111,9 +113,11 @@ class CausalLMModule(L.LightningModule):
 
     # ---- loss ------------------------------------------------------------------------------
     def token_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed next-token cross-entropy over trained tokens, and their count."""
+        """Summed next-token cross-entropy over trained tokens, and their count (label-smoothed in
+        training when `optim.label_smoothing` is set; evaluation losses stay plain)."""
+        smoothing = self.optim.label_smoothing if self.training else 0.0
         loss_fn = getattr(self.model, "esft_token_loss", None) or partial(token_loss, self.model)
-        return loss_fn(batch, self.hparams.loss_chunk_size, self.hparams.loss_impl)
+        return loss_fn(batch, self.hparams.loss_chunk_size, self.hparams.loss_impl, smoothing)
 
     # ---- generation ------------------------------------------------------------------------
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
@@ -132,9 +136,8 @@ class CausalLMModule(L.LightningModule):
 
     # ---- optimization ----------------------------------------------------------------------
     def configure_optimizers(self):
-        cfg = self.optim
-        optimizer = build_adamw(self.model, cfg)
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
-        scheduler = warmup_cosine(optimizer, warmup, total, cfg.min_lr_ratio)
+        # one optimizer (Muon + AdamW combined in esft.optim.MuonWithAdamW), so automatic
+        # optimization, gradient clipping and checkpoint/resume work for every choice
+        optimizer = build_optimizer(self.model, self.optim)
+        scheduler = build_scheduler(optimizer, self.optim, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
