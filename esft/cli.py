@@ -7,6 +7,8 @@
     esft eval --model runs/quickstart/hf --tasks reverse_words          # generation-based evaluation
     esft sweep --config BASE.yaml --grid GRID.yaml --out DIR             # ablation grid x seeds
     esft export --tasks reverse_words --n 1000 --out data/               # built-in tasks as JSONL
+    esft rejection-sample --model runs/grpo_arithmetic/hf --task arithmetic --k 8 --out rs.jsonl
+    esft pipeline --config configs/pipelines/r1_tiny.yaml                 # R1-style multi-stage run
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ PROJECT_COMMANDS = {
     "eval": "esft.evaluation.run",
     "sweep": "esft.sweep",
     "export": "esft.data.tasks.export",
+    "rejection-sample": "esft.rejection",
+    "pipeline": "esft.pipeline",
 }
 
 

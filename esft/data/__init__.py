@@ -1,5 +1,6 @@
 """Data: records, tokenization, packing and the SFT DataModule."""
 
 from esft.data.datamodule import SFTDataModule
+from esft.data.prompts import PromptDataModule
 
-__all__ = ["SFTDataModule"]
+__all__ = ["PromptDataModule", "SFTDataModule"]
