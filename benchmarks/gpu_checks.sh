@@ -17,3 +17,7 @@ grep -E "^E |Error|passed|failed" "$OUT/gpu_tests.log" | head -40
     --model-size 0.5b --max-length 2048 --rows 8 --dtype bfloat16 --steps 10 --warmup 3 \
     --out "$OUT/sft_vs_trl.json" 2>&1 | grep -E "^\||model," | tee "$OUT/sft_vs_trl.log"
 [ "${SKIP_BENCH:-0}" = 1 ] || python3 benchmarks/sft_throughput.py --out "$OUT/sft_throughput.json" 2>&1 | grep -v Warning | tee "$OUT/sft_throughput.log"
+# GRPO rollout / update tokens/s beside TRL's GRPOTrainer (0.5B-shaped model, bf16)
+[ "${SKIP_BENCH:-0}" = 1 ] || ! python3 -c "import trl" 2>/dev/null || python3 benchmarks/grpo_vs_trl.py --device cuda \
+    --model-size 0.5b --dtype bfloat16 --prompts 32 --max-completion-length 256 --steps 6 --warmup 2 \
+    --out "$OUT/grpo_vs_trl.json" 2>&1 | grep -E "setup|tokens_per_s" | tee "$OUT/grpo_vs_trl.log"

@@ -137,3 +137,15 @@ def test_token_logprobs_no_targets_and_logits_input():
     t = torch.tensor([[1, 2, -100]])
     lp, _ = token_logprobs(logits, None, t)
     assert torch.allclose(lp[0, :2], torch.log_softmax(logits, -1)[0, [0, 1], [1, 2]])
+
+
+def test_length_bias_of_grpo_and_not_of_dr_grpo():
+    # two wrong completions (A = -1) of lengths 2 and 4: GRPO's 1/|o| penalises each token of the
+    # longer one half as much (the length bias of Dr. GRPO, arXiv 2503.20783); dr_grpo does not
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    adv = torch.tensor([-1.0, -1.0])
+    for loss_type, ratio in (("grpo", 0.5), ("dr_grpo", 1.0), ("dapo", 1.0)):
+        logp = torch.zeros(2, 4, requires_grad=True)
+        loss, _ = grpo_loss(logp, logp.detach(), adv, mask, loss_type=loss_type)
+        (g,) = torch.autograd.grad(loss, logp)
+        assert g[1, 0] / g[0, 0] == pytest.approx(ratio), loss_type
