@@ -10,7 +10,8 @@ first update. The reference model (for the k3 KL term) is a frozen copy of the s
 made only when ``beta > 0``. Validation is greedy pass@1 and format rate on held-out prompts.
 
 Departures: the reference is never refreshed (R1 keeps it fixed within a stage; the pipeline's
-next stage starts from the new policy); rollouts run on the training device in eval mode through
+next stage starts from the new policy), and a run resumed from a checkpoint takes the resumed
+policy as its reference (it is not stored in checkpoints); rollouts run on the training device in eval mode through
 ``model.generate`` (no separate inference engine).
 """
 
@@ -25,7 +26,7 @@ import torch
 from esft.data.packing import collate_padded
 from esft.data.prompts import prompt_messages
 from esft.evaluation import Rollout, rollout
-from esft.losses.ce import IGNORE_INDEX
+from esft.losses.ce import IGNORE_INDEX, next_token_targets
 from esft.losses.grpo import LossType, ScaleRewards, group_advantages, grpo_loss
 from esft.models.forward import target_logprobs
 from esft.objectives.base import CausalLMModule
@@ -121,9 +122,7 @@ class GRPOModule(CausalLMModule):
         advantages = group_advantages(rewards, hp.num_generations, hp.scale_rewards)
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v
                  for k, v in rollout_batch(outs, self.tokenizer.pad_token_id).items()}
-        targets = torch.full_like(batch["labels"], IGNORE_INDEX)
-        targets[:, :-1] = batch["labels"][:, 1:]
-        mask = (targets != IGNORE_INDEX).float()
+        mask = (next_token_targets(batch["labels"], batch["position_ids"]) != IGNORE_INDEX).float()
         if hp.mask_truncated_completions:
             mask = mask * torch.tensor([not o.truncated for o in outs], device=self.device, dtype=mask.dtype)[:, None]
         stats = self._update(batch, mask, advantages)
