@@ -59,7 +59,7 @@ def test_language_consistency():
     assert language_consistency(mixed, script="CYRILLIC") == pytest.approx(2 / 4)
     assert language_consistency(Sample(ARITH, "<think>12+3=15</think>15")) == 1.0  # no words
     vensi = Sample(ARITH, "lo miro tava cat")
-    assert language_consistency(vensi, vocabulary=["lo", "miro", "tava"]) == pytest.approx(3 / 4)
+    assert language_consistency(vensi, vocabulary=["lo", "Miro", "tava"]) == pytest.approx(3 / 4)
 
 
 def test_reward_set_weights_and_errors():

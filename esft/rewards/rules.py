@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +71,7 @@ def _script(word: str) -> str | None:
     return next((s for s in SCRIPTS if name.startswith(s)), None)
 
 
-def language_consistency(sample: Sample, script: str = "LATIN", vocabulary: frozenset[str] | None = None) -> float:
+def language_consistency(sample: Sample, script: str = "LATIN", vocabulary: Collection[str] | None = None) -> float:
     """R1's language-consistency reward: the fraction of words in the reasoning (the ``<think>``
     block when there is one, else the whole completion) that belong to the target language —
     words written in `script` (a Unicode script name prefix, e.g. ``LATIN``, ``CYRILLIC``,
@@ -82,7 +83,8 @@ def language_consistency(sample: Sample, script: str = "LATIN", vocabulary: froz
     if not words:
         return 1.0
     if vocabulary is not None:
-        hits = sum(w.lower() in vocabulary for w in words)
+        known = {v.lower() for v in vocabulary}
+        hits = sum(w.lower() in known for w in words)
     else:
         hits = sum(_script(w) == script.upper() for w in words)
     return hits / len(words)
