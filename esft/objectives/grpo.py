@@ -94,6 +94,7 @@ class GRPOModule(CausalLMModule):
 
     # ---- reference -------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        self.model.train()  # a pretrained model loads in eval mode; generation switches modes itself
         if self.hparams.beta > 0 and not self._reference:
             ref = copy.deepcopy(self.model).eval()
             ref.requires_grad_(False)
