@@ -36,3 +36,7 @@ python3 -m pytest -m gpu tests/test_optim.py -q -p no:cacheprovider -W ignore::D
 grep -E "^E |Error|passed|failed|skipped" "$OUT/gpu_tests_optim.log" | head -10
 [ "${SKIP_BENCH:-0}" = 1 ] || python3 benchmarks/optimizer_step.py --device cuda --model-size 0.5b --dtype bfloat16 \
     --optimizers adamw muon adafactor lion adamw8bit --out "$OUT/optimizer_step.json" 2>&1 | grep -E "^\||model|skipped" | tee "$OUT/optimizer_step.log"
+# GRPO rollout / update tokens/s beside TRL's GRPOTrainer (0.5B-shaped model, bf16)
+[ "${SKIP_BENCH:-0}" = 1 ] || ! python3 -c "import trl" 2>/dev/null || python3 benchmarks/grpo_vs_trl.py --device cuda \
+    --model-size 0.5b --dtype bfloat16 --prompts 32 --max-completion-length 256 --steps 6 --warmup 2 \
+    --out "$OUT/grpo_vs_trl.json" 2>&1 | grep -E "setup|tokens_per_s" | tee "$OUT/grpo_vs_trl.log"

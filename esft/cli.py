@@ -8,6 +8,8 @@
     esft sweep --config BASE.yaml --grid GRID.yaml --out DIR             # ablation grid x seeds
     esft export --tasks reverse_words --n 1000 --out data/               # built-in tasks as JSONL
     esft tune --config BASE.yaml --space SPACE.yaml --out DIR            # Optuna search (or --lr-find)
+    esft rejection-sample --model runs/grpo_arithmetic/hf --task arithmetic --k 8 --out rs.jsonl
+    esft pipeline --config configs/pipelines/r1_tiny.yaml                 # R1-style multi-stage run
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ PROJECT_COMMANDS = {
     "bench": "esft.bench",
     "distill-data": "esft.distill_data",
     "tune": "esft.tune",
+    "rejection-sample": "esft.rejection",
+    "pipeline": "esft.pipeline",
 }
 
 

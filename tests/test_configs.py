@@ -28,6 +28,11 @@ def test_config_parses_and_names_its_command(path, capsys):
     assert first.startswith("# esft ") and str(path.relative_to(path.parents[2])) in first
     # configs/distributed/ holds trainer overlays, used after a full config
     base = ["--config", str(CONFIGS_DIR / "sft" / "quickstart.yaml")] if path.parent.name == "distributed" else []
+    if path.parent.name == "pipelines":  # a list of stages, checked in tests/test_pipeline.py
+        from esft.pipeline import load_pipeline
+
+        assert load_pipeline(path)["stages"]
+        return
     with pytest.raises(SystemExit) as e:
         main(["fit", *base, "--config", str(path), "--print_config"])
     assert e.value.code in (0, None)

@@ -2,5 +2,6 @@
 
 from esft.data.datamodule import SFTDataModule
 from esft.data.distill import DistillDataModule
+from esft.data.prompts import PromptDataModule
 
-__all__ = ["SFTDataModule", "DistillDataModule"]
+__all__ = ["DistillDataModule", "PromptDataModule", "SFTDataModule"]

@@ -1,7 +1,9 @@
 """Pure loss functions: tensors in, tensors out, no module state."""
 
 from esft.losses.ce import chunked_cross_entropy, cross_entropy_sum, next_token_targets
+from esft.losses.grpo import group_advantages, grpo_loss, kl_k3
 from esft.losses.kd import chunked_kd_loss, chunked_topk_kd_loss, kd_divergence, topk_kd_divergence
+from esft.losses.logprobs import token_logprobs
 
 __all__ = ["chunked_cross_entropy", "cross_entropy_sum", "next_token_targets", "chunked_kd_loss", "chunked_topk_kd_loss",
-           "kd_divergence", "topk_kd_divergence"]
+           "kd_divergence", "topk_kd_divergence", "group_advantages", "grpo_loss", "kl_k3", "token_logprobs"]

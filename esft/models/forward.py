@@ -91,3 +91,25 @@ def token_loss(
     logits = model(**kwargs).logits
     keep = targets != -100
     return cross_entropy_sum(logits[keep], targets[keep], label_smoothing), keep.sum()
+
+
+def target_logprobs(
+    model: PreTrainedModel, batch: dict[str, Any], chunk_size: int = 1024, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probability and entropy of every next-token target of a batch (packed or padded).
+
+    Returns ``(logp, entropy, targets)``, each ``[B, T]``: position t holds the log-prob of the
+    label at t + 1 (0 where the target is -100); `entropy` is detached. Chunked like
+    `token_loss` when the LM head is a plain linear layer, else from the model's full logits.
+    """
+    from esft.losses.logprobs import token_logprobs
+
+    targets = next_token_targets(batch["labels"], batch["position_ids"])
+    kwargs = forward_kwargs(model, batch)
+    if plain_head(model):
+        hidden = model.get_decoder()(**kwargs).last_hidden_state
+        head = model.get_output_embeddings()
+        logp, entropy = token_logprobs(hidden, head.weight, targets, head.bias, chunk_size, temperature)
+        return logp, entropy, targets
+    logp, entropy = token_logprobs(model(**kwargs).logits, None, targets, None, chunk_size, temperature)
+    return logp, entropy, targets

@@ -1,7 +1,8 @@
 """One LightningModule per objective."""
 
 from esft.objectives.base import CausalLMModule
+from esft.objectives.grpo import GRPOModule
 from esft.objectives.sft import SFTModule
 from esft.objectives.distill import DistillModule
 
-__all__ = ["CausalLMModule", "SFTModule", "DistillModule"]
+__all__ = ["CausalLMModule", "DistillModule", "GRPOModule", "SFTModule"]

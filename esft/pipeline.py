@@ -1,0 +1,230 @@
+"""`esft pipeline`: multi-stage runs in the DeepSeek-R1 style (arXiv 2501.12948, section 2.3):
+cold-start SFT -> reasoning RL -> rejection sampling + SFT -> RL, each stage a config plus
+overrides that consumes an earlier stage's model or data.
+
+    esft pipeline --config configs/pipelines/r1_tiny.yaml
+    esft pipeline --config configs/pipelines/r1_tiny.yaml --out runs/r1_seed1 --seed 1
+
+A pipeline YAML::
+
+    out: runs/r1_tiny                # every stage writes to <out>/<stage name>/
+    seed: 0                          # seed_everything of every fit stage
+    eval: {tasks: [{name: arithmetic, max_digits: 2, think: true}], num_examples: 200, max_new_tokens: 48}
+    stages:
+      - {name: cold_start, fit: configs/sft/r1_cold_start.yaml, overrides: {trainer.max_steps: 600}}
+      - {name: rl, fit: configs/grpo/arithmetic_tiny.yaml, init_from: cold_start}
+      - {name: rs, rejection_sample: {task: [...], k: 8}, model_from: rl}
+      - {name: rs_sft, fit: configs/sft/r1_cold_start.yaml, data_from: rs}
+
+Stage kinds: ``fit`` (an ``esft fit`` config; `overrides` sets dotted keys of it, `init_from`
+starts the model from that stage's exported ``hf/`` model, `data_from` trains on that stage's
+``data.jsonl``), ``rejection_sample`` (arguments of ``esft rejection-sample``; the model comes
+from `model_from`). Each stage runs in its own process; a finished stage leaves ``DONE`` and
+``result.json`` and is skipped on the next run, so an interrupted pipeline resumes at the stage it
+stopped in (a fit stage continues from its ``last.ckpt``). After every stage the stage's model is
+evaluated greedily on held-out prompts (pass@1, format rate, completion length) and
+``<out>/summary.md`` / ``summary.csv`` are rewritten with one row per finished stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+KINDS = ("fit", "rejection_sample")
+
+
+class PipelineError(ValueError):
+    """A pipeline config that cannot run; the message names the stage and the field."""
+
+
+def load_pipeline(path: str | Path) -> dict[str, Any]:
+    """Read and check a pipeline YAML."""
+    cfg = yaml.safe_load(Path(path).read_text())
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("stages"), list) or not cfg["stages"]:
+        raise PipelineError(f"{path}: a pipeline needs a non-empty 'stages' list")
+    names: list[str] = []
+    for i, stage in enumerate(cfg["stages"]):
+        where = f"{path}: stage {i}"
+        if not isinstance(stage, dict) or not stage.get("name"):
+            raise PipelineError(f"{where}: every stage needs a 'name'")
+        where = f"{path}: stage {stage['name']!r}"
+        kinds = [k for k in KINDS if k in stage]
+        if len(kinds) != 1:
+            raise PipelineError(f"{where}: give exactly one of {', '.join(KINDS)}")
+        for ref in ("init_from", "data_from", "model_from"):
+            if stage.get(ref) is not None and stage[ref] not in names:
+                raise PipelineError(f"{where}: {ref}={stage[ref]!r} is not an earlier stage ({', '.join(names) or 'none'})")
+        if "rejection_sample" in stage and not stage.get("model_from"):
+            raise PipelineError(f"{where}: a rejection_sample stage needs model_from")
+        if stage["name"] in names:
+            raise PipelineError(f"{where}: duplicate stage name")
+        names.append(stage["name"])
+    return cfg
+
+
+def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
+    """``set_dotted(cfg, "model.init_args.optim.lr", 1e-4)``; missing mappings are created."""
+    node = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise PipelineError(f"override {key!r}: {part!r} is not a mapping")
+    node[parts[-1]] = value
+
+
+def fit_config(base: dict[str, Any], stage: dict[str, Any], out: Path, seed: int) -> dict[str, Any]:
+    """The stage's ``esft fit`` config: the base config with the stage's overrides, its inputs,
+    and every output path moved under the stage directory `out`."""
+    cfg = copy.deepcopy(base)
+    for key, value in (stage.get("overrides") or {}).items():
+        set_dotted(cfg, key, value)
+    cfg["seed_everything"] = seed
+    trainer = cfg.setdefault("trainer", {})
+    trainer["default_root_dir"] = str(out)
+    logger = trainer.get("logger")
+    if isinstance(logger, dict):
+        logger.setdefault("init_args", {}).update(save_dir=str(out), name="", version="")
+    for cb in trainer.get("callbacks") or []:
+        name = cb.get("class_path", "").rsplit(".", 1)[-1]
+        if name == "ModelCheckpoint":
+            cb.setdefault("init_args", {})["dirpath"] = str(out / "checkpoints")
+        elif name == "ExportHF":
+            cb.setdefault("init_args", {})["dirpath"] = str(out / "hf")
+        elif name == "TaskEvaluation":
+            cb.setdefault("init_args", {})["output"] = str(out / "eval.json")
+    if not any(cb.get("class_path", "").endswith("ExportHF") for cb in trainer.get("callbacks") or []):
+        trainer.setdefault("callbacks", []).append({"class_path": "esft.callbacks.ExportHF",
+                                                    "init_args": {"dirpath": str(out / "hf")}})
+    model_args = cfg.setdefault("model", {}).setdefault("init_args", {})
+    if stage.get("init_from"):
+        model_args["model_name_or_path"] = str(out.parent / stage["init_from"] / "hf")
+        model_args["model_config"] = None
+        model_args["tokenizer"] = None
+    if stage.get("data_from"):
+        cfg.setdefault("data", {}).setdefault("init_args", {})["path"] = str(out.parent / stage["data_from"] / "data.jsonl")
+    return cfg
+
+
+def rejection_args(stage: dict[str, Any], out: Path, seed: int) -> list[str]:
+    """``esft rejection-sample`` arguments of a stage."""
+    argv = ["--model", str(out.parent / stage["model_from"] / "hf"), "--out", str(out / "data.jsonl"), "--seed", str(seed)]
+    for key, value in (stage["rejection_sample"] or {}).items():
+        flag = "--" + key.replace("_", "-")
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, bool):
+                if v:
+                    argv.append(flag)
+                continue
+            argv += [flag, json.dumps(v) if isinstance(v, dict) else str(v)]
+    return argv
+
+
+def _run(argv: list[str], log: Path) -> None:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    with log.open("a") as f:
+        f.write(f"$ {' '.join(argv)}\n")
+        f.flush()
+        proc = subprocess.run([sys.executable, "-m", "esft.cli", *argv], stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"stage command failed (exit {proc.returncode}); see {log}")
+
+
+def evaluate_stage(model_dir: Path, eval_cfg: dict[str, Any]) -> dict[str, float]:
+    """Greedy pass@1, format rate and length of the stage's model on held-out prompts."""
+    import torch
+
+    from esft.data.tasks import build_task
+    from esft.evaluation.run import load_model
+    from esft.rewards.evaluate import evaluate_reasoning
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(str(model_dir), device)
+    records = [r for spec in eval_cfg.get("tasks", [])
+               for r in build_task(spec).generate(eval_cfg.get("num_examples", 200), eval_cfg.get("seed", 0), "heldout")]
+    return evaluate_reasoning(model, tokenizer, records, eval_cfg.get("max_new_tokens", 64), eval_cfg.get("batch_size", 200))
+
+
+def write_summary(out: Path, stages: list[dict[str, Any]]) -> str:
+    """Rewrite ``summary.md`` and ``summary.csv`` from the finished stages' ``result.json``."""
+    rows = []
+    for stage in stages:
+        path = out / stage["name"] / "result.json"
+        if path.exists():
+            rows.append(json.loads(path.read_text()))
+    cols = ["stage", "kind", "pass@1", "format", "length", "kept", "wall_s"]
+    with (out / "summary.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    table = "\n".join(lines)
+    (out / "summary.md").write_text(table + "\n")
+    return table
+
+
+def run_pipeline(cfg: dict[str, Any], out: Path | None = None, seed: int | None = None) -> str:
+    """Run the unfinished stages of `cfg` in order; returns the summary table."""
+    out = Path(out or cfg.get("out", "runs/pipeline"))
+    seed = cfg.get("seed", 0) if seed is None else seed
+    out.mkdir(parents=True, exist_ok=True)
+    eval_cfg = cfg.get("eval") or {}
+    for stage in cfg["stages"]:
+        d = out / stage["name"]
+        if (d / "DONE").exists():
+            print(f"[pipeline] {stage['name']}: done, skipped")
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        print(f"[pipeline] {stage['name']}: running (log: {d / 'stage.log'})", flush=True)
+        result: dict[str, Any] = {"stage": stage["name"]}
+        if "fit" in stage:
+            result["kind"] = "fit"
+            fit_cfg = fit_config(yaml.safe_load(Path(stage["fit"]).read_text()), stage, d, seed)
+            (d / "stage.yaml").write_text(yaml.safe_dump(fit_cfg, sort_keys=False))
+            argv = ["fit", "--config", str(d / "stage.yaml")]
+            if (d / "checkpoints" / "last.ckpt").exists():
+                argv += ["--ckpt_path", str(d / "checkpoints" / "last.ckpt")]
+            _run(argv, d / "stage.log")
+            result.update(evaluate_stage(d / "hf", eval_cfg) if eval_cfg.get("tasks") else {})
+        else:
+            result["kind"] = "rejection_sample"
+            _run(["rejection-sample", *rejection_args(stage, d, seed)], d / "stage.log")
+            stats = json.loads((d / "data.jsonl.stats.json").read_text())
+            result.update(kept=stats["kept"], correct_rate=stats["correct_rate"], format_rate=stats["format_rate"])
+        result["wall_s"] = round(time.perf_counter() - start, 1)
+        (d / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        (d / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+        print(f"[pipeline] {stage['name']}: finished in {result['wall_s']} s\n" + write_summary(out, cfg["stages"]), flush=True)
+    return write_summary(out, cfg["stages"])
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(prog="esft pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="pipeline YAML")
+    p.add_argument("--out", help="output directory (default: the config's 'out')")
+    p.add_argument("--seed", type=int, help="seed of every stage (default: the config's 'seed')")
+    args = p.parse_args(argv)
+    table = run_pipeline(load_pipeline(args.config), args.out, args.seed)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()

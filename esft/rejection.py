@@ -1,0 +1,159 @@
+"""`esft rejection-sample`: sample k completions per prompt, keep the verified-correct and
+well-formatted ones, dedupe, cap per prompt, and write an SFT dataset plus statistics.
+
+    esft rejection-sample --model runs/grpo_arithmetic/hf \\
+        --task '{"name": "arithmetic", "max_digits": 2, "think": true}' --num-prompts 2000 \\
+        --k 8 --max-per-prompt 2 --temperature 1.0 --max-new-tokens 48 --out data/rs.jsonl
+    esft fit --config configs/sft/r1_cold_start.yaml --data.init_args.path data/rs.jsonl
+
+DeepSeek-R1 (arXiv 2501.12948, section 2.3.3) samples several responses per prompt from the RL
+checkpoint and keeps only correct ones, filtering out mixed languages and unreadable chains of
+thought. Here "readable" is the rule-based format check (and, with ``--min-language``, the
+language-consistency reward). Output rows are ``messages`` records (the prompt turns plus the
+kept completion) that keep ``task``, ``answer`` and ``id``; ``<out>.stats.json`` holds counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esft.data.prompts import prompt_messages
+from esft.data.records import load_records
+from esft.data.tasks import build_task
+from esft.evaluation import rollout
+from esft.rewards.rules import Sample, accuracy, language_consistency, think_format
+
+
+def rejection_sample(
+    model,
+    tokenizer,
+    records: Sequence[dict[str, Any]],
+    k: int = 8,
+    max_per_prompt: int = 1,
+    max_new_tokens: int = 256,
+    batch_size: int = 64,
+    require_format: bool = True,
+    min_language: float | None = None,
+    progress: bool = False,
+    **sampling: Any,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Sample `k` completions per record and keep at most `max_per_prompt` distinct ones that the
+    accuracy reward scores 1.0 (and that pass the format check with `require_format`, and the
+    language-consistency reward at `min_language` or above when given). Truncated completions
+    are never kept. Returns ``(rows, stats)``."""
+    if k < 1 or max_per_prompt < 1:
+        raise ValueError(f"k and max_per_prompt must be >= 1, got k={k}, max_per_prompt={max_per_prompt}")
+    sampling.setdefault("do_sample", True)
+    outs = rollout(model, tokenizer, [prompt_messages(r) for r in records], max_new_tokens, batch_size, k, progress,
+                   **sampling)
+    rows: list[dict[str, Any]] = []
+    counts = dict(correct=0, formatted=0, truncated=0, accepted=0, duplicates=0, over_cap=0, prompts_kept=0)
+    for i, record in enumerate(records):
+        seen: set[str] = set()
+        kept = 0
+        for out in outs[i * k : (i + 1) * k]:
+            s = Sample(record, out.text, len(out.completion_ids), out.truncated)
+            correct, formatted = accuracy(s) == 1.0, think_format(s) == 1.0
+            counts["correct"] += correct
+            counts["formatted"] += formatted
+            counts["truncated"] += out.truncated
+            if out.truncated or not correct or (require_format and not formatted):
+                continue
+            if min_language is not None and language_consistency(s) < min_language:
+                continue
+            counts["accepted"] += 1
+            key = " ".join(out.text.split())
+            if key in seen:
+                counts["duplicates"] += 1
+                continue
+            if kept >= max_per_prompt:
+                counts["over_cap"] += 1
+                continue
+            seen.add(key)
+            kept += 1
+            rows.append({
+                "messages": [*prompt_messages(record), {"role": "assistant", "content": out.text}],
+                **{f: record[f] for f in ("task", "answer") if f in record},
+                "id": f"{record.get('id', i)}-rs{kept}",
+                "source": "rejection_sampling",
+            })
+        counts["prompts_kept"] += kept > 0
+    n = max(len(records) * k, 1)
+    stats = {"prompts": len(records), "k": k, "samples": len(records) * k, **counts, "kept": len(rows),
+             "correct_rate": counts["correct"] / n, "format_rate": counts["formatted"] / n,
+             "prompt_coverage": counts["prompts_kept"] / max(len(records), 1),
+             "kept_per_prompt": len(rows) / max(len(records), 1)}
+    return rows, stats
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="esft rejection-sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF directory, hub id, or Lightning .ckpt")
+    p.add_argument("--task", action="append", default=[],
+                   help='built-in task: a name or a JSON mapping, e.g. \'{"name": "arithmetic", "think": true}\' (repeatable)')
+    p.add_argument("--prompts", help="a prompt file instead (rows with task/answer or GSM8K/MATH answers)")
+    p.add_argument("--num-prompts", type=int, default=1000, help="built-in prompts per task (train split)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in prompts and of sampling")
+    p.add_argument("--k", type=int, default=8, help="samples per prompt")
+    p.add_argument("--max-per-prompt", type=int, default=1, help="kept samples per prompt at most")
+    p.add_argument("--no-format", action="store_true", help="keep correct samples even without the <think> format")
+    p.add_argument("--min-language", type=float, help="minimum language-consistency reward to keep a sample")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=64, help="prompts generated together")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="output JSONL (statistics go to <out>.stats.json)")
+    args = p.parse_args(argv)
+    if not args.task and not args.prompts:
+        p.error("give --task and/or --prompts")
+    return args
+
+
+def _task_spec(text: str):
+    text = text.strip()
+    if not text.startswith("{"):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--task {text!r}: not valid JSON ({e})") from None
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    from esft.evaluation.run import load_model
+
+    args = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model, device)
+    records = [r for spec in args.task for r in build_task(_task_spec(spec)).generate(args.num_prompts, args.seed, "train")]
+    if args.prompts:
+        records += load_records(args.prompts)[0]
+    rows, stats = rejection_sample(model, tokenizer, records, args.k, args.max_per_prompt, args.max_new_tokens,
+                                   args.batch_size, not args.no_format, args.min_language, progress=True,
+                                   temperature=args.temperature, top_p=args.top_p, top_k=0)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.rename(out)
+    stats = {"model": args.model, **stats, "wall_s": round(time.perf_counter() - start, 2)}
+    Path(f"{out}.stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(f"[rejection-sample] kept {stats['kept']} of {stats['samples']} samples ({stats['prompts_kept']} of "
+          f"{stats['prompts']} prompts); correct {stats['correct_rate']:.3f}, formatted {stats['format_rate']:.3f}; "
+          f"wrote {out} and {out}.stats.json")
+    return stats
+
+
+if __name__ == "__main__":
+    main()

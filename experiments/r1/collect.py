@@ -1,0 +1,63 @@
+"""Collect the r1 study: per-stage greedy pass@1 and format rate, mean and std over seeds.
+
+    python experiments/r1/collect.py experiments/r1/runs
+
+Reads every ``<runs>/<pipeline>_seed<k>/summary.csv`` written by ``esft pipeline`` and writes
+``results.csv`` (one row a stage and seed), ``results.md`` (mean ± std over seeds) and
+``results.png`` next to this file.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def main(runs: Path) -> None:
+    rows = []
+    for summary in sorted(runs.glob("*_seed*/summary.csv")):
+        pipeline, seed = re.fullmatch(r"(.+)_seed(\d+)", summary.parent.name).groups()
+        for row in csv.DictReader(summary.open()):
+            if row["kind"] == "fit":
+                rows.append({"pipeline": pipeline, "seed": int(seed), "stage": row["stage"],
+                             "pass@1": float(row["pass@1"]), "format": float(row["format"]), "wall_s": float(row["wall_s"])})
+    if not rows:
+        raise SystemExit(f"no */summary.csv under {runs}")
+    with (HERE / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["pipeline"], r["stage"])].append(r)
+    ms = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"  # noqa: E731
+    lines = ["| pipeline | stage | seeds | pass@1 | format | wall s |", "|---|---|---|---|---|---|"]
+    for (pipeline, stage), rs in groups.items():
+        lines.append(f"| {pipeline} | {stage} | {len(rs)} | {ms([r['pass@1'] for r in rs])} | "
+                     f"{ms([r['format'] for r in rs])} | {statistics.mean(r['wall_s'] for r in rs):.0f} |")
+    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{p}\n{s}" for p, s in groups]
+    means = [statistics.mean(r["pass@1"] for r in rs) for rs in groups.values()]
+    errs = [statistics.stdev([r["pass@1"] for r in rs]) if len(rs) > 1 else 0.0 for rs in groups.values()]
+    ax.bar(range(len(means)), means, yerr=errs, capsize=3)
+    ax.set_xticks(range(len(means)), labels, fontsize=6)
+    ax.set_ylabel("held-out greedy pass@1")
+    fig.tight_layout()
+    fig.savefig(HERE / "results.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else HERE / "runs"))

@@ -1,0 +1,157 @@
+"""Rejection sampling on crafted completions, and the multi-stage pipeline: stage configs,
+resuming at the interrupted stage, the summary table."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from esft import pipeline
+from esft.evaluation import Rollout
+from esft.pipeline import PipelineError, fit_config, load_pipeline, run_pipeline
+
+from conftest import TINY
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_rejection_sample_keeps_correct_formatted_distinct_capped(monkeypatch):
+    from esft import rejection
+
+    records = [{"task": "arithmetic", "answer": "<think>2+3=5</think>\n5", "id": "a",
+                "messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "x"}]},
+               {"task": "arithmetic", "answer": "7", "id": "b", "messages": [{"role": "user", "content": "What is 3 + 4?"}]}]
+    # a: right, the same up to whitespace, right without the format, wrong;
+    # b: wrong, right, right (over the cap of 1), cut off
+    texts = ["<think>2+3=5</think>\n5", "<think>2+3=5</think>  5", "5", "<think>2+3=6</think>\n6",
+             "<think>x</think>\n5", "<think>3+4=7</think>\n7", "<think>3+4</think>\n7", "<think>3+4=7"]
+    truncated = [False] * 7 + [True]
+
+    def fake_rollout(model, tokenizer, conversations, max_new_tokens, batch_size, k, progress, **sampling):
+        assert [c[-1]["role"] for c in conversations] == ["user", "user"] and k == 4
+        return [Rollout([1], [2] * (i + 1), t, tr) for i, (t, tr) in enumerate(zip(texts, truncated))]
+
+    monkeypatch.setattr(rejection, "rollout", fake_rollout)
+    rows, stats = rejection.rejection_sample(None, None, records, k=4, max_per_prompt=1, temperature=1.0)
+    assert [r["messages"][-1]["content"] for r in rows] == ["<think>2+3=5</think>\n5", "<think>3+4=7</think>\n7"]
+    assert rows[0]["messages"][0]["content"] == "What is 2 + 3?" and len(rows[0]["messages"]) == 2
+    assert rows[0]["task"] == "arithmetic" and rows[0]["id"] == "a-rs1"
+    assert stats["correct"] == 5 and stats["truncated"] == 1 and stats["formatted"] == 6
+    assert stats["duplicates"] == 1 and stats["over_cap"] == 1 and stats["kept"] == 2 and stats["prompt_coverage"] == 1.0
+    rows2, stats2 = rejection.rejection_sample(None, None, records, k=4, max_per_prompt=3, require_format=False)
+    assert len(rows2) == 4 and stats2["duplicates"] == 1  # a: the first and the plain "5"; b: two
+
+
+def test_load_pipeline_errors(tmp_path):
+    bad = {"stages": [{"name": "a", "fit": "x.yaml"}, {"name": "b", "fit": "x.yaml", "init_from": "c"}]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(PipelineError, match="stage 'b'.*init_from='c'"):
+        load_pipeline(tmp_path / "p.yaml")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"stages": [{"name": "a", "fit": "x", "rejection_sample": {}}]}))
+    with pytest.raises(PipelineError, match="exactly one"):
+        load_pipeline(tmp_path / "p.yaml")
+    assert [s["name"] for s in load_pipeline(ROOT / "configs/pipelines/r1_tiny.yaml")["stages"]] == [
+        "cold_start", "rl", "rejection_sampling", "rs_sft", "rl2"]
+
+
+def test_stage_fit_configs_of_r1_tiny_parse(tmp_path, capsys):
+    from esft.cli import main
+
+    cfg = load_pipeline(ROOT / "configs/pipelines/r1_tiny.yaml")
+    for stage in cfg["stages"]:
+        if "fit" not in stage:
+            continue
+        fc = fit_config(yaml.safe_load((ROOT / stage["fit"]).read_text()), stage, tmp_path / stage["name"], 3)
+        path = tmp_path / f"{stage['name']}.yaml"
+        path.write_text(yaml.safe_dump(fc))
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(path), "--print_config"])
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["seed_everything"] == 3 and printed["trainer"]["default_root_dir"] == str(tmp_path / stage["name"])
+        if stage.get("init_from"):
+            assert printed["model"]["init_args"]["model_name_or_path"] == str(tmp_path / stage["init_from"] / "hf")
+        if stage.get("data_from"):
+            assert printed["data"]["init_args"]["path"] == str(tmp_path / stage["data_from"] / "data.jsonl")
+
+
+def tiny_sft(path: Path) -> Path:
+    cfg = {"trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 3, "enable_progress_bar": False,
+                       "limit_val_batches": 0,
+                       "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "x"}},
+                       "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                      "init_args": {"dirpath": "elsewhere", "save_last": True}}]},
+           "model": {"class_path": "esft.objectives.SFTModule",
+                     "init_args": {"model_config": TINY["llama"], "tokenizer": "builtin", "optim": {"lr": 1e-2}}},
+           "data": {"class_path": "esft.data.SFTDataModule",
+                    "init_args": {"tasks": [{"name": "arithmetic", "max_digits": 1, "think": True}],
+                                  "num_train_per_task": 32, "num_val_per_task": 0, "max_length": 64, "max_tokens": 256}}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def tiny_grpo(path: Path) -> Path:
+    cfg = {"trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "enable_progress_bar": False,
+                       "limit_val_batches": 0, "enable_checkpointing": False, "logger": False},
+           "model": {"class_path": "esft.objectives.GRPOModule",
+                     "init_args": {"num_generations": 2, "max_completion_length": 8, "optim": {"lr": 1e-3}}},
+           "data": {"class_path": "esft.data.PromptDataModule",
+                    "init_args": {"tasks": [{"name": "arithmetic", "max_digits": 1, "think": True}],
+                                  "num_train_per_task": 8, "num_val_per_task": 0, "batch_size": 2}}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def in_process(argv, log):
+    """The stage commands run in this process (the subprocess path is covered by the slow test)."""
+    from esft.cli import main
+    from esft.rejection import main as rejection_main
+
+    log.open("a").write(f"$ {' '.join(argv)}\n")
+    if argv[0] == "fit":
+        main(argv)
+    else:
+        rejection_main(argv[1:])
+
+
+def test_pipeline_resumes_at_interrupted_stage(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "_run", in_process)
+    sft, grpo = tiny_sft(tmp_path / "sft.yaml"), tiny_grpo(tmp_path / "grpo.yaml")
+    stages = [{"name": "sft", "fit": str(sft)},
+              {"name": "rs", "model_from": "sft",
+               "rejection_sample": {"task": {"name": "arithmetic", "max_digits": 1, "think": True}, "num_prompts": 3,
+                                    "k": 2, "max_new_tokens": 6}},
+              {"name": "rl", "fit": str(grpo), "init_from": "sft", "overrides": {"model.init_args.loss_type": "bogus"}}]
+    cfg = {"out": str(tmp_path / "run"), "seed": 1, "stages": stages,
+           "eval": {"tasks": [{"name": "arithmetic", "max_digits": 1, "think": True}], "num_examples": 4, "max_new_tokens": 6}}
+    with pytest.raises(SystemExit):  # the bad override stops the third stage
+        run_pipeline(cfg)
+    run = tmp_path / "run"
+    assert (run / "sft" / "DONE").exists() and (run / "rs" / "DONE").exists() and not (run / "rl" / "DONE").exists()
+    assert (run / "sft" / "hf" / "model.safetensors").exists() and (run / "sft" / "checkpoints" / "last.ckpt").exists()
+    assert (run / "rs" / "data.jsonl").exists() and json.loads((run / "rs" / "data.jsonl.stats.json").read_text())["samples"] == 6
+    sft_log = (run / "sft" / "stage.log").read_text()
+    stages[2]["overrides"] = {"model.init_args.loss_type": "dapo"}
+    table = run_pipeline(cfg)
+    assert (run / "sft" / "stage.log").read_text() == sft_log  # finished stages are not rerun
+    assert (run / "rl" / "DONE").exists() and (run / "rl" / "hf" / "model.safetensors").exists()
+    stage_cfg = yaml.safe_load((run / "rl" / "stage.yaml").read_text())
+    assert stage_cfg["model"]["init_args"]["model_name_or_path"] == str(run / "sft" / "hf")
+    lines = table.splitlines()
+    assert lines[0].startswith("| stage | kind | pass@1 | format") and len(lines) == 5
+    assert [line.split(" | ")[0][2:] for line in lines[2:]] == ["sft", "rs", "rl"]
+    result = json.loads((run / "rl" / "result.json").read_text())
+    assert 0.0 <= result["pass@1"] <= 1.0 and 0.0 <= result["format"] <= 1.0 and result["n"] == 4
+    assert (run / "summary.csv").read_text().splitlines()[0] == "stage,kind,pass@1,format,length,kept,wall_s"
+
+
+@pytest.mark.slow
+def test_pipeline_cli_runs_stages_in_subprocesses(tmp_path):
+    from esft.cli import PROJECT_COMMANDS
+
+    assert PROJECT_COMMANDS["pipeline"] == "esft.pipeline"
+    cfg = {"out": str(tmp_path / "run"), "stages": [{"name": "sft", "fit": str(tiny_sft(tmp_path / "sft.yaml"))}],
+           "eval": {"tasks": [{"name": "arithmetic", "max_digits": 1, "think": True}], "num_examples": 4, "max_new_tokens": 6}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    table = pipeline.main(["--config", str(tmp_path / "p.yaml")])
+    assert "| sft | fit |" in table and (tmp_path / "run" / "sft" / "DONE").exists()
