@@ -17,3 +17,5 @@ grep -E "^E |Error|passed|failed" "$OUT/gpu_tests.log" | head -40
     --model-size 0.5b --max-length 2048 --rows 8 --dtype bfloat16 --steps 10 --warmup 3 \
     --out "$OUT/sft_vs_trl.json" 2>&1 | grep -E "^\||model," | tee "$OUT/sft_vs_trl.log"
 [ "${SKIP_BENCH:-0}" = 1 ] || python3 benchmarks/sft_throughput.py --out "$OUT/sft_throughput.json" 2>&1 | grep -v Warning | tee "$OUT/sft_throughput.log"
+[ "${SKIP_BENCH:-0}" = 1 ] || python3 benchmarks/esft_step.py --device cuda --size small --steps 12 \
+    --out "$OUT/esft_step.json" 2>&1 | grep -E "^\||model" | tee "$OUT/esft_step.log"

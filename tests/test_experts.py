@@ -264,3 +264,20 @@ def test_score_select_fit_adapter_eval_on_every_family(tokenizer, tmp_path, fami
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="sdpa").eval()
     with torch.no_grad():
         assert torch.equal(again(ids).logits, merged(ids).logits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_weights_bit_identical_on_cuda_with_fused_adamw(tokenizer, dtype):
+    model = tiny(tokenizer, "deepseek_v2").to("cuda", dtype)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_expert_config(model, ExpertConfig({1: [0, 3]}))
+    opt = build_adamw(model, OptimConfig(lr=1e-2, weight_decay=0.1, fused=True))
+    for step in range(3):
+        ids = _batch(step).cuda()
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base.items())
+    assert not torch.equal(model.model.layers[1].mlp.experts.esft_down_proj, base["model.layers.1.mlp.experts.down_proj"][[0, 3]])

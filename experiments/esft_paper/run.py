@@ -5,7 +5,8 @@
     python experiments/esft_paper/run.py --report-only         # rebuild tables and plots
 
 1. Base: `base.yaml` pretrains a tiny DeepSeek-V2-shaped MoE on the general mixture plus three
-   domains, once (cached in runs/esft_paper/base/hf); its held-out scores are the "vanilla" row.
+   domains (`base_data`: 4 general tasks x 6000 problems + 300 of each specialized task), once
+   (cached in runs/esft_paper/base/hf); its held-out scores are the "vanilla" row.
 2. Experts, per held-out specialized task: `esft experts score` on 32,768 tokens of its training
    data, then `esft experts select` for ESFT-Token (p=0.2), ESFT-Gate (p=0.1), the Table 3 variants
    (token selection + shared experts; + non-expert modules) and the Table 4 controls (random
@@ -59,9 +60,25 @@ def sh(*cmd: str) -> None:
     subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True)
 
 
+def base_data() -> Path:
+    """The base's pretraining mixture: 6000 problems of each general task, plus 300 of each
+    specialized task (from another seed than the fine-tuning data), so that the base has seen the
+    domains' vocabulary and format a little, as a real base has (the paper's vanilla scores are
+    not 0), while the tasks stay mostly new."""
+    from esft.data.tasks import build_task
+
+    path = RUNS / "base_data.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [r for spec in GENERAL for r in build_task(spec).generate(6000, seed=0, split="train")]
+        rows += [r for spec in TASKS for r in build_task(spec).generate(300, seed=1, split="train")]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def ensure_base() -> None:
     if not (BASE / "model.safetensors").exists():
-        sh("-m", "esft.cli", "fit", "--config", str(HERE / "base.yaml"))
+        sh("-m", "esft.cli", "fit", "--config", str(HERE / "base.yaml"), "--data.init_args.path", str(base_data()))
 
 
 def vanilla() -> dict[str, float]:
@@ -86,11 +103,33 @@ def vanilla() -> dict[str, float]:
     return scores
 
 
+def heldout_losses(model_dir: Path) -> dict[str, float]:
+    """Mean next-token loss on the answers of the same held-out problems as the exact-match
+    evaluation (a continuous signal where exact match is still 0 at this scale); cached."""
+    cache = model_dir / "heldout_loss.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from esft.callbacks.evaluation import TaskEvaluation
+    from esft.data.tasks import build_task
+    from esft.evaluation.perplexity import perplexity
+    from esft.evaluation.run import load_model
+
+    import torch
+
+    model, tokenizer = load_model(str(model_dir), torch.device("cpu"), "float32")
+    seed = TaskEvaluation(tasks=[]).seed
+    losses = {t.name: perplexity(model, tokenizer, t.generate(100, seed, "heldout"), max_length=256)["loss"]
+              for t in (build_task(s) for s in TASKS + GENERAL)}
+    cache.write_text(json.dumps(losses, indent=1) + "\n")
+    return losses
+
+
 def expert_configs(task: str) -> dict[str, Path]:
     out = HERE / "experts" / task
     if not (out / "scores.json").exists():
         sh("-m", "esft.cli", "experts", "score", "--model", str(BASE), "--tokenizer", "builtin", "--tasks", task,
-           "--num-per-task", "4000", "--tokens", "32768", "--max-length", "256", "--out", str(out))
+           "--num-per-task", "4000", "--tokens", "32768", "--max-length", "256", "--max-tokens", "2048",
+           "--out", str(out))
     variants = {
         "esft_token": ["--method", "token", "--p", "0.2"],
         "esft_gate": ["--method", "gate", "--p", "0.1"],
@@ -170,21 +209,23 @@ def collect() -> list[dict]:
         task = done.parents[2].name
         m = d["metrics"]
         general = [m[f"eval/{g}"] for g in GENERAL_NAMES if f"eval/{g}" in m]
+        loss = heldout_losses(done.parent / "hf")
         rows.append({"task": task, "method": d["cell"], "seed": d["seed"],
                      "specialized": 100 * m.get(f"eval/{task}", float("nan")),
                      "general": 100 * statistics.mean(general) if general else float("nan"),
                      **{f"general_{g}": 100 * m[f"eval/{g}"] for g in GENERAL_NAMES if f"eval/{g}" in m},
+                     "specialized_loss": loss[task], "general_loss": statistics.mean(loss[g] for g in GENERAL_NAMES),
                      "train_loss": m.get("train/loss"), "tokens_per_s": m.get("perf/tokens_per_s"),
                      "wall_s": m["wall_s"], **sizes(done.parent, d["cell"])})
     return rows
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], digits: int = 1) -> str:
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def report(rows: list[dict], base: dict[str, float]) -> None:
@@ -203,11 +244,14 @@ def report(rows: list[dict], base: dict[str, float]) -> None:
     van_gen = 100 * statistics.mean(base[g] for g in GENERAL_NAMES)
     lines = [f"Exact match (%) on 100 held-out problems per task; mean ± sample std over seeds {seeds} "
              f"(each seed's value is the mean over the {len(TASKS)} tasks). Paper: DeepSeek-V2-Lite, Tables 1-2.", "",
-             "| method | " + " | ".join(TASKS) + " | specialized avg | paper | general avg | paper | trainable % | "
-             "stored MB | paper GB | wall s / run | train tok/s |",
-             "|---|" + "---|" * (len(TASKS) + 9)]
+             "| method | " + " | ".join(TASKS) + " | specialized avg | paper | general avg | paper | "
+             "specialized loss | general loss | trainable % | stored MB | paper GB | wall s / run | train tok/s |",
+             "|---|" + "---|" * (len(TASKS) + 11)]
+    van_loss = heldout_losses(BASE)
     lines.append("| vanilla (base) | " + " | ".join(f"{100 * base[t]:.1f}" for t in TASKS) +
-                 f" | {van_spec:.1f} | 33.6 | {van_gen:.1f} | 62.4 | - | - | - | - | - |")
+                 f" | {van_spec:.1f} | 33.6 | {van_gen:.1f} | 62.4 "
+                 f"| {statistics.mean(van_loss[t] for t in TASKS):.3f} "
+                 f"| {statistics.mean(van_loss[g] for g in GENERAL_NAMES):.3f} | - | - | - | - | - |")
 
     def seed_avg(method, key):
         per_seed = defaultdict(list)
@@ -224,35 +268,44 @@ def report(rows: list[dict], base: dict[str, float]) -> None:
             f"| {method} | " + " | ".join(per_task) +
             f" | {_mean_std(seed_avg(method, 'specialized'))} | {p.get('specialized', '-')} "
             f"| {_mean_std(seed_avg(method, 'general'))} | {p.get('general', '-')} "
+            f"| {_mean_std(seed_avg(method, 'specialized_loss'), 3)} | {_mean_std(seed_avg(method, 'general_loss'), 3)} "
             f"| {statistics.mean(r['trainable_pct'] for r in by[method]):.1f} "
             f"| {statistics.mean(r['stored_mb'] for r in by[method]):.3f} | {p.get('storage_gb', '-')} "
             f"| {statistics.mean(r['wall_s'] for r in by[method]):.0f} "
             f"| {statistics.mean(r['tokens_per_s'] for r in by[method] if r['tokens_per_s']):,.0f} |")
-    lines += ["", "Paper training time (min): FFT 28.5, LoRA 16.5, ESFT-Token 19.8, ESFT-Gate 20.9. "
+    lines += ["", "Losses: mean next-token cross-entropy on the answers of the same held-out problems (lower is "
+              "better; the general loss averages the base's four tasks).",
+              "", "Paper training time (min): FFT 28.5, LoRA 16.5, ESFT-Token 19.8, ESFT-Gate 20.9. "
               "Paper Table 4: random experts of the same count lose 2.8 (token) and 4.4 (gate) points."]
     (RESULTS / "tables.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(by, van_spec, van_gen)
+    plot(by, {"exact match %": (van_gen, van_spec),
+              "held-out loss": (statistics.mean(van_loss[g] for g in GENERAL_NAMES), statistics.mean(van_loss[t] for t in TASKS))})
 
 
-def plot(by: dict, van_spec: float, van_gen: float) -> None:
+def plot(by: dict, vanilla: dict[str, tuple[float, float]]) -> None:
+    """Specialized vs general, per method (mean over tasks and seeds): exact match and loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = [m for m in MAIN + ABLATIONS if by[m]]
-    fig, ax = plt.subplots(figsize=(7, 5))
-    ax.scatter([van_gen], [van_spec], marker="*", s=160, color="k", label="vanilla")
-    for m in methods:
-        spec = statistics.mean(r["specialized"] for r in by[m])
-        gen = statistics.mean(r["general"] for r in by[m])
-        ax.scatter([gen], [spec], s=70, label=m)
-        ax.annotate(m, (gen, spec), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("general ability retained (exact match %, base's tasks)")
-    ax.set_ylabel("specialized (exact match %, held-out tasks)")
-    ax.set_title("ESFT at small scale: mean over tasks and seeds")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    panels = [("general", "specialized", "exact match %", "higher is better"),
+              ("general_loss", "specialized_loss", "held-out loss", "lower is better")]
+    for ax, (gx, sy, what, better) in zip(axes, panels):
+        vx, vy = vanilla[what]
+        ax.scatter([vx], [vy], marker="*", s=160, color="k", label="vanilla")
+        for m in methods:
+            x = statistics.mean(r[gx] for r in by[m])
+            y = statistics.mean(r[sy] for r in by[m])
+            ax.scatter([x], [y], s=70, label=m)
+            ax.annotate(m, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel(f"general tasks ({what})")
+        ax.set_ylabel(f"specialized tasks ({what})")
+        ax.set_title(f"{what} ({better})")
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "methods.png", dpi=110)
     plt.close(fig)
