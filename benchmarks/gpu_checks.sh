@@ -40,3 +40,5 @@ grep -E "^E |Error|passed|failed|skipped" "$OUT/gpu_tests_optim.log" | head -10
 [ "${SKIP_BENCH:-0}" = 1 ] || ! python3 -c "import trl" 2>/dev/null || python3 benchmarks/grpo_vs_trl.py --device cuda \
     --model-size 0.5b --dtype bfloat16 --prompts 32 --max-completion-length 256 --steps 6 --warmup 2 \
     --out "$OUT/grpo_vs_trl.json" 2>&1 | grep -E "setup|tokens_per_s" | tee "$OUT/grpo_vs_trl.log"
+[ "${SKIP_BENCH:-0}" = 1 ] || python3 benchmarks/esft_step.py --device cuda --size small --steps 12 \
+    --out "$OUT/esft_step.json" 2>&1 | grep -E "^\||model" | tee "$OUT/esft_step.log"

@@ -10,6 +10,7 @@
     esft tune --config BASE.yaml --space SPACE.yaml --out DIR            # Optuna search (or --lr-find)
     esft rejection-sample --model runs/grpo_arithmetic/hf --task arithmetic --k 8 --out rs.jsonl
     esft pipeline --config configs/pipelines/r1_tiny.yaml                 # R1-style multi-stage run
+    esft experts score|select|save|merge ...                            # expert-specialized FT (MoE)
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ PROJECT_COMMANDS = {
     "tune": "esft.tune",
     "rejection-sample": "esft.rejection",
     "pipeline": "esft.pipeline",
+    "experts": "esft.experts.cli",
 }
 
 

@@ -43,7 +43,11 @@ class ExportHF(L.Callback):
         target = Path(self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf"))
         tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
-        pl_module.model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        # LoRA and trained expert slices are merged: the export is a plain transformers model
+        model = pl_module.export_model() if hasattr(pl_module, "export_model") else pl_module.model
+        if state_dict is None and hasattr(pl_module, "export_state_dict"):
+            state_dict = pl_module.export_state_dict()
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         pl_module.tokenizer.save_pretrained(tmp)
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -17,9 +17,12 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 
 from esft.data.tasks import TASKS, get_task
 from esft.evaluation import generate
+from esft.experts.config import ExpertConfig
+from esft.experts.trainable import apply_expert_config, merged_state_dict
 from esft.models import DType, build_model, load_tokenizer
 from esft.models.attention import AttnImplementation, resolve_attn_implementation
 from esft.models.forward import LossImpl, token_loss
+from esft.models.lora import LoraOptions, apply_lora, is_lora, merged_copy
 from esft.models.tokenizer import resolve_tokenizer_name
 from esft.optim import OptimConfig, build_optimizer, build_scheduler
 from esft.precision import Float8Recipe, convert_torchao_fp8
@@ -41,6 +44,8 @@ class CausalLMModule(L.LightningModule):
         compile: bool = False,
         max_new_tokens: int = 256,
         optim: OptimConfig | None = None,
+        experts: str | None = None,
+        lora: LoraOptions | None = None,
     ) -> None:
         """
         Args:
@@ -61,6 +66,9 @@ class CausalLMModule(L.LightningModule):
                 DataModule's fixed-shape batches (``pad_to_budget``, on by default with compile).
             max_new_tokens: generation limit of ``esft predict``.
             optim: optimizer, parameter groups, schedule and regularization (`esft.optim.OptimConfig`).
+            experts: an expert config JSON (``esft experts select``): train only the selected
+                routed experts of an MoE model (expert-specialized fine-tuning, `esft.experts`).
+            lora: LoRA adapters through peft (`esft.models.lora.LoraOptions`); the base is frozen.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -75,6 +83,23 @@ class CausalLMModule(L.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if fp8 is not None:
             convert_torchao_fp8(self.model, fp8, ["lm_head"] if fp8_skip is None else fp8_skip)
+        self.expert_config = None
+        if experts is not None and lora is not None:
+            raise ValueError("model options 'experts' and 'lora' cannot be combined: choose one")
+        if experts is not None:
+            self.expert_config = ExpertConfig.load(experts)
+            apply_expert_config(self.model, self.expert_config)
+        if lora is not None:
+            self.model = apply_lora(self.model, lora)
+
+    def export_model(self):
+        """The model as a plain transformers model for `ExportHF`: LoRA merged (a copy), trained
+        expert slices merged (the state dict of `export_state_dict`)."""
+        return merged_copy(self.model) if is_lora(self.model) else self.model
+
+    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The state dict to save with `export_model`, or None for its own."""
+        return merged_state_dict(self.model) if self.expert_config is not None else None
 
     def setup(self, stage: str) -> None:
         if self.hparams.attn_implementation == "auto":

@@ -1,0 +1,148 @@
+"""Train only the selected routed experts: gradients and optimizer state exist for their slices
+of the fused expert tensors and for nothing else.
+
+A fused ``[E, ...]`` parameter cannot be partly trainable, so `apply_expert_config` restructures
+each sparse layer's experts module in place:
+
+- the fused ``gate_up_proj`` / ``down_proj`` stay where they are (same state-dict keys) with
+  ``requires_grad=False``;
+- the selected experts' rows are copied into new parameters ``esft_gate_up_proj`` /
+  ``esft_down_proj`` of shape ``[k, ...]`` (k = experts selected in that layer);
+- the module's forward is replaced by `esft_experts_forward`, which groups tokens by expert and
+  takes each expert's weights from the trainable ``[k, ...]`` tensor or from the frozen fused one.
+  Frozen experts therefore get no weight gradient at all (not a gradient that is then masked),
+  and AdamW — fused, foreach or not, with any weight decay — only ever sees the ``[k, ...]``
+  tensors, so every frozen weight stays bit-identical to the base.
+
+Everything else (attention, norms, embeddings, routers, dense MLPs, shared experts) is frozen
+unless the expert config asks for shared experts or non-expert modules. `merge_experts` writes
+the slices back and restores a plain transformers model; `merged_state_dict` does the same
+without touching the model (for exports during a run).
+
+Departures from the paper: routing is not restricted (as in the paper) and the router's
+auxiliary balance loss is not added — the SFT loss never adds it (it calls the decoder directly),
+and with frozen routers its only path to the trained experts would be through earlier layers'
+hidden states. The expert forward is an eager per-expert loop (transformers' default), not a
+grouped-GEMM kernel.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esft.experts.config import ExpertConfig
+from esft.models.moe import EXPERT_PARAMS, moe_adapter
+
+PREFIX = "esft_"
+
+
+def esft_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+    """Routed-expert output for [tokens, H] `hidden_states` and [tokens, K] routing, with each
+    expert's weights taken from the trainable slices where it was selected."""
+    out = torch.zeros_like(hidden_states)
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+    tokens, weights = order // k, top_k_weights.reshape(-1)[order]
+    start = 0
+    for expert, n in enumerate(counts[: self.num_experts]):
+        if n == 0:
+            continue
+        idx, w = tokens[start:start + n], weights[start:start + n]
+        start += n
+        slot = self._esft_slots.get(expert)
+        gate_up = self.gate_up_proj[expert] if slot is None else self.esft_gate_up_proj[slot]
+        down = self.down_proj[expert] if slot is None else self.esft_down_proj[slot]
+        h = self._apply_gate(F.linear(hidden_states[idx], gate_up))
+        h = F.linear(h, down) * w[:, None]
+        out.index_add_(0, idx, h.to(out.dtype))
+    return out
+
+
+def _check(model: nn.Module, cfg: ExpertConfig) -> dict[int, nn.Module]:
+    family = moe_adapter(model)
+    blocks = family.layers(model)
+    n = family.num_experts(model.config)
+    for layer, ids in cfg.experts.items():
+        if layer not in blocks:
+            raise ValueError(f"expert config names layer {layer}, which is not a sparse MoE layer of this "
+                             f"{model.config.model_type} model (sparse layers: {sorted(blocks)})")
+        bad = [i for i in ids if i >= n]
+        if bad:
+            raise ValueError(f"expert config layer {layer}: expert ids {bad} out of range (model has {n} routed experts)")
+    return blocks
+
+
+def apply_expert_config(model: nn.Module, cfg: ExpertConfig) -> int:
+    """Freeze `model` except the experts (and optional parts) `cfg` selects; returns the number of
+    trainable parameters. Idempotent per model: applying twice is an error."""
+    family = moe_adapter(model)
+    blocks = _check(model, cfg)
+    if any(hasattr(b.experts, "_esft_slots") for b in blocks.values()):
+        raise ValueError("an expert config is already applied to this model")
+    for p in model.parameters():
+        p.requires_grad_(cfg.non_expert_modules)
+    for index, block in blocks.items():
+        for name in EXPERT_PARAMS:
+            getattr(block.experts, name).requires_grad_(False)
+        for module in family.shared_modules(block):
+            module.requires_grad_(cfg.shared_experts)
+        ids = cfg.experts.get(index, [])
+        experts = block.experts
+        experts._esft_slots = {e: slot for slot, e in enumerate(ids)}
+        if not ids:
+            continue
+        select = torch.tensor(ids, device=experts.gate_up_proj.device)
+        for name in EXPERT_PARAMS:
+            full = getattr(experts, name)
+            setattr(experts, PREFIX + name, nn.Parameter(full.detach().index_select(0, select).clone()))
+        experts.forward = types.MethodType(esft_experts_forward, experts)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def patched_experts(model: nn.Module) -> dict[int, nn.Module]:
+    """Layer index -> experts module that holds trainable slices."""
+    return {i: b.experts for i, b in moe_adapter(model).layers(model).items() if getattr(b.experts, "_esft_slots", None)}
+
+
+def _merged(experts: nn.Module, name: str) -> torch.Tensor:
+    ids = torch.tensor(list(experts._esft_slots), device=experts.gate_up_proj.device)
+    full = getattr(experts, name).detach().clone()
+    return full.index_copy_(0, ids, getattr(experts, PREFIX + name).detach().to(full.dtype))
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with the trained slices written into the fused expert tensors and
+    the slice parameters left out: a plain transformers state dict. The model is not changed."""
+    state = {k: v for k, v in model.state_dict().items() if PREFIX not in k.rsplit(".", 1)[-1]}
+    owner = {id(m): n for n, m in model.named_modules()}
+    for experts in patched_experts(model).values():
+        for name in EXPERT_PARAMS:
+            key = f"{owner[id(experts)]}.{name}"
+            state[key] = _merged(experts, name)
+    return state
+
+
+def merge_experts(model: nn.Module) -> nn.Module:
+    """Write the trained slices into the fused tensors in place and restore the plain forward."""
+    for experts in patched_experts(model).values():
+        with torch.no_grad():
+            for name in EXPERT_PARAMS:
+                getattr(experts, name).copy_(_merged(experts, name))
+                delattr(experts, PREFIX + name)
+        del experts.forward
+        del experts._esft_slots
+    for block in moe_adapter(model).layers(model).values():
+        block.experts.__dict__.pop("_esft_slots", None)
+    return model
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter by name (the trained slices and any unfrozen module)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
