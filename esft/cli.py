@@ -8,6 +8,8 @@
     esft sweep --config BASE.yaml --grid GRID.yaml --out DIR             # ablation grid x seeds
     esft export --tasks reverse_words --n 1000 --out data/               # built-in tasks as JSONL
     esft tune --config BASE.yaml --space SPACE.yaml --out DIR            # Optuna search (or --lr-find)
+    esft bench --layout rows padded --out runs/bench                     # throughput suite beside TRL
+    esft distill-data responses|topk ...                                 # sequence-level KD data, teacher cache
     esft rejection-sample --model runs/grpo_arithmetic/hf --task arithmetic --k 8 --out rs.jsonl
     esft pipeline --config configs/pipelines/r1_tiny.yaml                 # R1-style multi-stage run
     esft experts score|select|save|merge ...                            # expert-specialized FT (MoE)
