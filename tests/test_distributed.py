@@ -94,3 +94,39 @@ def test_interrupted_two_process_run_resumes_to_the_same_weights(tmp_path, strat
     full, resumed = (load_file(tmp_path / run / "hf" / "model.safetensors") for run in ("full", "run"))
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_esft_under_two_process_ddp(tmp_path):
+    """Expert-specialized fine-tuning on 2 ranks: the same weights as one process with the same
+    global batch, every frozen tensor and frozen expert slice bit-identical to the base, the
+    adapter written once."""
+    from esft.models import build_model, load_tokenizer
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    build_model(load_tokenizer("builtin"), model_config=TINY["qwen2_moe"]).save_pretrained(base)
+    selected = {"0": [0, 2], "1": [1]}
+    experts = tmp_path / "experts.json"
+    experts.write_text(json.dumps({"experts": selected, "shared_experts": False, "non_expert_modules": False}))
+    runs = {}
+    for name, trainer in (("ddp", {"strategy": "ddp", "devices": 2}), ("single", {"devices": 1, "accumulate_grad_batches": 2})):
+        config = write_config(tmp_path / name, **trainer)
+        cfg = yaml.safe_load(config.read_text())
+        cfg["model"]["init_args"] = {"model_name_or_path": str(base), "tokenizer": "builtin", "experts": str(experts),
+                                     "optim": {"lr": 1e-2, "weight_decay": 0.1}}
+        cfg["trainer"]["callbacks"].append({"class_path": "esft.experts.ExportExpertAdapter",
+                                            "init_args": {"dirpath": str(tmp_path / name / "adapter")}})
+        config.write_text(yaml.safe_dump(cfg))
+        fit(config)
+        runs[name] = load_file(tmp_path / name / "hf" / "model.safetensors")
+    before = load_file(base / "model.safetensors")
+    # saved per expert (transformers writes fused MoE experts back as experts.<e>.<proj>.weight)
+    trained = {f"model.layers.{layer}.mlp.experts.{e}." for layer, ids in selected.items() for e in ids}
+    assert sum(any(name.startswith(t) for t in trained) for name in before) == 3 * 3  # gate, up, down per expert
+    for name, tensor in before.items():
+        for run in runs.values():
+            changed = not torch.equal(run[name], tensor)
+            assert changed == any(name.startswith(t) for t in trained), name
+        torch.testing.assert_close(runs["ddp"][name], runs["single"][name], atol=2e-5, rtol=1e-4, msg=name)
+    assert sorted(p.name for p in (tmp_path / "ddp" / "adapter").iterdir()) == sorted(
+        p.name for p in (tmp_path / "single" / "adapter").iterdir())

@@ -23,7 +23,9 @@ Departures from the paper: routing is not restricted (as in the paper) and the r
 auxiliary balance loss is not added — the SFT loss never adds it (it calls the decoder directly),
 and with frozen routers its only path to the trained experts would be through earlier layers'
 hidden states. The expert forward is an eager per-expert loop (transformers' default), not a
-grouped-GEMM kernel.
+grouped-GEMM kernel. A trainable slice that no token reached in a step gets a zero gradient
+rather than none (so DDP needs no ``find_unused_parameters``): AdamW still applies its momentum
+and weight decay to it, as it does to the untouched rows of any partly used weight.
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ def esft_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
         h = self._apply_gate(F.linear(hidden_states[idx], gate_up))
         h = F.linear(h, down) * w[:, None]
         out.index_add_(0, idx, h.to(out.dtype))
-    return out
+    # every trainable slice takes part in the graph even when no token reached it, so data-parallel
+    # gradient reduction finds no unused parameter (a zero gradient for the untouched slices)
+    return out + (self.esft_gate_up_proj.sum() + self.esft_down_proj.sum()).to(out.dtype) * 0.0
 
 
 def _check(model: nn.Module, cfg: ExpertConfig) -> dict[int, nn.Module]:
