@@ -130,3 +130,54 @@ def test_esft_under_two_process_ddp(tmp_path):
         torch.testing.assert_close(runs["ddp"][name], runs["single"][name], atol=2e-5, rtol=1e-4, msg=name)
     assert sorted(p.name for p in (tmp_path / "ddp" / "adapter").iterdir()) == sorted(
         p.name for p in (tmp_path / "single" / "adapter").iterdir())
+
+
+def _with_model(config: Path, model: dict, data: dict | None = None) -> Path:
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"] = model
+    if data is not None:
+        cfg["data"] = data
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+def test_distillation_under_two_process_ddp_matches_one_process(tmp_path):
+    """Logit KD with a frozen teacher replicated on each rank: the student ends where one process
+    with the same global batch ends."""
+    teacher = dict(TINY["llama"], hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    model = {"class_path": "esft.objectives.DistillModule",
+             "init_args": {"model_config": TINY["llama"], "teacher_config": teacher, "divergence": "jsd", "beta": 0.5,
+                           "alpha": 0.5, "optim": {"lr": 1e-2, "warmup_steps": 2}}}
+    runs = {}
+    for name, trainer in (("ddp", {"strategy": "ddp", "devices": 2}), ("single", {"devices": 1, "accumulate_grad_batches": 2})):
+        fit(_with_model(write_config(tmp_path / name, **trainer), model))
+        runs[name] = load_file(tmp_path / name / "hf" / "model.safetensors")
+    for name in runs["single"]:
+        torch.testing.assert_close(runs["ddp"][name], runs["single"][name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_grpo_with_a_reference_model_runs_under_two_process_ddp(tmp_path):
+    """GRPO on 2 ranks (rollouts on each rank, the k3 KL to a frozen reference): trains and exports once."""
+    model = {"class_path": "esft.objectives.GRPOModule",
+             "init_args": {"model_config": TINY["llama"], "tokenizer": "builtin", "num_generations": 4,
+                           "max_completion_length": 8, "beta": 0.04, "rewards": {"accuracy": 1.0, "format": 0.5},
+                           "optim": {"lr": 1e-2}}}
+    data = {"class_path": "esft.data.PromptDataModule",
+            "init_args": {"tasks": [{"name": "arithmetic", "max_digits": 1, "think": True}], "num_train_per_task": 16,
+                          "num_val_per_task": 0, "batch_size": 2}}
+    config = _with_model(write_config(tmp_path, strategy="ddp", devices=2, max_steps=3), model, data)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["trainer"]["callbacks"] = cfg["trainer"]["callbacks"][:1]  # the export only
+    config.write_text(yaml.safe_dump(cfg))
+    fit(config)
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in exported.values())
+
+
+def test_objectives_without_fsdp2_support_say_so(tmp_path):
+    from esft.objectives import GRPOModule
+
+    module = GRPOModule(model_config=TINY["llama"], tokenizer="builtin")
+    module._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
+    with pytest.raises(ValueError, match="GRPOModule does not run under FSDP2"):
+        module.configure_model()

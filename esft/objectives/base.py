@@ -29,6 +29,7 @@ from esft.precision import Float8Recipe, convert_torchao_fp8
 from esft.regularization import apply_regularization
 
 class CausalLMModule(L.LightningModule):
+    supports_fsdp2 = True  # objectives whose forward passes all go through `token_loss` / `generate`
     def __init__(
         self,
         model_name_or_path: str | None = None,
@@ -116,6 +117,9 @@ class CausalLMModule(L.LightningModule):
         Elsewhere ``compile`` compiles the whole decoder. Runs once (Lightning may call it again)."""
         mesh = self.device_mesh
         layers = self.model.get_decoder().layers
+        if mesh is not None and not self.supports_fsdp2:
+            raise ValueError(f"{type(self).__name__} does not run under FSDP2 (ModelParallelStrategy) yet: its extra "
+                             "forward passes bypass the sharded root; use strategy: ddp")
         if mesh is not None and not isinstance(self.model, FSDPModule):
             if mesh["tensor_parallel"].size() > 1:
                 raise ValueError("tensor parallelism is not supported: set ModelParallelStrategy(tensor_parallel_size=1)")

@@ -67,6 +67,8 @@ def load_teacher(student_tokenizer, teacher: str | None, teacher_config: dict[st
 
 
 class DistillModule(SFTModule):
+    supports_fsdp2 = False  # the student's and teacher's forward passes call the decoders directly
+
     def __init__(
         self,
         teacher: str | None = None,

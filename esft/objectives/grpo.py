@@ -46,6 +46,8 @@ def rollout_batch(rollouts: list[Rollout], pad_token_id: int) -> dict[str, Any]:
 
 
 class GRPOModule(CausalLMModule):
+    supports_fsdp2 = False  # the policy's log-probs call the decoder directly
+
     def __init__(
         self,
         num_generations: int = 8,
