@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--no-ablations", action="store_true")
-    parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     if not args.report_only:
