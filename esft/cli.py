@@ -7,6 +7,7 @@
     esft eval --model runs/quickstart/hf --tasks reverse_words          # generation-based evaluation
     esft sweep --config BASE.yaml --grid GRID.yaml --out DIR             # ablation grid x seeds
     esft export --tasks reverse_words --n 1000 --out data/               # built-in tasks as JSONL
+    esft curate --input data.jsonl --config configs/sft/curated.yaml --out curated/   # curation + report
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ PROJECT_COMMANDS = {
     "eval": "esft.evaluation.run",
     "sweep": "esft.sweep",
     "export": "esft.data.tasks.export",
+    "curate": "esft.curation.curate",
 }
 
 
