@@ -123,6 +123,15 @@ class Cached:
         return out
 
 
+def build_part(registry: dict[str, type], spec: dict[str, Any] | str, what: str) -> Any:
+    """``registry[name](**options)`` from a spec ``{"name": ..., **options}`` (or just a name)."""
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = spec.pop("name", None)
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; expected one of {', '.join(registry)}")
+    return registry[name](**spec)
+
+
 # ---- token lengths and budgets ----------------------------------------------------------------
 def token_lengths(records: list[dict[str, Any]], tokenizer: Any, batch_size: int = 2000) -> torch.Tensor:
     """Tokens of each record rendered with the tokenizer's chat template (what packing counts)."""

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from esft.curation.base import Cached, field_text
+from esft.curation.base import Cached, build_part, field_text
 from esft.curation.lm import LMPart
 
 
@@ -74,9 +74,5 @@ EMBEDDERS: dict[str, type[Embedder]] = {cls.name: cls for cls in (MiniLMEmbedder
 
 
 def build_embedder(spec: dict[str, Any] | str) -> Embedder:
-    """An embedder from ``{"name": ..., **options}`` (or just its name)."""
-    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
-    name = spec.pop("name", None)
-    if name not in EMBEDDERS:
-        raise ValueError(f"unknown embedder {name!r}; expected one of {', '.join(EMBEDDERS)}")
-    return EMBEDDERS[name](**spec)
+    """A embedder from ``{"name": ..., **options}`` (or just its name)."""
+    return build_part(EMBEDDERS, spec, "embedder")

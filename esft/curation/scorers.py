@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from esft.curation.base import Cached, field_text, prompt_text, response_text, token_lengths
+from esft.curation.base import Cached, build_part, field_text, prompt_text, response_text, token_lengths
 from esft.curation.lm import LMPart
 
 
@@ -124,8 +124,4 @@ SCORERS: dict[str, type[Scorer]] = {cls.name: cls for cls in (LengthScorer, Perp
 
 def build_scorer(spec: dict[str, Any] | str) -> Scorer:
     """A scorer from ``{"name": ..., **options}`` (or just its name)."""
-    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
-    name = spec.pop("name", None)
-    if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r}; expected one of {', '.join(SCORERS)}")
-    return SCORERS[name](**spec)
+    return build_part(SCORERS, spec, "scorer")
