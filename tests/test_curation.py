@@ -243,3 +243,26 @@ def test_pipeline_report_counts_and_errors():
     with pytest.raises(ValueError, match="bad options"):
         Pipeline([{"filter": "degenerate", "typo": 1}])
     assert math.isclose(report.stages[0].removed / report.stages[0].before, 0.2)
+
+
+def test_lm_embedding_is_mean_hidden_state_of_each_record(tokenizer):
+    from esft.curation.embedders import build_embedder
+
+    records = build_task("arithmetic").generate(4, seed=0) + build_task("reverse_words").generate(4, seed=0)
+    vectors = build_embedder({"name": "lm", "model_config": TINY["llama"], "seed": 5})(records + records[:1])
+    torch.manual_seed(5)
+    model = build_model(tokenizer, model_config=TINY["llama"]).eval()
+    for i, r in enumerate(records):
+        ids = tokenizer.apply_chat_template(r["messages"], tokenize=False)
+        ids = torch.tensor([tokenizer(ids, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            h = model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state[0].mean(0)
+        torch.testing.assert_close(vectors[i], torch.nn.functional.normalize(h, dim=0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(vectors[-1], vectors[0])
+
+
+def test_ordered_rows_keep_order():
+    from esft.curation import ordered_rows
+
+    assert ordered_rows([3, 4, 2, 5, 1, 1], capacity=7) == [[0, 1], [2, 3], [4, 5]]
+    assert ordered_rows([7, 1], capacity=7) == [[0], [1]]

@@ -77,3 +77,29 @@ def test_esft_curate_keeps_input_format_and_writes_report(tmp_path):
     removed = [json.loads(line) for line in (tmp_path / "out" / "removed.jsonl").read_text().splitlines()]
     assert removed[0]["stage"] == "0:degenerate" and "la la" in removed[0]["messages"][1]["content"]
     assert "| longest |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_fit_with_curation_logs_the_report_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from esft.cli import main
+    from tests.conftest import TINY
+
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "limit_val_batches": 0,
+                    "enable_progress_bar": False, "enable_checkpointing": False, "default_root_dir": str(tmp_path),
+                    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                               "init_args": {"save_dir": str(tmp_path), "name": "", "version": ""}}},
+        "model": {"class_path": "esft.objectives.SFTModule", "init_args": {"model_config": TINY["llama"]}},
+        "data": {"class_path": "esft.data.SFTDataModule",
+                 "init_args": {"tasks": ["arithmetic"], "num_train_per_task": 40, "num_val_per_task": 0,
+                               "max_length": 64, "max_tokens": 256,
+                               "curation": [{"select": "random", "budget": 10}]}},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cli = main(["fit", "--config", str(path)])
+    assert len(cli.datamodule.train_examples) == 10
+    events = EventAccumulator(str(tmp_path)).Reload()
+    assert events.Scalars("curation/0_0_random/removed")[0].value == 30
