@@ -59,7 +59,7 @@ PROJECT_COMMANDS = {
     "eval": "esft.evaluation.run",
     "sweep": "esft.sweep",
     "export": "esft.data.tasks.export",
-    "curate": "esft.curation.curate",
+    "curate": "esft.curation.command",
 }
 
 
