@@ -1,8 +1,8 @@
 """Curation at scale on CPU: the whole pipeline on 100,000 records, time per stage, and how each
 selector's cost grows with the pool size.
 
-    OMP_NUM_THREADS=2 python benchmarks/curation_scale.py                  # 100k records, all embedded
-    python benchmarks/curation_scale.py --embed-n 2000 --kcenter-max 20000  # embed a sample (busy machine)
+    python benchmarks/curation_scale.py                                     # 100k records, all embedded
+    python benchmarks/curation_scale.py --embed-n 2000 --sizes 1000 10000 100000 --kcenter-max 10000  # busy machine
     python benchmarks/curation_scale.py --n 5000 --sizes 1000 5000          # quick check
 
 Records: built-in tasks (8 of them, n*0.8 distinct problems), plus 10% exact duplicates
