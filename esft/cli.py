@@ -13,6 +13,7 @@
     esft rejection-sample --model runs/grpo_arithmetic/hf --task arithmetic --k 8 --out rs.jsonl
     esft pipeline --config configs/pipelines/r1_tiny.yaml                 # R1-style multi-stage run
     esft experts score|select|save|merge ...                            # expert-specialized FT (MoE)
+    esft curate --input data.jsonl --config configs/sft/curated.yaml --out curated/   # curation + report
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ PROJECT_COMMANDS = {
     "rejection-sample": "esft.rejection",
     "pipeline": "esft.pipeline",
     "experts": "esft.experts.cli",
+    "curate": "esft.curation.command",
 }
 
 

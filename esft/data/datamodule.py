@@ -58,6 +58,8 @@ class SFTDataModule(L.LightningDataModule):
         pad_to_budget: bool | None = None,
         batch_size: int = 8,
         num_workers: int = 0,
+        curation: list[dict[str, Any]] | None = None,
+        curriculum: dict[str, Any] | None = None,
     ) -> None:
         """
         Args:
@@ -94,6 +96,12 @@ class SFTDataModule(L.LightningDataModule):
                 model has ``compile: true`` or ``fp8`` set. Filler tokens count as padding.
             batch_size: examples per padded micro-batch when ``packing: false``.
             num_workers: DataLoader worker processes.
+            curation: curation stages applied to the training records after loading, before
+                tokenizing (filters, dedup, scored / embedded budgeted selection; see
+                `esft.curation.pipeline`); the report is printed and logged to TensorBoard.
+            curriculum: a scorer spec (``{name: length}``, ``{name: ifd, ...}``, optionally
+                ``descending: true``): train easy to hard, lowest score first, in order every
+                epoch instead of shuffled (see `esft.curation.curriculum`).
         """
         super().__init__()
         if packing and max_length > max_tokens:
@@ -168,6 +176,10 @@ class SFTDataModule(L.LightningDataModule):
                 train, val = train[k:], train[:k]
             else:
                 val = []
+        if hp.curation or hp.curriculum:
+            from esft.curation import prepare
+
+            train = prepare(train, hp.curation, hp.curriculum, hp.seed, self.trainer.logger if self.trainer else None)
         self.train_examples = self._tokenize(train, "train")
         if not self.train_examples:
             raise DataFormatError(f"{hp.path}: no training examples left after tokenization (see the report above)")
@@ -179,7 +191,12 @@ class SFTDataModule(L.LightningDataModule):
         """Packed rows of <= max_length tokens, grouped max_tokens // max_length to a micro-batch;
         or single examples, batch_size to a micro-batch."""
         if self.hp.packing:
-            rows = best_fit_decreasing([e["length"] for e in examples], self.hp.max_length)
+            lengths = [e["length"] for e in examples]
+            if self.hp.curriculum and examples is self.train_examples:
+                from esft.curation import ordered_rows
+
+                return ordered_rows(lengths, self.hp.max_length), self.hp.max_tokens // self.hp.max_length
+            rows = best_fit_decreasing(lengths, self.hp.max_length)
             return rows, self.hp.max_tokens // self.hp.max_length
         return [[i] for i in range(len(examples))], self.hp.batch_size
 
@@ -212,7 +229,7 @@ class SFTDataModule(L.LightningDataModule):
         sampler = ResumableBatchSampler(
             len(units),
             per_batch,
-            shuffle=shuffle,
+            shuffle=shuffle and not self.hp.curriculum,
             seed=self.hp.seed,
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
