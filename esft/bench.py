@@ -159,7 +159,7 @@ def run_esft(setup: Setup, examples: list[dict], args: argparse.Namespace, per_s
     module = SFTModule(model_config=SHAPES[args.shape], tokenizer="builtin", dtype=args.dtype, attn_implementation=setup.attn,
                        loss_impl="liger" if setup.loss == "liger" else "chunked", loss_chunk_size=0 if setup.loss == "full" else 1024,
                        gradient_checkpointing=args.gradient_checkpointing, compile=setup.compile, fp8=setup.fp8,
-                       optim=OptimConfig(lr=args.lr, warmup_steps=0))
+                       optim=OptimConfig(lr=args.lr, warmup_steps=0, schedule="constant"))  # as TRL's rows
     packed = setup.layout != "padded"
     dm = SFTDataModule(tokenizer_name="builtin", max_length=args.max_length, max_tokens=args.max_length * args.rows,
                        packing=packed, layout=setup.layout if setup.layout in ("flat", "rows") else "auto",
