@@ -28,8 +28,10 @@ from esft.optim import OptimConfig, build_optimizer, build_scheduler
 from esft.precision import Float8Recipe, convert_torchao_fp8
 from esft.regularization import apply_regularization
 
+
 class CausalLMModule(L.LightningModule):
     supports_fsdp2 = True  # objectives whose forward passes all go through `token_loss` / `generate`
+
     def __init__(
         self,
         model_name_or_path: str | None = None,
