@@ -14,11 +14,12 @@ A pipeline YAML::
       - {name: cold_start, fit: configs/sft/r1_cold_start.yaml, overrides: {trainer.max_steps: 600}}
       - {name: rl, fit: configs/grpo/arithmetic_tiny.yaml, init_from: cold_start}
       - {name: rs, rejection_sample: {task: [...], k: 8}, model_from: rl}
-      - {name: rs_sft, fit: configs/sft/r1_cold_start.yaml, data_from: rs}
+      - {name: rs_sft, fit: configs/sft/r1_cold_start.yaml, data_from: rs, data_mode: add}
 
 Stage kinds: ``fit`` (an ``esft fit`` config; `overrides` sets dotted keys of it, `init_from`
 starts the model from that stage's exported ``hf/`` model, `data_from` trains on that stage's
-``data.jsonl``), ``rejection_sample`` (arguments of ``esft rejection-sample``; the model comes
+``data.jsonl``: instead of the config's data with ``data_mode: replace`` (the default), beside it
+with ``data_mode: add``), ``rejection_sample`` (arguments of ``esft rejection-sample``; the model comes
 from `model_from`). Each stage runs in its own process; a finished stage leaves ``DONE`` and
 ``result.json`` and is skipped on the next run, so an interrupted pipeline resumes at the stage it
 stopped in (a fit stage continues from its ``last.ckpt``). After every stage the stage's model is
@@ -65,6 +66,8 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
         for ref in ("init_from", "data_from", "model_from"):
             if stage.get(ref) is not None and stage[ref] not in names:
                 raise PipelineError(f"{where}: {ref}={stage[ref]!r} is not an earlier stage ({', '.join(names) or 'none'})")
+        if stage.get("data_mode", "replace") not in ("replace", "add"):
+            raise PipelineError(f"{where}: data_mode must be 'replace' or 'add', got {stage['data_mode']!r}")
         if "rejection_sample" in stage and not stage.get("model_from"):
             raise PipelineError(f"{where}: a rejection_sample stage needs model_from")
         if stage["name"] in names:
@@ -113,7 +116,12 @@ def fit_config(base: dict[str, Any], stage: dict[str, Any], out: Path, seed: int
         model_args["model_config"] = None
         model_args["tokenizer"] = None
     if stage.get("data_from"):
-        cfg.setdefault("data", {}).setdefault("init_args", {})["path"] = str(out.parent / stage["data_from"] / "data.jsonl")
+        data_args = cfg.setdefault("data", {}).setdefault("init_args", {})
+        source = str(out.parent / stage["data_from"] / "data.jsonl")
+        if stage.get("data_mode") == "add":
+            data_args["extra_paths"] = [*(data_args.get("extra_paths") or []), source]
+        else:
+            data_args["path"] = source
     return cfg
 
 

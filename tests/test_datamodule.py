@@ -61,6 +61,17 @@ def test_val_path_and_padded_loader(tmp_path):
     assert [s[0] for s in shapes] == [4, 4, 1]
 
 
+def test_extra_paths_add_training_records_beside_builtin(tmp_path):
+    extra = write_jsonl(tmp_path / "rs.jsonl", conversations(5))
+    base = make("builtin", tasks=["arithmetic"], num_train_per_task=20, num_val_per_task=4)
+    dm = make("builtin", tasks=["arithmetic"], num_train_per_task=20, num_val_per_task=4, extra_paths=[extra, extra])
+    assert len(base.train_examples) == 20 and len(dm.train_examples) == 30
+    assert [e["input_ids"] for e in dm.train_examples[:20]] == [e["input_ids"] for e in base.train_examples]
+    assert len(dm.val_examples) == 4  # validation comes from `path` only
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        make("builtin", tasks=["arithmetic"], num_train_per_task=4, extra_paths=[str(tmp_path / "missing.jsonl")])
+
+
 def test_skip_policy_reports_counts(tmp_path, report):
     rows = conversations(5) + [{"prompt": "p", "response": ""}, {"prompt": "p", "response": " "}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)

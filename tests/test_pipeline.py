@@ -51,6 +51,10 @@ def test_load_pipeline_errors(tmp_path):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"stages": [{"name": "a", "fit": "x", "rejection_sample": {}}]}))
     with pytest.raises(PipelineError, match="exactly one"):
         load_pipeline(tmp_path / "p.yaml")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"stages": [
+        {"name": "a", "fit": "x"}, {"name": "b", "fit": "x", "data_from": "a", "data_mode": "mix"}]}))
+    with pytest.raises(PipelineError, match="stage 'b': data_mode must be 'replace' or 'add'"):
+        load_pipeline(tmp_path / "p.yaml")
     assert [s["name"] for s in load_pipeline(ROOT / "configs/pipelines/r1_tiny.yaml")["stages"]] == [
         "cold_start", "rl", "rejection_sampling", "rs_sft", "rl2"]
 
@@ -71,8 +75,9 @@ def test_stage_fit_configs_of_r1_tiny_parse(tmp_path, capsys):
         assert printed["seed_everything"] == 3 and printed["trainer"]["default_root_dir"] == str(tmp_path / stage["name"])
         if stage.get("init_from"):
             assert printed["model"]["init_args"]["model_name_or_path"] == str(tmp_path / stage["init_from"] / "hf")
-        if stage.get("data_from"):
-            assert printed["data"]["init_args"]["path"] == str(tmp_path / stage["data_from"] / "data.jsonl")
+        if stage.get("data_from"):  # r1_tiny's rs_sft adds the samples to the cold-start data
+            assert stage["data_mode"] == "add" and printed["data"]["init_args"]["path"] == "builtin"
+            assert printed["data"]["init_args"]["extra_paths"] == [str(tmp_path / stage["data_from"] / "data.jsonl")]
 
 
 def tiny_sft(path: Path) -> Path:

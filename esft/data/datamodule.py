@@ -60,6 +60,7 @@ class SFTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         curation: list[dict[str, Any]] | None = None,
         curriculum: dict[str, Any] | None = None,
+        extra_paths: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -102,6 +103,9 @@ class SFTDataModule(L.LightningDataModule):
             curriculum: a scorer spec (``{name: length}``, ``{name: ifd, ...}``, optionally
                 ``descending: true``): train easy to hard, lowest score first, in order every
                 epoch instead of shuffled (see `esft.curation.curriculum`).
+            extra_paths: more training sources (files, directories or hub ids, read with
+                `format` and `split`) added to `path`'s training records, e.g. rejection-sampled
+                data beside the built-in tasks; validation still comes from `path` / `val_path`.
         """
         super().__init__()
         if packing and max_length > max_tokens:
@@ -176,6 +180,8 @@ class SFTDataModule(L.LightningDataModule):
                 train, val = train[k:], train[:k]
             else:
                 val = []
+        for source in hp.extra_paths or []:
+            train = train + self._load(source, hp.split)
         if hp.curation or hp.curriculum:
             from esft.curation import prepare
 
