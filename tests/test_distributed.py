@@ -60,8 +60,17 @@ FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
          "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1, "save_distributed_checkpoint": False}}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", FSDP2], ids=["ddp", "fsdp2"])
+def zero(stage: int) -> dict:
+    """DeepSpeed ZeRO through Lightning's `DeepSpeedStrategy`, its CUDA-only checks lifted for
+    this CPU (tests/cpu_deepspeed.py); skipped without deepspeed."""
+    pytest.importorskip("deepspeed")
+    return {"class_path": "cpu_deepspeed.CPUDeepSpeedStrategy", "init_args": {"stage": stage}}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2, 2, 3], ids=["ddp", "fsdp2", "zero2", "zero3"])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, single, strategy):
+    if isinstance(strategy, int):
+        strategy = zero(strategy)
     fit(write_config(tmp_path, strategy=strategy, devices=2))
     two = load_file(tmp_path / "hf" / "model.safetensors")  # written once, from the gathered weights
     assert "after" in json.loads((tmp_path / "eval.json").read_text())  # generation ran (sharded: on every rank)
@@ -96,10 +105,11 @@ def test_interrupted_two_process_run_resumes_to_the_same_weights(tmp_path, strat
         torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0, msg=name)
 
 
-def test_esft_under_two_process_ddp(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2], ids=["ddp", "fsdp2"])
+def test_esft_under_two_processes(tmp_path, strategy):
     """Expert-specialized fine-tuning on 2 ranks: the same weights as one process with the same
     global batch, every frozen tensor and frozen expert slice bit-identical to the base, the
-    adapter written once."""
+    adapter written once (under FSDP2 from the gathered slices, the export merged)."""
     from esft.models import build_model, load_tokenizer
 
     torch.manual_seed(0)
@@ -109,7 +119,7 @@ def test_esft_under_two_process_ddp(tmp_path):
     experts = tmp_path / "experts.json"
     experts.write_text(json.dumps({"experts": selected, "shared_experts": False, "non_expert_modules": False}))
     runs = {}
-    for name, trainer in (("ddp", {"strategy": "ddp", "devices": 2}), ("single", {"devices": 1, "accumulate_grad_batches": 2})):
+    for name, trainer in (("ddp", {"strategy": strategy, "devices": 2}), ("single", {"devices": 1, "accumulate_grad_batches": 2})):
         config = write_config(tmp_path / name, **trainer)
         cfg = yaml.safe_load(config.read_text())
         cfg["model"]["init_args"] = {"model_name_or_path": str(base), "tokenizer": "builtin", "experts": str(experts),
@@ -130,6 +140,10 @@ def test_esft_under_two_process_ddp(tmp_path):
         torch.testing.assert_close(runs["ddp"][name], runs["single"][name], atol=2e-5, rtol=1e-4, msg=name)
     assert sorted(p.name for p in (tmp_path / "ddp" / "adapter").iterdir()) == sorted(
         p.name for p in (tmp_path / "single" / "adapter").iterdir())
+    adapters = {name: load_file(tmp_path / name / "adapter" / "adapter.safetensors") for name in runs}
+    assert adapters["ddp"].keys() == adapters["single"].keys()
+    for name in adapters["single"]:  # whole slices (gathered from the shards under FSDP2)
+        torch.testing.assert_close(adapters["ddp"][name], adapters["single"][name], atol=2e-5, rtol=1e-4, msg=name)
 
 
 def _with_model(config: Path, model: dict, data: dict | None = None) -> Path:
@@ -141,43 +155,72 @@ def _with_model(config: Path, model: dict, data: dict | None = None) -> Path:
     return config
 
 
-def test_distillation_under_two_process_ddp_matches_one_process(tmp_path):
-    """Logit KD with a frozen teacher replicated on each rank: the student ends where one process
-    with the same global batch ends."""
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2], ids=["ddp", "fsdp2"])
+def test_distillation_under_two_processes_matches_one_process(tmp_path, strategy):
+    """Logit KD with a frozen teacher (replicated per rank under DDP, sharded under FSDP2): the
+    student ends where one process with the same global batch ends."""
     teacher = dict(TINY["llama"], hidden_size=32, intermediate_size=64, num_hidden_layers=1)
     model = {"class_path": "esft.objectives.DistillModule",
              "init_args": {"model_config": TINY["llama"], "teacher_config": teacher, "divergence": "jsd", "beta": 0.5,
                            "alpha": 0.5, "optim": {"lr": 1e-2, "warmup_steps": 2}}}
     runs = {}
-    for name, trainer in (("ddp", {"strategy": "ddp", "devices": 2}), ("single", {"devices": 1, "accumulate_grad_batches": 2})):
+    for name, trainer in (("ddp", {"strategy": strategy, "devices": 2}), ("single", {"devices": 1, "accumulate_grad_batches": 2})):
         fit(_with_model(write_config(tmp_path / name, **trainer), model))
         runs[name] = load_file(tmp_path / name / "hf" / "model.safetensors")
     for name in runs["single"]:
         torch.testing.assert_close(runs["ddp"][name], runs["single"][name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-def test_grpo_with_a_reference_model_runs_under_two_process_ddp(tmp_path):
-    """GRPO on 2 ranks (rollouts on each rank, the k3 KL to a frozen reference): trains and exports once."""
+def test_grpo_with_a_reference_model_under_ddp_and_fsdp2(tmp_path):
+    """GRPO on 2 ranks (rollouts on each rank, the k3 KL to a frozen reference): DDP (policy and
+    reference replicated) and FSDP2 (both sharded, rollouts in lockstep) end at the same weights,
+    away from the start (a run at learning rate 1e-12; 0 is refused)."""
+    # a reward that varies across a random model's completions (the share of words among every
+    # other token of the vocabulary), so the advantages are not all zero
+    from esft.models import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin")
+    words = sorted({w for w in (tokenizer.decode([i]).strip() for i in range(0, len(tokenizer), 2)) if w.isalpha()})
     model = {"class_path": "esft.objectives.GRPOModule",
              "init_args": {"model_config": TINY["llama"], "tokenizer": "builtin", "num_generations": 4,
-                           "max_completion_length": 8, "beta": 0.04, "rewards": {"accuracy": 1.0, "format": 0.5},
-                           "optim": {"lr": 1e-2}}}
+                           "max_completion_length": 8, "beta": 0.04, "temperature": 1.5, "rewards": {"language": 1.0},
+                           "reward_options": {"language": {"vocabulary": words}}, "optim": {"lr": 1e-2}}}
     data = {"class_path": "esft.data.PromptDataModule",
             "init_args": {"tasks": [{"name": "arithmetic", "max_digits": 1, "think": True}], "num_train_per_task": 16,
                           "num_val_per_task": 0, "batch_size": 2}}
-    config = _with_model(write_config(tmp_path, strategy="ddp", devices=2, max_steps=3), model, data)
-    cfg = yaml.safe_load(config.read_text())
-    cfg["trainer"]["callbacks"] = cfg["trainer"]["callbacks"][:1]  # the export only
-    config.write_text(yaml.safe_dump(cfg))
-    fit(config)
-    exported = load_file(tmp_path / "hf" / "model.safetensors")
-    assert all(torch.isfinite(t).all() for t in exported.values())
+    runs = {}
+    for name, strategy, lr in (("ddp", "ddp", 1e-2), ("fsdp2", FSDP2, 1e-2), ("start", "ddp", 1e-12)):
+        config = _with_model(write_config(tmp_path / name, strategy=strategy, devices=2, max_steps=3), model, data)
+        cfg = yaml.safe_load(config.read_text())
+        cfg["trainer"]["callbacks"] = cfg["trainer"]["callbacks"][:1]  # the export only
+        cfg["model"]["init_args"]["optim"]["lr"] = lr
+        config.write_text(yaml.safe_dump(cfg))
+        fit(config)
+        runs[name] = load_file(tmp_path / name / "hf" / "model.safetensors")
+    assert max((runs["ddp"][n] - runs["start"][n]).abs().max().item() for n in runs["start"]) > 1e-3  # it trained
+    for name in runs["ddp"]:
+        torch.testing.assert_close(runs["fsdp2"][name], runs["ddp"][name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-def test_objectives_without_fsdp2_support_say_so(tmp_path):
+def test_sharded_rollouts_run_in_lockstep(tmp_path):
+    """Two FSDP2 ranks generating different numbers of tokens (as sampled completions end at
+    different steps) finish together and give the unsharded model's completions."""
+    script = ROOT / "tests" / "dist_rollout.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["sharded"] == result["reference"] and len(result["sharded"][0]) == 3 + 5 * rank
+
+
+def test_tensor_parallelism_is_refused():
+    from types import SimpleNamespace
+
     from esft.objectives import GRPOModule
 
     module = GRPOModule(model_config=TINY["llama"], tokenizer="builtin")
-    module._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
-    with pytest.raises(ValueError, match="GRPOModule does not run under FSDP2"):
+    module._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 2)}  # what ModelParallelStrategy sets
+    with pytest.raises(ValueError, match="tensor parallelism is not supported"):
         module.configure_model()

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
-from torch.distributed.fsdp import FSDPModule
 
 from esft.data.tasks import TaskSpec, build_task
 from esft.evaluation import evaluate_tasks
+from esft.models.sharding import is_sharded
 
 
 class TaskEvaluation(L.Callback):
@@ -62,9 +62,9 @@ class TaskEvaluation(L.Callback):
 
     @staticmethod
     def _runs_here(trainer, pl_module) -> bool:
-        """Rank 0 generates alone, unless the model is sharded (FSDP2): then every rank takes part
+        """Rank 0 generates alone, unless the model is sharded (FSDP2, ZeRO-3): then every rank takes part
         in the parameter gathers of each forward pass, and rank 0 keeps the result."""
-        return trainer.is_global_zero or isinstance(pl_module.model, FSDPModule)
+        return trainer.is_global_zero or is_sharded(pl_module.model)
 
     def _log(self, trainer, when: str, scores: dict[str, float]) -> None:
         self.results[when] = scores

@@ -45,8 +45,8 @@ class ExportHF(L.Callback):
         shutil.rmtree(tmp, ignore_errors=True)
         # LoRA and trained expert slices are merged: the export is a plain transformers model
         model = pl_module.export_model() if hasattr(pl_module, "export_model") else pl_module.model
-        if state_dict is None and hasattr(pl_module, "export_state_dict"):
-            state_dict = pl_module.export_state_dict()
+        if hasattr(pl_module, "export_state_dict"):
+            state_dict = pl_module.export_state_dict(state_dict)
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         pl_module.tokenizer.save_pretrained(tmp)
         if target.exists():

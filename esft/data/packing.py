@@ -212,6 +212,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self._skip: tuple[int, int] | None = None
 
+    @property
+    def batch_size(self) -> int:
+        """Units per micro-batch (what `DataLoader.batch_sampler.batch_size` reports elsewhere;
+        Lightning's DeepSpeed strategy reads it for DeepSpeed's micro-batch size)."""
+        return self.units_per_batch
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from esft.data.tasks import get_task
 from esft.evaluation.metrics import summarize
 from esft.models.attention import VARLEN
+from esft.models.sharding import synced_generation
 
 
 @contextmanager
@@ -58,10 +59,13 @@ def rollout(
 
     Returns ``len(conversations) * num_samples`` rollouts, the samples of a conversation
     consecutive. Prompts are sorted by length before batching (less left padding) and the
-    results put back in order.
+    results put back in order. A sharded model (FSDP2, ZeRO-3) generates in lockstep across
+    ranks (``synced_gpus``); every rank must then pass the same number of conversations.
     """
     device = next(model.parameters()).device
     sampling.setdefault("do_sample", num_samples > 1)
+    if synced_generation(model):
+        sampling.setdefault("synced_gpus", True)
     prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[Rollout]] = [[] for _ in prompts]

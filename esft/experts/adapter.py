@@ -26,11 +26,13 @@ from esft.experts.trainable import apply_expert_config, merge_experts, trainable
 CONFIG_FILE, WEIGHTS_FILE = "expert_config.json", "adapter.safetensors"
 
 
-def save_adapter(model: nn.Module, cfg: ExpertConfig, out: str | Path) -> Path:
-    """Write `model`'s trainable tensors and `cfg` to the directory `out`."""
+def save_adapter(model: nn.Module, cfg: ExpertConfig, out: str | Path,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model`'s trainable tensors (or `tensors`, from `trainable_state_dict`) and `cfg` to
+    the directory `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous().clone() for k, v in trainable_state_dict(model).items()}
+    tensors = {k: v.contiguous().clone() for k, v in (trainable_state_dict(model) if tensors is None else tensors).items()}
     if not tensors:
         raise ValueError("the model has no trainable tensors: apply an expert config first")
     save_file(tensors, out / WEIGHTS_FILE, metadata={"model_type": model.config.model_type, "format": "esft-experts"})

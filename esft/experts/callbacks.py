@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
 from esft.experts.adapter import save_adapter
+from esft.experts.trainable import trainable_state_dict
 
 
 class ExportExpertAdapter(L.Callback):
@@ -20,11 +21,13 @@ class ExportExpertAdapter(L.Callback):
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
 
-    @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
         if getattr(pl_module, "expert_config", None) is None:
             rank_zero_info("[export] no expert config (model.init_args.experts): no ESFT adapter to save")
             return
-        target = Path(self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "adapter"))
-        save_adapter(pl_module.model, pl_module.expert_config, target)
-        rank_zero_info(f"[export] ESFT adapter saved to {target}")
+        tensors = trainable_state_dict(pl_module.model)  # every rank: FSDP2 shards are gathered
+        if trainer.is_global_zero:
+            target = Path(self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "adapter"))
+            save_adapter(pl_module.model, pl_module.expert_config, target, tensors)
+            rank_zero_info(f"[export] ESFT adapter saved to {target}")
+        trainer.strategy.barrier("esft-adapter")

@@ -35,6 +35,7 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from esft.experts.config import ExpertConfig
 from esft.models.moe import EXPERT_PARAMS, moe_adapter
@@ -121,15 +122,18 @@ def _merged(experts: nn.Module, name: str) -> torch.Tensor:
     return full.index_copy_(0, ids, getattr(experts, PREFIX + name).detach().to(full.dtype))
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's state dict with the trained slices written into the fused expert tensors and
-    the slice parameters left out: a plain transformers state dict. The model is not changed."""
-    state = {k: v for k, v in model.state_dict().items() if PREFIX not in k.rsplit(".", 1)[-1]}
+    the slice parameters left out: a plain transformers state dict. The model is not changed.
+    `state`: a full state dict of `model` to merge instead (e.g. gathered from FSDP2 shards)."""
+    state = dict(model.state_dict() if state is None else state)
     owner = {id(m): n for n, m in model.named_modules()}
     for experts in patched_experts(model).values():
         for name in EXPERT_PARAMS:
             key = f"{owner[id(experts)]}.{name}"
-            state[key] = _merged(experts, name)
+            full, part = state[key].detach().clone(), state.pop(f"{owner[id(experts)]}.{PREFIX}{name}").detach()
+            ids = torch.tensor(list(experts._esft_slots), device=full.device)
+            state[key] = full.index_copy_(0, ids, part.to(full.device, full.dtype))
     return state
 
 
@@ -148,5 +152,6 @@ def merge_experts(model: nn.Module) -> nn.Module:
 
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter by name (the trained slices and any unfrozen module)."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    """Every trainable parameter by name (the trained slices and any unfrozen module), whole:
+    FSDP2 shards are gathered, so on a sharded model every rank must call this."""
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters() if p.requires_grad}

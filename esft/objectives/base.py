@@ -8,12 +8,11 @@ Speed switches live here too: torchao FP8 (`fp8`), the Liger fused loss (`loss_i
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule
 
 from esft.data.tasks import TASKS, get_task
 from esft.evaluation import generate
@@ -23,6 +22,7 @@ from esft.models import DType, build_model, load_tokenizer
 from esft.models.attention import AttnImplementation, resolve_attn_implementation
 from esft.models.forward import LossImpl, token_loss
 from esft.models.lora import LoraOptions, apply_lora, is_lora, merged_copy
+from esft.models.sharding import call_model, shard_fsdp2
 from esft.models.tokenizer import resolve_tokenizer_name
 from esft.optim import OptimConfig, build_optimizer, build_scheduler
 from esft.precision import Float8Recipe, convert_torchao_fp8
@@ -30,8 +30,6 @@ from esft.regularization import apply_regularization
 
 
 class CausalLMModule(L.LightningModule):
-    supports_fsdp2 = True  # objectives whose forward passes all go through `token_loss` / `generate`
-
     def __init__(
         self,
         model_name_or_path: str | None = None,
@@ -100,9 +98,10 @@ class CausalLMModule(L.LightningModule):
         expert slices merged (the state dict of `export_state_dict`)."""
         return merged_copy(self.model) if is_lora(self.model) else self.model
 
-    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The state dict to save with `export_model`, or None for its own."""
-        return merged_state_dict(self.model) if self.expert_config is not None else None
+    def export_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
+        """The state dict to save with `export_model` (None: the model's own), from `state` when
+        given (a full state dict gathered from shards)."""
+        return merged_state_dict(self.model, state) if self.expert_config is not None else state
 
     def setup(self, stage: str) -> None:
         if self.hparams.attn_implementation == "auto":
@@ -115,29 +114,14 @@ class CausalLMModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under Lightning's `ModelParallelStrategy` (FSDP2): ``fully_shard`` every decoder layer,
-        then the root, over the data-parallel mesh; ``compile`` then compiles each sharded layer.
-        Elsewhere ``compile`` compiles the whole decoder. Runs once (Lightning may call it again)."""
+        then the root, over the data-parallel mesh (`esft.models.sharding`); ``compile`` then
+        compiles each sharded layer. Elsewhere ``compile`` compiles the whole decoder. Runs once
+        (Lightning may call it again)."""
         mesh = self.device_mesh
-        layers = self.model.get_decoder().layers
-        if mesh is not None and not self.supports_fsdp2:
-            raise ValueError(f"{type(self).__name__} does not run under FSDP2 (ModelParallelStrategy) yet: its extra "
-                             "forward passes bypass the sharded root; use strategy: ddp")
         if mesh is not None and not isinstance(self.model, FSDPModule):
             if mesh["tensor_parallel"].size() > 1:
                 raise ValueError("tensor parallelism is not supported: set ModelParallelStrategy(tensor_parallel_size=1)")
-            dp = mesh["data_parallel"]
-            for layer in layers:
-                fully_shard(layer, mesh=dp)
-            fully_shard(self.model, mesh=dp)
-            # the loss calls the decoder and the head directly, not `model.forward`: run it as an FSDP
-            # forward method of the root, so that the root's parameters (embeddings, final norm,
-            # head) are gathered for it and their gradients reduce-scattered
-            self.model.esft_token_loss = partial(token_loss, self.model)
-            register_fsdp_forward_method(self.model, "esft_token_loss")
-            register_fsdp_forward_method(self.model, "generate")  # evaluation and RL rollouts
-            if self.hparams.compile:
-                for layer in layers:
-                    layer.compile()
+            shard_fsdp2(self.model, mesh["data_parallel"], self.hparams.compile)
         decoder = self.model.get_decoder()
         if self.hparams.compile and mesh is None and getattr(decoder, "_compiled_call_impl", None) is None:
             decoder.compile()
@@ -147,8 +131,7 @@ class CausalLMModule(L.LightningModule):
         """Summed next-token cross-entropy over trained tokens, and their count (label-smoothed in
         training when `optim.label_smoothing` is set; evaluation losses stay plain)."""
         smoothing = self.optim.label_smoothing if self.training else 0.0
-        loss_fn = getattr(self.model, "esft_token_loss", None) or partial(token_loss, self.model)
-        return loss_fn(batch, self.hparams.loss_chunk_size, self.hparams.loss_impl, smoothing)
+        return call_model(self.model, token_loss, batch, self.hparams.loss_chunk_size, self.hparams.loss_impl, smoothing)
 
     # ---- generation ------------------------------------------------------------------------
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:

@@ -26,6 +26,11 @@ optimizer, out of ``train()``/``eval()`` switches and out of checkpoints (a chec
 teacher's path in its hyperparameters and resuming reloads it; the exported model is the student
 alone). Teacher and student must share a tokenizer and LM-head size: anything else is an error, as
 no vocabulary mapping is attempted.
+
+Under FSDP2 (`ModelParallelStrategy`) the teacher is sharded like the student (per decoder layer,
+then the root; `esft.models.sharding`), so neither model is replicated on any rank; each step
+gathers the teacher's LM head once for the chunked loss, whose backward recomputes teacher logits.
+Under DDP every rank holds the whole teacher.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel
 
 from esft.data.packing import best_fit_decreasing, collate_packed
@@ -44,6 +50,7 @@ from esft.losses.kd import Divergence, chunked_kd_loss, chunked_topk_kd_loss
 from esft.models import DType, build_model
 from esft.models.attention import packed_layout
 from esft.models.forward import forward_kwargs, plain_head
+from esft.models.sharding import call_model, shard_fsdp2
 from esft.objectives.sft import SFTModule
 
 
@@ -66,9 +73,20 @@ def load_teacher(student_tokenizer, teacher: str | None, teacher_config: dict[st
     return model.requires_grad_(False).eval()
 
 
-class DistillModule(SFTModule):
-    supports_fsdp2 = False  # the student's and teacher's forward passes call the decoders directly
+@torch.no_grad()
+def teacher_outputs(teacher: PreTrainedModel, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The teacher's final hidden states for `batch`, and its LM head's weight and bias (copies of
+    the gathered ones when the teacher is FSDP-sharded: the loss's backward needs them after the
+    teacher's forward has released them)."""
+    hidden = teacher.get_decoder()(**forward_kwargs(teacher, batch)).last_hidden_state
+    head = teacher.get_output_embeddings()
+    weight, bias = head.weight, head.bias
+    if isinstance(teacher, FSDPModule):
+        weight, bias = weight.clone(), None if bias is None else bias.clone()
+    return hidden, weight, bias
 
+
+class DistillModule(SFTModule):
     def __init__(
         self,
         teacher: str | None = None,
@@ -127,6 +145,12 @@ class DistillModule(SFTModule):
             model.to(self.device)
         return model
 
+    def configure_model(self) -> None:
+        """FSDP2: shard the frozen teacher over the same data-parallel mesh as the student."""
+        super().configure_model()
+        if self.device_mesh is not None and self._teacher and not isinstance(self._teacher[0], FSDPModule):
+            shard_fsdp2(self._teacher[0], self.device_mesh["data_parallel"])
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
         attn = self.model.config._attn_implementation
@@ -137,10 +161,13 @@ class DistillModule(SFTModule):
     def distill_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(kd_sum, ce_sum, num_tokens)`` over the batch's trained tokens, against the cached
         teacher when the batch carries one, else the online teacher."""
+        return call_model(self.model, self._distill_loss, batch)
+
+    def _distill_loss(self, model: PreTrainedModel, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hp = self.hparams
         targets = next_token_targets(batch["labels"], batch["position_ids"])
-        hidden = self.model.get_decoder()(**forward_kwargs(self.model, batch)).last_hidden_state
-        head = self.model.get_output_embeddings()
+        hidden = model.get_decoder()(**forward_kwargs(model, batch)).last_hidden_state
+        head = model.get_output_embeddings()
         opts = dict(divergence=hp.divergence, beta=hp.beta, temperature=hp.temperature, chunk_size=hp.loss_chunk_size)
         if "teacher_topk_ids" in batch:
             cache = getattr(getattr(self._trainer, "datamodule", None), "cache", None)
@@ -153,10 +180,8 @@ class DistillModule(SFTModule):
         if teacher is None:
             raise ValueError("DistillModule has no teacher: set model.teacher (or teacher_config), or train on a "
                              "teacher cache (data: esft.data.DistillDataModule with teacher_cache)")
-        with torch.no_grad():
-            t_hidden = teacher.get_decoder()(**forward_kwargs(teacher, batch)).last_hidden_state
-        t_head = teacher.get_output_embeddings()
-        return chunked_kd_loss(hidden, head.weight, t_hidden, t_head.weight, targets, head.bias, t_head.bias, **opts)
+        t_hidden, t_weight, t_bias = call_model(teacher, teacher_outputs, batch)
+        return chunked_kd_loss(hidden, head.weight, t_hidden, t_weight, targets, head.bias, t_bias, **opts)
 
     def on_policy_step(self) -> bool:
         """Whether this optimizer step distils on student samples (probability `lmbda`)."""

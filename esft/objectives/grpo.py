@@ -7,7 +7,7 @@ KV-cache generator (`esft.evaluation.rollout`), reward them (`esft.rewards.Rewar
 rewards into group-relative advantages, then take ``num_iterations * num_minibatches`` optimizer
 steps on the clipped surrogate (`esft.losses.grpo_loss`) against the log-probs stored before the
 first update. The reference model (for the k3 KL term) is a frozen copy of the starting policy,
-made only when ``beta > 0``. Validation is greedy pass@1 and format rate on held-out prompts.
+made only when ``beta > 0``; under FSDP2 it is sharded like the policy. Validation is greedy pass@1 and format rate on held-out prompts.
 
 Departures: the reference is never refreshed (R1 keeps it fixed within a stage; the pipeline's
 next stage starts from the new policy), and a run resumed from a checkpoint takes the resumed
@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from esft.data.packing import collate_padded
 from esft.data.prompts import prompt_messages
@@ -29,6 +30,7 @@ from esft.evaluation import Rollout, rollout
 from esft.losses.ce import IGNORE_INDEX, next_token_targets
 from esft.losses.grpo import LossType, ScaleRewards, group_advantages, grpo_loss
 from esft.models.forward import target_logprobs
+from esft.models.sharding import call_model, is_sharded, shard_fsdp2
 from esft.objectives.base import CausalLMModule
 from esft.rewards import RewardSet, Sample
 from esft.rewards.evaluate import evaluate_reasoning, reasoning_metrics
@@ -46,8 +48,6 @@ def rollout_batch(rollouts: list[Rollout], pad_token_id: int) -> dict[str, Any]:
 
 
 class GRPOModule(CausalLMModule):
-    supports_fsdp2 = False  # the policy's log-probs call the decoder directly
-
     def __init__(
         self,
         num_generations: int = 8,
@@ -95,12 +95,23 @@ class GRPOModule(CausalLMModule):
         self._reference: list[torch.nn.Module] = []  # a list: kept out of the module's parameters and checkpoint
 
     # ---- reference -------------------------------------------------------------------------
+    def _copy_reference(self) -> torch.nn.Module:
+        ref = copy.deepcopy(self.model).eval()
+        ref.requires_grad_(False)
+        self._reference.append(ref)
+        return ref
+
+    def configure_model(self) -> None:
+        """FSDP2: the reference is copied from the policy before sharding, then sharded like it."""
+        mesh = self.device_mesh
+        if mesh is not None and self.hparams.beta > 0 and not self._reference and not isinstance(self.model, FSDPModule):
+            shard_fsdp2(self._copy_reference(), mesh["data_parallel"])
+        super().configure_model()
+
     def on_fit_start(self) -> None:
         self.model.train()  # a pretrained model loads in eval mode; generation switches modes itself
         if self.hparams.beta > 0 and not self._reference:
-            ref = copy.deepcopy(self.model).eval()
-            ref.requires_grad_(False)
-            self._reference.append(ref)
+            self._copy_reference()  # on the training device, after Lightning moved the policy there
 
     # ---- one step --------------------------------------------------------------------------
     def generate(self, records: list[dict[str, Any]]) -> tuple[list[Rollout], list[Sample]]:
@@ -112,7 +123,7 @@ class GRPOModule(CausalLMModule):
         return outs, [Sample(r, o.text, len(o.completion_ids), o.truncated) for r, o in zip(records_g, outs)]
 
     def _logprobs(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        logp, entropy, _ = target_logprobs(model, batch, self.hparams.loss_chunk_size, self.hparams.temperature)
+        logp, entropy, _ = call_model(model, target_logprobs, batch, self.hparams.loss_chunk_size, self.hparams.temperature)
         return logp, entropy
 
     def training_step(self, records: list[dict[str, Any]], batch_idx: int) -> None:
@@ -189,17 +200,21 @@ class GRPOModule(CausalLMModule):
 
     # ---- validation ------------------------------------------------------------------------
     def on_train_start(self) -> None:
-        """Log the held-out metrics of the starting policy at step 0 (sanity-check runs are not logged)."""
+        """Log the held-out metrics of the starting policy at step 0 (sanity-check runs are not
+        logged): rank 0 generates, or every rank when the policy is sharded (rank 0 logs)."""
         records = getattr(self.trainer.datamodule, "val_records", None)
-        if self.global_step == 0 and records and self.logger is not None and self.trainer.is_global_zero:
+        here = self.trainer.is_global_zero or is_sharded(self.model)
+        if self.global_step == 0 and records and self.logger is not None and here:
             hp = self.hparams
             metrics = evaluate_reasoning(self.model, self.tokenizer, records, hp.max_completion_length, hp.generation_batch_size)
             metrics.pop("n")
-            self.logger.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=0)
+            if self.trainer.is_global_zero:
+                self.logger.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=0)
 
     def validation_step(self, records: list[dict[str, Any]], batch_idx: int) -> None:
         hp = self.hparams
         metrics = evaluate_reasoning(self.model, self.tokenizer, records, hp.max_completion_length, hp.generation_batch_size)
         metrics.pop("n")
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=len(records), prog_bar=False)
-        self.log("val_pass@1", metrics["pass@1"], prog_bar=True, logger=False, batch_size=len(records))
+        # each rank scores its share of the held-out prompts; the logged value is the mean over ranks
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=len(records), prog_bar=False, sync_dist=True)
+        self.log("val_pass@1", metrics["pass@1"], prog_bar=True, logger=False, batch_size=len(records), sync_dist=True)
