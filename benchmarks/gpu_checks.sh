@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU checks on one CUDA machine: the `gpu` tests (flash varlen, precisions, torchao FP8, Liger,
-# compile, a CLI fit), then the throughput suite at the anchor setup side by side with TRL
-# (benchmarks/README.md, "esft bench"). torchao, liger-kernel and trl are optional: their tests
-# and rows skip without them. Writes logs, JSON and Markdown to $OUT (default /tmp/esft-gpu).
+# compile, a CLI fit, FSDP2 and DeepSpeed ZeRO-2/3 on one GPU), then the throughput suite at the
+# anchor setup side by side with TRL (benchmarks/README.md, "esft bench"). torchao, liger-kernel,
+# trl and deepspeed are optional: their tests and rows skip without them. Writes logs, JSON and
+# Markdown to $OUT (default /tmp/esft-gpu).
 #   bash benchmarks/gpu_checks.sh           # SKIP_BENCH=1: tests only; SKIP_TESTS=1: suite only
 # The precision checks (bf16 vs fp32 loss curves, torchao FP8 on a 1B shape) are
 # benchmarks/gpu_precision.sh.

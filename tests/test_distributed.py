@@ -1,6 +1,7 @@
 """Data parallelism on this CPU: 2-process DDP and FSDP2 (gloo) end with the same weights as one
 process taking the same global batch by gradient accumulation."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -62,9 +63,12 @@ FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
 
 def zero(stage: int) -> dict:
     """DeepSpeed ZeRO through Lightning's `DeepSpeedStrategy`, its CUDA-only checks lifted for
-    this CPU (tests/cpu_deepspeed.py); skipped without deepspeed."""
+    this CPU (tests/cpu_deepspeed.py); skipped without deepspeed. ZeRO-3 partitions every
+    parameter (by default it keeps those under 1e5 elements, i.e. all of a tiny model's, whole)."""
     pytest.importorskip("deepspeed")
-    return {"class_path": "cpu_deepspeed.CPUDeepSpeedStrategy", "init_args": {"stage": stage}}
+    config = {"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+              "zero_allow_untested_optimizer": True}
+    return {"class_path": "cpu_deepspeed.CPUDeepSpeedStrategy", "init_args": {"config": config}}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", FSDP2, 2, 3], ids=["ddp", "fsdp2", "zero2", "zero3"])
@@ -105,11 +109,13 @@ def test_interrupted_two_process_run_resumes_to_the_same_weights(tmp_path, strat
         torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", FSDP2], ids=["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2, 2], ids=["ddp", "fsdp2", "zero2"])
 def test_esft_under_two_processes(tmp_path, strategy):
     """Expert-specialized fine-tuning on 2 ranks: the same weights as one process with the same
     global batch, every frozen tensor and frozen expert slice bit-identical to the base, the
     adapter written once (under FSDP2 from the gathered slices, the export merged)."""
+    if isinstance(strategy, int):
+        strategy = zero(strategy)
     from esft.models import build_model, load_tokenizer
 
     torch.manual_seed(0)
@@ -155,10 +161,12 @@ def _with_model(config: Path, model: dict, data: dict | None = None) -> Path:
     return config
 
 
-@pytest.mark.parametrize("strategy", ["ddp", FSDP2], ids=["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2, 2, 3], ids=["ddp", "fsdp2", "zero2", "zero3"])
 def test_distillation_under_two_processes_matches_one_process(tmp_path, strategy):
-    """Logit KD with a frozen teacher (replicated per rank under DDP, sharded under FSDP2): the
+    """Logit KD with a frozen teacher (sharded under FSDP2, whole on every rank otherwise): the
     student ends where one process with the same global batch ends."""
+    if isinstance(strategy, int):
+        strategy = zero(strategy)
     teacher = dict(TINY["llama"], hidden_size=32, intermediate_size=64, num_hidden_layers=1)
     model = {"class_path": "esft.objectives.DistillModule",
              "init_args": {"model_config": TINY["llama"], "teacher_config": teacher, "divergence": "jsd", "beta": 0.5,
@@ -171,10 +179,11 @@ def test_distillation_under_two_processes_matches_one_process(tmp_path, strategy
         torch.testing.assert_close(runs["ddp"][name], runs["single"][name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-def test_grpo_with_a_reference_model_under_ddp_and_fsdp2(tmp_path):
+def test_grpo_with_a_reference_model_under_every_strategy(tmp_path):
     """GRPO on 2 ranks (rollouts on each rank, the k3 KL to a frozen reference): DDP (policy and
-    reference replicated) and FSDP2 (both sharded, rollouts in lockstep) end at the same weights,
-    away from the start (a run at learning rate 1e-12; 0 is refused)."""
+    reference replicated), FSDP2 (both sharded, rollouts in lockstep) and DeepSpeed ZeRO-2 / ZeRO-3
+    (the reference whole on every rank) end at the same weights, away from the start (a run at
+    learning rate 1e-12; 0 is refused)."""
     # a reward that varies across a random model's completions (the share of words among every
     # other token of the vocabulary), so the advantages are not all zero
     from esft.models import load_tokenizer
@@ -189,7 +198,10 @@ def test_grpo_with_a_reference_model_under_ddp_and_fsdp2(tmp_path):
             "init_args": {"tasks": [{"name": "arithmetic", "max_digits": 1, "think": True}], "num_train_per_task": 16,
                           "num_val_per_task": 0, "batch_size": 2}}
     runs = {}
-    for name, strategy, lr in (("ddp", "ddp", 1e-2), ("fsdp2", FSDP2, 1e-2), ("start", "ddp", 1e-12)):
+    strategies = {"ddp": "ddp", "fsdp2": FSDP2}
+    if importlib.util.find_spec("deepspeed") is not None:
+        strategies.update(zero2=zero(2), zero3=zero(3))
+    for name, strategy, lr in [*((n, s, 1e-2) for n, s in strategies.items()), ("start", "ddp", 1e-12)]:
         config = _with_model(write_config(tmp_path / name, strategy=strategy, devices=2, max_steps=3), model, data)
         cfg = yaml.safe_load(config.read_text())
         cfg["trainer"]["callbacks"] = cfg["trainer"]["callbacks"][:1]  # the export only
@@ -198,8 +210,9 @@ def test_grpo_with_a_reference_model_under_ddp_and_fsdp2(tmp_path):
         fit(config)
         runs[name] = load_file(tmp_path / name / "hf" / "model.safetensors")
     assert max((runs["ddp"][n] - runs["start"][n]).abs().max().item() for n in runs["start"]) > 1e-3  # it trained
-    for name in runs["ddp"]:
-        torch.testing.assert_close(runs["fsdp2"][name], runs["ddp"][name], atol=2e-5, rtol=1e-4, msg=name)
+    for other in strategies:
+        for name in runs["ddp"]:
+            torch.testing.assert_close(runs[other][name], runs["ddp"][name], atol=2e-5, rtol=1e-4, msg=f"{other}: {name}")
 
 
 def test_sharded_rollouts_run_in_lockstep(tmp_path):
@@ -224,3 +237,16 @@ def test_tensor_parallelism_is_refused():
     module._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 2)}  # what ModelParallelStrategy sets
     with pytest.raises(ValueError, match="tensor parallelism is not supported"):
         module.configure_model()
+
+
+def test_esft_under_zero3_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from esft.objectives import SFTModule
+
+    experts = tmp_path / "experts.json"
+    experts.write_text(json.dumps({"experts": {"0": [0]}, "shared_experts": False, "non_expert_modules": False}))
+    module = SFTModule(model_config=TINY["qwen2_moe"], tokenizer="builtin", experts=str(experts))
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(zero_stage_3=True))
+    with pytest.raises(ValueError, match="does not run under DeepSpeed ZeRO-3.*use ZeRO-2, FSDP2 or DDP"):
+        module.setup("fit")

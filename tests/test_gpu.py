@@ -1,5 +1,7 @@
 """GPU checks (run with `pytest -m gpu` on a CUDA machine): the flash varlen attention path."""
 
+import json
+
 import pytest
 import torch
 
@@ -139,3 +141,19 @@ def test_fsdp2_one_process_wiring_on_gpu(tmp_path):
                        "--model.init_args.compile", "true")
     assert isinstance(cli.model.model, FSDPModule) and losses[-1] < losses[0]
     assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_one_process_wiring_on_gpu(tmp_path, stage):
+    """Lightning's DeepSpeedStrategy on one GPU (ZeRO-3 partitioning every parameter): trains with
+    the chunked loss outside the LM head's forward, generates, exports whole weights."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    config = {"zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
+    strategy = json.dumps({"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"config": config}})
+    cli, losses = _fit(tmp_path, "--trainer.precision", "bf16-mixed", "--trainer.strategy", strategy)
+    assert losses[-1] < losses[0]
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    config = cli.model.model.config
+    assert exported["model.embed_tokens.weight"].shape == (config.vocab_size, config.hidden_size)

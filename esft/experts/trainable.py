@@ -38,6 +38,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from esft.experts.config import ExpertConfig
+from esft.models.sharding import gathered
 from esft.models.moe import EXPERT_PARAMS, moe_adapter
 
 PREFIX = "esft_"
@@ -153,5 +154,7 @@ def merge_experts(model: nn.Module) -> nn.Module:
 
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable parameter by name (the trained slices and any unfrozen module), whole:
-    FSDP2 shards are gathered, so on a sharded model every rank must call this."""
-    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters() if p.requires_grad}
+    FSDP2 shards and ZeRO-3 partitions are gathered, so on a sharded model every rank must call this."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with gathered([p for _, p in named]):
+        return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in named}

@@ -9,6 +9,7 @@ the root, with its parameters gathered for it and their gradients reduce-scatter
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 from typing import Any, Callable
 
@@ -39,19 +40,57 @@ def shard_fsdp2(model: torch.nn.Module, mesh, compile: bool = False) -> None:
 
 
 def call_model(model: torch.nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(model, *args, **kwargs)``; on a model sharded by `shard_fsdp2`, inside one forward of
-    its root. Tensors `fn` takes from the root's parameters are valid during the call only."""
+    """``fn(model, *args, **kwargs)``; on a sharded model (`shard_fsdp2`, or partitioned by
+    DeepSpeed ZeRO-3), inside one forward of its root. Tensors `fn` takes from the root's
+    parameters are valid during the call only."""
     apply = getattr(model, "esft_apply", None)
-    return fn(model, *args, **kwargs) if apply is None else apply(fn, *args, **kwargs)
+    if apply is not None:
+        return apply(fn, *args, **kwargs)
+    if _zero3(model):
+        return _zero3_call(model, fn, *args, **kwargs)
+    return fn(model, *args, **kwargs)
+
+
+def _zero3(model: torch.nn.Module) -> bool:
+    first = next(model.parameters(), None)
+    return first is not None and hasattr(first, "ds_id")
+
+
+def _zero3_call(model: torch.nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """ZeRO-3 gathers a module's parameters around its own forward (and backward) only, and `fn`
+    uses the LM head's weight outside the head's forward: register it as an external parameter
+    of the root and run `fn` as the root's forward, so ZeRO-3's hooks gather it for the call and
+    reduce-scatter its gradient."""
+    import deepspeed
+
+    if not getattr(model, "_esft_zero3_head", False):
+        for p in model.get_output_embeddings().parameters():
+            deepspeed.zero.register_external_parameter(model, p)
+        model._esft_zero3_head = True
+    model.forward = partial(fn, model)  # shadows the class's forward for this one call
+    try:
+        return model(*args, **kwargs)
+    finally:
+        del model.forward
+
+
+@contextmanager
+def gathered(params: list[torch.nn.Parameter]):
+    """Within the block, ZeRO-3 partitioned `params` hold their whole data (read-only; copy what
+    must outlive it); other parameters are left alone. FSDP2 shards gather with ``full_tensor()``."""
+    if params and hasattr(params[0], "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether every rank holds only a shard of the weights (FSDP2, DeepSpeed ZeRO-3), so a
     forward pass is a collective that every rank must take part in."""
-    if isinstance(model, FSDPModule):
-        return True
-    first = next(model.parameters(), None)
-    return first is not None and hasattr(first, "ds_id")  # ZeRO-3 partitioned parameter
+    return isinstance(model, FSDPModule) or _zero3(model)
 
 
 def synced_generation(model: torch.nn.Module) -> bool:

@@ -30,7 +30,7 @@ no vocabulary mapping is attempted.
 Under FSDP2 (`ModelParallelStrategy`) the teacher is sharded like the student (per decoder layer,
 then the root; `esft.models.sharding`), so neither model is replicated on any rank; each step
 gathers the teacher's LM head once for the chunked loss, whose backward recomputes teacher logits.
-Under DDP every rank holds the whole teacher.
+Under DDP and DeepSpeed every rank holds the whole teacher.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ first update. The reference model (for the k3 KL term) is a frozen copy of the s
 made only when ``beta > 0``; under FSDP2 it is sharded like the policy. Validation is greedy pass@1 and format rate on held-out prompts.
 
 Departures: the reference is never refreshed (R1 keeps it fixed within a stage; the pipeline's
-next stage starts from the new policy), and a run resumed from a checkpoint takes the resumed
-policy as its reference (it is not stored in checkpoints); rollouts run on the training device in eval mode through
+next stage starts from the new policy); it is not stored in checkpoints but rebuilt from the
+starting model (`model_name_or_path`) when a run resumes; rollouts run on the training device in eval mode through
 ``model.generate`` (no separate inference engine).
 """
 
@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 import torch
-from torch.distributed.fsdp import FSDPModule
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from esft.data.packing import collate_padded
 from esft.data.prompts import prompt_messages
@@ -101,17 +101,27 @@ class GRPOModule(CausalLMModule):
         self._reference.append(ref)
         return ref
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) and self.hparams.max_grad_norm is not None:
+            # DeepSpeed clips inside its own step (Lightning's clip_gradients does nothing there)
+            strategy.config.setdefault("gradient_clipping", self.hparams.max_grad_norm)
+
     def configure_model(self) -> None:
-        """FSDP2: the reference is copied from the policy before sharding, then sharded like it."""
-        mesh = self.device_mesh
-        if mesh is not None and self.hparams.beta > 0 and not self._reference and not isinstance(self.model, FSDPModule):
-            shard_fsdp2(self._copy_reference(), mesh["data_parallel"])
+        """The reference is copied from the policy here, before any strategy shards it (and
+        before a resumed run loads its checkpoint, so it stays the starting policy): sharded like
+        the policy under FSDP2, whole on every rank otherwise (DDP, DeepSpeed)."""
+        if self.hparams.beta > 0 and not self._reference and not is_sharded(self.model):
+            ref = self._copy_reference()
+            if self.device_mesh is not None:
+                shard_fsdp2(ref, self.device_mesh["data_parallel"])
         super().configure_model()
 
     def on_fit_start(self) -> None:
         self.model.train()  # a pretrained model loads in eval mode; generation switches modes itself
-        if self.hparams.beta > 0 and not self._reference:
-            self._copy_reference()  # on the training device, after Lightning moved the policy there
+        if self._reference and not is_sharded(self._reference[0]):
+            self._reference[0].to(self.device)
 
     # ---- one step --------------------------------------------------------------------------
     def generate(self, records: list[dict[str, Any]]) -> tuple[list[Rollout], list[Sample]]:
