@@ -89,9 +89,17 @@ def test_the_comparison_has_power(tmp_path, single):
     assert max((half[n] - single[n]).abs().max().item() for n in single) > 1e-3
 
 
+FSDP2_SHARDED_CKPT = {**FSDP2, "init_args": {**FSDP2["init_args"], "save_distributed_checkpoint": True}}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", FSDP2], ids=["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2, FSDP2_SHARDED_CKPT, 2, 3],
+                         ids=["ddp", "fsdp2", "fsdp2-per-rank-checkpoint", "zero2", "zero3"])
 def test_interrupted_two_process_run_resumes_to_the_same_weights(tmp_path, strategy):
+    """An interrupted run resumed from its last checkpoint (one file, one file per rank, or
+    DeepSpeed's checkpoint directory) ends at the weights of an uninterrupted run."""
+    if isinstance(strategy, int):
+        strategy = zero(strategy)
     checkpoints = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                    "init_args": {"dirpath": str(tmp_path / "run" / "ckpt"), "every_n_train_steps": 3, "save_last": True}}
     fit(write_config(tmp_path / "full", strategy=strategy, devices=2))

@@ -3,8 +3,9 @@
     python experiments/r1/collect.py experiments/r1/runs
 
 Reads every ``<runs>/<pipeline>_seed<k>/summary.csv`` written by ``esft pipeline`` and writes
-``results.csv`` (one row a stage and seed), ``results.md`` (mean ± std over seeds) and
-``results.png`` next to this file.
+``results.csv`` (one row a stage and seed), ``results.md`` (mean ± std over seeds per stage, then
+R1's Table 6 comparison) and ``results.png`` next to this file. Table 6 takes its RL row from the
+stages pipeline (`rl`: the tiny model's cold start + GRPO) and the rest from the table6 pipeline.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ def main(runs: Path) -> None:
     for (pipeline, stage), rs in groups.items():
         lines.append(f"| {pipeline} | {stage} | {len(rs)} | {ms([r['pass@1'] for r in rs])} | "
                      f"{ms([r['format'] for r in rs])} | {statistics.mean(r['wall_s'] for r in rs):.0f} |")
+    table6 = [("tiny model: cold start + RL", "stages", "rl"),
+              ("tiny model: distilled from the larger RL model", "table6", "small_distilled"),
+              ("larger model: cold start + RL (the teacher)", "table6", "large_rl")]
+    if all((pipeline, stage) in groups for _, pipeline, stage in table6):
+        lines += ["", "R1 Table 6 at toy scale (held-out greedy pass@1 and format rate, mean ± std over seeds):", "",
+                  "| model | pass@1 | format | seeds |", "|---|---|---|---|"]
+        for label, pipeline, stage in table6:
+            rs = groups[(pipeline, stage)]
+            lines.append(f"| {label} | {ms([r['pass@1'] for r in rs])} | {ms([r['format'] for r in rs])} | {len(rs)} |")
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib
