@@ -117,47 +117,56 @@ def test_interrupted_two_process_run_resumes_to_the_same_weights(tmp_path, strat
         torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0, msg=name)
 
 
+SELECTED = {"0": [0, 2], "1": [1]}
+
+
+def _esft_fit(root: Path, base: Path, experts: Path, **trainer) -> tuple[dict, dict]:
+    """An ESFT run from `base`: its exported model and its adapter tensors."""
+    config = write_config(root, **trainer)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["init_args"] = {"model_name_or_path": str(base), "tokenizer": "builtin", "experts": str(experts),
+                                 "optim": {"lr": 1e-2, "weight_decay": 0.1}}
+    cfg["trainer"]["callbacks"].append({"class_path": "esft.experts.ExportExpertAdapter",
+                                        "init_args": {"dirpath": str(root / "adapter")}})
+    config.write_text(yaml.safe_dump(cfg))
+    fit(config)
+    return load_file(root / "hf" / "model.safetensors"), load_file(root / "adapter" / "adapter.safetensors")
+
+
+@pytest.fixture(scope="module")
+def esft_single(tmp_path_factory):
+    """A tiny MoE base, an expert config, and one process's ESFT run with 2 micro-batches per step."""
+    from esft.models import build_model, load_tokenizer
+
+    root = tmp_path_factory.mktemp("esft")
+    torch.manual_seed(0)
+    build_model(load_tokenizer("builtin"), model_config=TINY["qwen2_moe"]).save_pretrained(root / "base")
+    experts = root / "experts.json"
+    experts.write_text(json.dumps({"experts": SELECTED, "shared_experts": False, "non_expert_modules": False}))
+    return root / "base", experts, _esft_fit(root / "single", root / "base", experts, devices=1, accumulate_grad_batches=2)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", FSDP2, 2], ids=["ddp", "fsdp2", "zero2"])
-def test_esft_under_two_processes(tmp_path, strategy):
+def test_esft_under_two_processes(tmp_path, esft_single, strategy):
     """Expert-specialized fine-tuning on 2 ranks: the same weights as one process with the same
     global batch, every frozen tensor and frozen expert slice bit-identical to the base, the
     adapter written once (under FSDP2 from the gathered slices, the export merged)."""
     if isinstance(strategy, int):
         strategy = zero(strategy)
-    from esft.models import build_model, load_tokenizer
-
-    torch.manual_seed(0)
-    base = tmp_path / "base"
-    build_model(load_tokenizer("builtin"), model_config=TINY["qwen2_moe"]).save_pretrained(base)
-    selected = {"0": [0, 2], "1": [1]}
-    experts = tmp_path / "experts.json"
-    experts.write_text(json.dumps({"experts": selected, "shared_experts": False, "non_expert_modules": False}))
-    runs = {}
-    for name, trainer in (("ddp", {"strategy": strategy, "devices": 2}), ("single", {"devices": 1, "accumulate_grad_batches": 2})):
-        config = write_config(tmp_path / name, **trainer)
-        cfg = yaml.safe_load(config.read_text())
-        cfg["model"]["init_args"] = {"model_name_or_path": str(base), "tokenizer": "builtin", "experts": str(experts),
-                                     "optim": {"lr": 1e-2, "weight_decay": 0.1}}
-        cfg["trainer"]["callbacks"].append({"class_path": "esft.experts.ExportExpertAdapter",
-                                            "init_args": {"dirpath": str(tmp_path / name / "adapter")}})
-        config.write_text(yaml.safe_dump(cfg))
-        fit(config)
-        runs[name] = load_file(tmp_path / name / "hf" / "model.safetensors")
+    base, experts, (single, single_adapter) = esft_single
+    two, adapter = _esft_fit(tmp_path, base, experts, strategy=strategy, devices=2)
     before = load_file(base / "model.safetensors")
     # saved per expert (transformers writes fused MoE experts back as experts.<e>.<proj>.weight)
-    trained = {f"model.layers.{layer}.mlp.experts.{e}." for layer, ids in selected.items() for e in ids}
+    trained = {f"model.layers.{layer}.mlp.experts.{e}." for layer, ids in SELECTED.items() for e in ids}
     assert sum(any(name.startswith(t) for t in trained) for name in before) == 3 * 3  # gate, up, down per expert
     for name, tensor in before.items():
-        for run in runs.values():
+        for run in (two, single):
             changed = not torch.equal(run[name], tensor)
             assert changed == any(name.startswith(t) for t in trained), name
-        torch.testing.assert_close(runs["ddp"][name], runs["single"][name], atol=2e-5, rtol=1e-4, msg=name)
-    assert sorted(p.name for p in (tmp_path / "ddp" / "adapter").iterdir()) == sorted(
-        p.name for p in (tmp_path / "single" / "adapter").iterdir())
-    adapters = {name: load_file(tmp_path / name / "adapter" / "adapter.safetensors") for name in runs}
-    assert adapters["ddp"].keys() == adapters["single"].keys()
-    for name in adapters["single"]:  # whole slices (gathered from the shards under FSDP2)
-        torch.testing.assert_close(adapters["ddp"][name], adapters["single"][name], atol=2e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(two[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
+    assert adapter.keys() == single_adapter.keys()
+    for name in single_adapter:  # whole slices (gathered from the shards under FSDP2)
+        torch.testing.assert_close(adapter[name], single_adapter[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
 def _with_model(config: Path, model: dict, data: dict | None = None) -> Path:
@@ -169,22 +178,29 @@ def _with_model(config: Path, model: dict, data: dict | None = None) -> Path:
     return config
 
 
+DISTILL = {"class_path": "esft.objectives.DistillModule",
+           "init_args": {"model_config": TINY["llama"], "divergence": "jsd", "beta": 0.5, "alpha": 0.5,
+                         "teacher_config": dict(TINY["llama"], hidden_size=32, intermediate_size=64, num_hidden_layers=1),
+                         "optim": {"lr": 1e-2, "warmup_steps": 2}}}
+
+
+@pytest.fixture(scope="module")
+def distill_single(tmp_path_factory) -> dict[str, torch.Tensor]:
+    root = tmp_path_factory.mktemp("distill_single")
+    fit(_with_model(write_config(root, devices=1, accumulate_grad_batches=2), DISTILL))
+    return load_file(root / "hf" / "model.safetensors")
+
+
 @pytest.mark.parametrize("strategy", ["ddp", FSDP2, 2, 3], ids=["ddp", "fsdp2", "zero2", "zero3"])
-def test_distillation_under_two_processes_matches_one_process(tmp_path, strategy):
+def test_distillation_under_two_processes_matches_one_process(tmp_path, distill_single, strategy):
     """Logit KD with a frozen teacher (sharded under FSDP2, whole on every rank otherwise): the
     student ends where one process with the same global batch ends."""
     if isinstance(strategy, int):
         strategy = zero(strategy)
-    teacher = dict(TINY["llama"], hidden_size=32, intermediate_size=64, num_hidden_layers=1)
-    model = {"class_path": "esft.objectives.DistillModule",
-             "init_args": {"model_config": TINY["llama"], "teacher_config": teacher, "divergence": "jsd", "beta": 0.5,
-                           "alpha": 0.5, "optim": {"lr": 1e-2, "warmup_steps": 2}}}
-    runs = {}
-    for name, trainer in (("ddp", {"strategy": strategy, "devices": 2}), ("single", {"devices": 1, "accumulate_grad_batches": 2})):
-        fit(_with_model(write_config(tmp_path / name, **trainer), model))
-        runs[name] = load_file(tmp_path / name / "hf" / "model.safetensors")
-    for name in runs["single"]:
-        torch.testing.assert_close(runs["ddp"][name], runs["single"][name], atol=2e-5, rtol=1e-4, msg=name)
+    fit(_with_model(write_config(tmp_path, strategy=strategy, devices=2), DISTILL))
+    two = load_file(tmp_path / "hf" / "model.safetensors")
+    for name in distill_single:
+        torch.testing.assert_close(two[name], distill_single[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
 def test_grpo_with_a_reference_model_under_every_strategy(tmp_path):
