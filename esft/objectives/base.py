@@ -104,10 +104,11 @@ class CausalLMModule(L.LightningModule):
         return merged_state_dict(self.model, state) if self.expert_config is not None else state
 
     def setup(self, stage: str) -> None:
-        if self.expert_config is not None and getattr(self.trainer.strategy, "zero_stage_3", False):
-            raise ValueError("expert-specialized fine-tuning does not run under DeepSpeed ZeRO-3: its expert forward "
-                             "indexes the fused expert weights, which ZeRO-3 releases after the forward pass and "
-                             "cannot re-gather for the backward; use ZeRO-2, FSDP2 or DDP")
+        if getattr(self.trainer.strategy, "zero_stage_3", False) and any(not p.requires_grad for p in self.model.parameters()):
+            # ZeRO-3 gathers a module's parameters again for its backward through hooks on the
+            # module's inputs; with frozen embeddings (ESFT, LoRA) no input needs a gradient, and
+            # trained parameters would still be partitioned when their gradients arrive
+            self.model.enable_input_require_grads()
         if self.hparams.attn_implementation == "auto":
             weights = getattr(self.trainer.precision_plugin, "weights_dtype", None)  # Transformer Engine
             half = self.model.dtype in (torch.bfloat16, torch.float16) or "16" in str(self.trainer.precision) \
