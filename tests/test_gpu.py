@@ -131,14 +131,20 @@ def test_compile_with_varlen_on_gpu(tmp_path):
     assert len(set(graphs)) == 1
 
 
-def test_fsdp2_one_process_wiring_on_gpu(tmp_path):
-    """FSDP2 (ModelParallelStrategy) on one GPU with compile and the varlen path: trains, exports."""
+@pytest.mark.parametrize("fp8", [None, "tensorwise"], ids=["bf16", "torchao-fp8"])
+def test_fsdp2_one_process_wiring_on_gpu(tmp_path, fp8):
+    """FSDP2 (ModelParallelStrategy) on one GPU with compile after sharding and the varlen path,
+    and torchao FP8 layers converted before sharding: trains, exports."""
     from torch.distributed.fsdp import FSDPModule
 
+    extra = []
+    if fp8 is not None:
+        pytest.importorskip("torchao.float8")
+        extra = ["--model.init_args.fp8", fp8]
     strategy = ('{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy", "init_args": '
                 '{"data_parallel_size": 1, "tensor_parallel_size": 1, "save_distributed_checkpoint": false}}')
     cli, losses = _fit(tmp_path, "--trainer.precision", "bf16-mixed", "--trainer.strategy", strategy,
-                       "--model.init_args.compile", "true")
+                       "--model.init_args.compile", "true", *extra)
     assert isinstance(cli.model.model, FSDPModule) and losses[-1] < losses[0]
     assert (tmp_path / "hf" / "model.safetensors").exists()
 
