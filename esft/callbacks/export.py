@@ -11,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
+from esft.models.sharding import gathered
+
 
 class ExportHF(L.Callback):
     """Writes ``save_pretrained`` output to `dirpath` (default: ``<log_dir>/hf``).
@@ -28,13 +30,9 @@ class ExportHF(L.Callback):
         if isinstance(model, FSDPModule):  # FSDP2: every rank takes part in gathering the full weights
             state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             self._write(trainer, pl_module, state)
-        elif getattr(trainer.strategy, "zero_stage_3", False):  # DeepSpeed ZeRO-3: partitioned parameters
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        else:  # DeepSpeed ZeRO-3 partitions are gathered for the write (a no-op for whole weights)
+            with gathered(list(model.parameters())):
                 self._write(trainer, pl_module, None)
-        else:
-            self._write(trainer, pl_module, None)
         trainer.strategy.barrier("esft-export")
 
     def _write(self, trainer, pl_module, state_dict: dict | None) -> None:

@@ -51,9 +51,12 @@ def call_model(model: torch.nn.Module, fn: Callable[..., Any], *args: Any, **kwa
     return fn(model, *args, **kwargs)
 
 
+def _partitioned(p: torch.Tensor | None) -> bool:
+    return p is not None and hasattr(p, "ds_id")  # a DeepSpeed ZeRO-3 parameter
+
+
 def _zero3(model: torch.nn.Module) -> bool:
-    first = next(model.parameters(), None)
-    return first is not None and hasattr(first, "ds_id")
+    return _partitioned(next(model.parameters(), None))
 
 
 def _zero3_call(model: torch.nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -78,7 +81,7 @@ def _zero3_call(model: torch.nn.Module, fn: Callable[..., Any], *args: Any, **kw
 def gathered(params: list[torch.nn.Parameter]):
     """Within the block, ZeRO-3 partitioned `params` hold their whole data (read-only; copy what
     must outlive it); other parameters are left alone. FSDP2 shards gather with ``full_tensor()``."""
-    if params and hasattr(params[0], "ds_id"):
+    if params and _partitioned(params[0]):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
