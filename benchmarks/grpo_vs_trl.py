@@ -8,7 +8,8 @@ the same prompts (2-digit arithmetic with the reasoning format), G samples per p
 temperature 1 (top-k off, top-p 1), ``max_completion_length`` new tokens, one optimizer step per
 generation (mu = 1, beta = 0: no reference model), AdamW at the same learning rate, the same
 accuracy reward. A random-init model rarely emits its end-of-turn token, so nearly every
-completion runs to the limit: generation work is the same on both sides.
+completion runs to the limit: generation work is the same on both sides. Its rewards are all 0,
+so esft's skipping of zero-advantage rows is turned off here: both sides update every completion.
 
 Rollout tokens/s = completion tokens / generation time; update tokens/s = real (non-pad) prompt +
 completion tokens / (step time - generation time), so the update includes rewards, advantages and
@@ -66,7 +67,7 @@ def run_esft(args) -> dict:
     module = GRPOModule(model_config=SIZES[args.model_size], tokenizer="builtin", num_generations=args.generations,
                         max_completion_length=args.max_completion_length, rewards={"accuracy": 1.0},
                         generation_batch_size=args.prompts, max_grad_norm=None, dtype=args.dtype,
-                        optim={"lr": 1e-5})
+                        optim={"lr": 1e-5}, skip_zero_advantage=False)
     data = PromptDataModule(tasks=[TASK], num_train_per_task=args.prompts * (args.steps + 1), num_val_per_task=0,
                             batch_size=args.prompts)
     rows: list[dict] = []

@@ -126,3 +126,33 @@ def test_grpo_without_reference_and_bad_reward(tmp_path):
         from esft.objectives import GRPOModule
 
         GRPOModule(model_config=TINY["llama"], rewards={"acuracy": 1.0})
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(tmp_path, monkeypatch, loss_type):
+    from esft.rewards import REWARDS
+
+    # groups of even answers all score 0 (advantage 0); the others get a dense reward
+    def half(s):
+        return 0.0 if int(s.record["answer"].rsplit(maxsplit=1)[-1]) % 2 == 0 else len(s.text) % 5 / 5
+    monkeypatch.setitem(REWARDS, "half", half)
+    from esft.objectives import GRPOModule
+
+    start, fit_start = [], GRPOModule.on_fit_start
+    monkeypatch.setattr(GRPOModule, "on_fit_start",
+                        lambda self: (start.append([p.detach().clone() for p in self.model.parameters()]), fit_start(self)))
+    weights = {}
+    for skip in (False, True):
+        root = tmp_path / str(skip)
+        cfg = grpo_config(root, rewards={"half": 1.0}, reward_options={}, scale_rewards="none", loss_type=loss_type,
+                          num_minibatches=2, skip_zero_advantage=skip)
+        cli = main(["fit", "--config", str(cfg), "--trainer.max_steps", "2", "--trainer.val_check_interval", "100",
+                    "--data.init_args.batch_size", "4"])
+        weights[skip] = [p.detach().clone() for p in cli.model.model.parameters()]
+        run = scalars(root)["train/updated_sequences"]
+        assert (run[0] < 1) if skip else (run[0] == 1), run
+    assert max(float((a - b).abs().max()) for a, b in zip(start[0], weights[True])) > 1e-4  # the step moved
+    # AdamW's first step is about lr * sign(grad) (1e-2): a wrong normaliser or a dropped row
+    # moves weights by that much; rounding in gradients near 0 moves a few by a few 1e-6
+    for a, b in zip(weights[False], weights[True]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)

@@ -36,12 +36,17 @@ def test_aggregations_hand_values():
     logp = torch.zeros(2, 4)
     mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]])
     adv = torch.tensor([1.0, -1.0])
-    loss = {t: grpo_loss(logp, logp, adv, mask, loss_type=t)[0].item() for t in ("grpo", "dr_grpo", "dapo")}
+    loss = {t: grpo_loss(logp, logp, adv, mask, loss_type=t)[0].item() for t in ("grpo", "dr_grpo", "dapo", "bnpo")}
     assert loss["grpo"] == pytest.approx(0.0)  # (-1 + 1) / 2
-    assert loss["dapo"] == pytest.approx(0.5)  # (-1 + 3) / 4 tokens
+    assert loss["dapo"] == loss["bnpo"] == pytest.approx(0.5)  # (-1 + 3) / 4 tokens
     assert loss["dr_grpo"] == pytest.approx(0.25)  # (-1 + 3) / (2 sequences * 4)
     dr = grpo_loss(logp, logp, adv, mask, loss_type="dr_grpo", max_completion_length=10)[0]
     assert dr.item() == pytest.approx(2 / 20)
+    # normalisers of a larger batch this one is part of: 5 sequences, 8 completion tokens
+    part = {t: grpo_loss(logp, logp, adv, mask, loss_type=t, num_sequences=5, num_tokens=8)[0].item()
+            for t in ("grpo", "dr_grpo", "dapo")}
+    assert part["dapo"] == pytest.approx(2 / 8) and part["dr_grpo"] == pytest.approx(2 / 20)
+    assert grpo_loss(logp, logp, torch.tensor([1.0, 1.0]), mask, num_sequences=5)[0].item() == pytest.approx(-2 / 5)
 
 
 def test_ratio_one_beta_zero_is_reinforce_with_normalised_advantages():

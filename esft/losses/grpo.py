@@ -7,12 +7,18 @@
   ``exp(ref - logp) - (ref - logp) - 1``.
 * `grpo_loss`: the PPO-style clipped surrogate per token with clip range ``[1 - eps, 1 + eps_high]``
   (``eps_high`` > ``eps`` is DAPO's clip-higher, arXiv 2503.14476), plus ``beta * k3`` when a
-  reference is given, aggregated three ways:
+  reference is given, aggregated four ways:
 
   - ``grpo``: mean over each sequence's tokens, then over sequences (the paper's 1/|o_i|);
   - ``dr_grpo``: sum over all tokens divided by a constant, ``num_sequences * max_completion_length``
     (Dr. GRPO: no length bias);
-  - ``dapo``: mean over all completion tokens of the batch (DAPO's token-level loss).
+  - ``dapo``: sum over tokens divided by the number of completion tokens of the whole generation
+    batch (DAPO's token-level loss; the caller passes that count as ``num_tokens``);
+  - ``bnpo``: the same formula over the (mini)batch being updated only (TRL's ``bnpo``).
+
+``num_sequences`` and ``num_tokens`` name the batch a call is part of. The caller may drop rows
+that add nothing (advantage 0 without a KL term) and keep the normalisers of the full batch: the
+loss and its gradient are then unchanged.
 
 Departures: the standard deviation is the unbiased one (as TRL's GRPOTrainer) with ``eps`` added;
 sequences and tokens are given as a right-padded ``[B, T]`` grid with a mask.
@@ -25,7 +31,7 @@ from typing import Literal
 import torch
 
 ScaleRewards = Literal["group", "batch", "none"]
-LossType = Literal["grpo", "dr_grpo", "dapo"]
+LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: ScaleRewards = "group", eps: float = 1e-4) -> torch.Tensor:
@@ -73,6 +79,8 @@ def grpo_loss(
     eps_high: float | None = None,
     loss_type: LossType = "grpo",
     max_completion_length: int | None = None,
+    num_sequences: int | None = None,
+    num_tokens: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy-gradient loss with an optional k3 KL penalty.
 
@@ -84,8 +92,10 @@ def grpo_loss(
         ref_logp: ``[B, T]`` log-probs under the reference policy; needed when ``beta > 0``.
         beta: KL coefficient.
         eps, eps_high: clip range ``[1 - eps, 1 + eps_high]`` (``eps_high`` defaults to ``eps``).
-        loss_type: aggregation over tokens: ``grpo``, ``dr_grpo`` or ``dapo`` (module docstring).
+        loss_type: aggregation over tokens: ``grpo``, ``dr_grpo``, ``dapo`` or ``bnpo`` (module docstring).
         max_completion_length: the ``dr_grpo`` normaliser per sequence (default: ``T``).
+        num_sequences: sequences of the batch (``grpo``, ``dr_grpo``; default: ``B``).
+        num_tokens: completion tokens of the batch (``dapo``, ``bnpo``; default: ``mask.sum()``).
 
     Returns:
         ``(loss, stats)`` where stats holds detached ``kl`` (mean per token, 0 without a
@@ -107,14 +117,15 @@ def grpo_loss(
         if beta > 0:
             per_token = per_token + beta * kl
     tokens = mask.sum()
+    sequences = num_sequences or logp.shape[0]
     if loss_type == "grpo":
-        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / sequences
     elif loss_type == "dr_grpo":
-        loss = (per_token * mask).sum() / (logp.shape[0] * (max_completion_length or logp.shape[1]))
-    elif loss_type == "dapo":
-        loss = (per_token * mask).sum() / tokens.clamp(min=1)
+        loss = (per_token * mask).sum() / (sequences * (max_completion_length or logp.shape[1]))
+    elif loss_type in ("dapo", "bnpo"):
+        loss = (per_token * mask).sum() / (tokens if num_tokens is None else torch.as_tensor(num_tokens)).clamp(min=1)
     else:
-        raise ValueError(f"loss_type must be grpo, dr_grpo or dapo, got {loss_type!r}")
+        raise ValueError(f"loss_type must be grpo, dr_grpo, dapo or bnpo, got {loss_type!r}")
     with torch.no_grad():
         is_clipped = ((ratio < 1.0 - eps) & (adv < 0)) | ((ratio > 1.0 + high) & (adv > 0))
         denom = tokens.clamp(min=1)

@@ -66,6 +66,7 @@ class GRPOModule(CausalLMModule):
         mask_truncated_completions: bool = False,
         max_grad_norm: float | None = 1.0,
         generation_batch_size: int = 256,
+        skip_zero_advantage: bool = True,
         **kwargs: Any,
     ) -> None:
         """
@@ -77,7 +78,8 @@ class GRPOModule(CausalLMModule):
             rewards: reward name -> weight (`esft.rewards.REWARDS`); default accuracy 1, format 0.5.
             reward_options: reward name -> options, e.g. ``{overlong: {max_tokens: 64, cache: 16}}``.
             scale_rewards: advantage scaling: ``group`` std (GRPO), ``batch`` std, ``none`` (Dr. GRPO).
-            loss_type: token aggregation: ``grpo`` (per sequence), ``dr_grpo`` (constant), ``dapo`` (per token).
+            loss_type: token aggregation: ``grpo`` (per sequence), ``dr_grpo`` (constant), ``dapo`` (per
+                token of the generation batch), ``bnpo`` (per token of each minibatch).
             epsilon: lower clip range of the ratio (and upper, unless `epsilon_high`).
             epsilon_high: upper clip range (DAPO's clip-higher).
             beta: k3 KL coefficient to the starting policy; 0 loads no reference model.
@@ -86,6 +88,8 @@ class GRPOModule(CausalLMModule):
             mask_truncated_completions: completions cut by the length limit get no loss.
             max_grad_norm: clip the gradient norm (None: no clipping).
             generation_batch_size: prompts generated together.
+            skip_zero_advantage: with ``beta`` 0, run the update only on sequences whose advantage
+                is not 0 (the others add nothing to the loss or gradient; `_update`).
             **kwargs: the model, tokenizer and optimizer arguments of `CausalLMModule`.
         """
         super().__init__(**kwargs)
@@ -149,29 +153,53 @@ class GRPOModule(CausalLMModule):
         mask = (next_token_targets(batch["labels"], batch["position_ids"]) != IGNORE_INDEX).float()
         if hp.mask_truncated_completions:
             mask = mask * torch.tensor([not o.truncated for o in outs], device=self.device, dtype=mask.dtype)[:, None]
-        stats = self._update(batch, mask, advantages)
+        stats, update_tokens = self._update(batch, mask, advantages)
         t_update = time.perf_counter() - t0 - t_gen
-        self._log_step(samples, parts, rewards, stats, t_gen, t_update, int(mask.sum()), int(batch["num_tokens"]))
+        self._log_step(samples, parts, rewards, stats, t_gen, t_update, int(mask.sum()), update_tokens)
 
-    def _update(self, batch: dict[str, Any], mask: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
+    def _update(self, batch: dict[str, Any], mask: torch.Tensor, advantages: torch.Tensor) -> tuple[dict[str, float], int]:
+        """``num_iterations`` passes of ``num_minibatches`` optimizer steps over the rollouts.
+
+        Without a KL term (``beta`` 0) a sequence whose advantage is 0 (every sample of its group
+        scored the same) adds exactly nothing to the loss or its gradient, so only the others are
+        run, with the normalisers of the full minibatch: the same step for less compute (on the
+        arithmetic task most groups are all wrong at first). A minibatch keeps at least one row so
+        every rank runs its collectives. Logged ratio, clip fraction and entropy are over the rows run.
+        """
         hp = self.hparams
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        n = mask.shape[0]
+        bounds = torch.linspace(0, n, hp.num_minibatches + 1).round().long().tolist()
+        parts = []  # (rows run, sequences, completion tokens) per minibatch
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            rows = torch.arange(lo, hi, device=mask.device)
+            if hp.skip_zero_advantage and hp.beta == 0:
+                live = rows[advantages[lo:hi] != 0]
+                rows = live if live.numel() else rows[:1]
+            parts.append((rows, hi - lo, mask[lo:hi].sum()))
+        rows = torch.cat([p[0] for p in parts])
+        width = int(batch["attention_mask"][rows].sum(1).max())
+        batch = {k: v[rows, :width] if torch.is_tensor(v) and v.ndim == 2 else v for k, v in batch.items()}
+        mask, advantages = mask[rows, :width], advantages[rows]
+        # dapo normalises by the completion tokens of the whole generation batch over all ranks
+        # (the mean over ranks, as the gradients are averaged); bnpo by each minibatch's own
+        whole = self.trainer.strategy.reduce(sum(p[2] for p in parts), reduce_op="mean") if hp.loss_type == "dapo" else None
         several = hp.num_iterations > 1 or hp.num_minibatches > 1
         with torch.no_grad():
             old = self._logprobs(self.model, batch)[0] if several else None
             ref = self._logprobs(self._reference[0], batch)[0] if self._reference else None
-        n = mask.shape[0]
-        bounds = torch.linspace(0, n, hp.num_minibatches + 1).round().long().tolist()
         sums: dict[str, float] = {}
         steps = 0
         for _ in range(hp.num_iterations):
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
+            lo = 0
+            for part_rows, sequences, tokens in parts:
+                hi = lo + part_rows.numel()
                 part = {k: v[lo:hi] if torch.is_tensor(v) and v.ndim == 2 else v for k, v in batch.items()}
                 logp, entropy = self._logprobs(self.model, part)
                 loss, stats = grpo_loss(
                     logp, logp.detach() if old is None else old[lo:hi], advantages[lo:hi], mask[lo:hi],
                     None if ref is None else ref[lo:hi], hp.beta, hp.epsilon, hp.epsilon_high, hp.loss_type,
-                    hp.max_completion_length,
+                    hp.max_completion_length, num_sequences=sequences, num_tokens=tokens if whole is None else whole,
                 )
                 optimizer.zero_grad()
                 self.manual_backward(loss)
@@ -184,7 +212,10 @@ class GRPOModule(CausalLMModule):
                 for k, v in {"loss": loss.detach(), **stats}.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 steps += 1
-        return {k: v / steps for k, v in sums.items()}
+                lo = hi
+        stats = {k: v / steps for k, v in sums.items()}
+        stats["updated_sequences"] = rows.numel() / n
+        return stats, int(batch["attention_mask"].sum())
 
     def _log_step(self, samples, parts, rewards, stats, t_gen, t_update, completion_tokens, update_tokens) -> None:
         hp = self.hparams
