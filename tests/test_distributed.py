@@ -214,13 +214,9 @@ def test_distillation_under_two_processes_matches_one_process(tmp_path, distill_
         torch.testing.assert_close(two[name], distill_single[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-def test_grpo_with_a_reference_model_under_every_strategy(tmp_path):
-    """GRPO on 2 ranks (rollouts on each rank, the k3 KL to a frozen reference): DDP (policy and
-    reference replicated), FSDP2 (both sharded, rollouts in lockstep) and DeepSpeed ZeRO-2 / ZeRO-3
-    (the reference whole on every rank) end at the same weights, away from the start (a run at
-    learning rate 1e-12; 0 is refused)."""
-    # a reward that varies across a random model's completions (the share of words among every
-    # other token of the vocabulary), so the advantages are not all zero
+def grpo_parts(**init_args) -> tuple[dict, dict]:
+    """A GRPO model and its prompts, with a reward that varies across a random model's
+    completions (the share of words among every other token of the vocabulary)."""
     from esft.models import load_tokenizer
 
     tokenizer = load_tokenizer("builtin")
@@ -228,10 +224,19 @@ def test_grpo_with_a_reference_model_under_every_strategy(tmp_path):
     model = {"class_path": "esft.objectives.GRPOModule",
              "init_args": {"model_config": TINY["llama"], "tokenizer": "builtin", "num_generations": 4,
                            "max_completion_length": 8, "beta": 0.04, "temperature": 1.5, "rewards": {"language": 1.0},
-                           "reward_options": {"language": {"vocabulary": words}}, "optim": {"lr": 1e-2}}}
+                           "reward_options": {"language": {"vocabulary": words}}, "optim": {"lr": 1e-2}, **init_args}}
     data = {"class_path": "esft.data.PromptDataModule",
             "init_args": {"tasks": [{"name": "arithmetic", "max_digits": 1, "think": True}], "num_train_per_task": 16,
                           "num_val_per_task": 0, "batch_size": 2}}
+    return model, data
+
+
+def test_grpo_with_a_reference_model_under_every_strategy(tmp_path):
+    """GRPO on 2 ranks (rollouts on each rank, the k3 KL to a frozen reference): DDP (policy and
+    reference replicated), FSDP2 (both sharded, rollouts in lockstep) and DeepSpeed ZeRO-2 / ZeRO-3
+    (the reference whole on every rank) end at the same weights, away from the start (a run at
+    learning rate 1e-12; 0 is refused)."""
+    model, data = grpo_parts()
     runs = {}
     strategies = {"ddp": "ddp", "fsdp2": FSDP2}
     if importlib.util.find_spec("deepspeed") is not None:
@@ -248,6 +253,36 @@ def test_grpo_with_a_reference_model_under_every_strategy(tmp_path):
     for other in strategies:
         for name in runs["ddp"]:
             torch.testing.assert_close(runs[other][name], runs["ddp"][name], atol=2e-5, rtol=1e-4, msg=f"{other}: {name}")
+
+
+def test_grpo_skipping_zero_advantage_rows_on_two_ranks(tmp_path):
+    """DDP, no KL term, the dapo loss (normalised by the tokens of the whole generation batch,
+    averaged over ranks): ranks that run different subsets of their rows (2 samples of 1 token
+    per prompt: many groups tie) end where running every row ends."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # an Adam eps above most gradient entries (about 1e-5 here) makes the step follow the gradient's
+    # scale, so a wrong normaliser shows
+    model, data = grpo_parts(beta=0.0, num_generations=2, max_completion_length=1, loss_type="dapo",
+                             optim={"lr": 0.1, "eps": 1e-3})
+    data["init_args"]["batch_size"] = 4
+    runs = {}
+    for skip in (False, True):
+        model["init_args"]["skip_zero_advantage"] = skip
+        root = tmp_path / str(skip)
+        config = _with_model(write_config(root, strategy="ddp", devices=2, max_steps=3), model, data)
+        cfg = yaml.safe_load(config.read_text())
+        cfg["trainer"]["callbacks"] = cfg["trainer"]["callbacks"][:1]  # the export only
+        cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                                    "init_args": {"save_dir": str(root), "name": "tb", "version": ""}}
+        cfg["trainer"]["log_every_n_steps"] = 1
+        config.write_text(yaml.safe_dump(cfg))
+        fit(config)
+        runs[skip] = load_file(root / "hf" / "model.safetensors")
+        logged = EventAccumulator(str(root / "tb")).Reload().Scalars("train/updated_sequences")
+        assert (min(e.value for e in logged) < 1) if skip else all(e.value == 1 for e in logged), [e.value for e in logged]
+    for name in runs[False]:
+        torch.testing.assert_close(runs[True][name], runs[False][name], atol=2e-5, rtol=1e-4, msg=name)
 
 
 def test_sharded_rollouts_run_in_lockstep(tmp_path):
