@@ -12,9 +12,9 @@
   - ``grpo``: mean over each sequence's tokens, then over sequences (the paper's 1/|o_i|);
   - ``dr_grpo``: sum over all tokens divided by a constant, ``num_sequences * max_completion_length``
     (Dr. GRPO: no length bias);
-  - ``dapo``: sum over tokens divided by the number of completion tokens of the whole generation
-    batch (DAPO's token-level loss; the caller passes that count as ``num_tokens``);
-  - ``bnpo``: the same formula over the (mini)batch being updated only (TRL's ``bnpo``).
+  - ``dapo``: sum over tokens divided by the number of completion tokens of an optimizer step's
+    batch over all ranks (DAPO's token-level loss; the caller passes that count as ``num_tokens``);
+  - ``bnpo``: the same formula with this rank's tokens only (TRL's ``bnpo``).
 
 ``num_sequences`` and ``num_tokens`` name the batch a call is part of. The caller may drop rows
 that add nothing (advantage 0 without a KL term) and keep the normalisers of the full batch: the

@@ -79,7 +79,7 @@ class GRPOModule(CausalLMModule):
             reward_options: reward name -> options, e.g. ``{overlong: {max_tokens: 64, cache: 16}}``.
             scale_rewards: advantage scaling: ``group`` std (GRPO), ``batch`` std, ``none`` (Dr. GRPO).
             loss_type: token aggregation: ``grpo`` (per sequence), ``dr_grpo`` (constant), ``dapo`` (per
-                token of the generation batch), ``bnpo`` (per token of each minibatch).
+                token of an optimizer step's batch over all ranks), ``bnpo`` (per token of this rank's).
             epsilon: lower clip range of the ratio (and upper, unless `epsilon_high`).
             epsilon_high: upper clip range (DAPO's clip-higher).
             beta: k3 KL coefficient to the starting policy; 0 loads no reference model.
@@ -181,9 +181,9 @@ class GRPOModule(CausalLMModule):
         width = int(batch["attention_mask"][rows].sum(1).max())
         batch = {k: v[rows, :width] if torch.is_tensor(v) and v.ndim == 2 else v for k, v in batch.items()}
         mask, advantages = mask[rows, :width], advantages[rows]
-        # dapo normalises by the completion tokens of the whole generation batch over all ranks
-        # (the mean over ranks, as the gradients are averaged); bnpo by each minibatch's own
-        whole = self.trainer.strategy.reduce(sum(p[2] for p in parts), reduce_op="mean") if hp.loss_type == "dapo" else None
+        tokens = torch.stack([p[2] for p in parts])
+        if hp.loss_type == "dapo":  # an optimizer step's tokens over all ranks (their mean, as the
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="mean")  # gradients are averaged)
         several = hp.num_iterations > 1 or hp.num_minibatches > 1
         with torch.no_grad():
             old = self._logprobs(self.model, batch)[0] if several else None
@@ -192,14 +192,14 @@ class GRPOModule(CausalLMModule):
         steps = 0
         for _ in range(hp.num_iterations):
             lo = 0
-            for part_rows, sequences, tokens in parts:
+            for i, (part_rows, sequences, _) in enumerate(parts):
                 hi = lo + part_rows.numel()
                 part = {k: v[lo:hi] if torch.is_tensor(v) and v.ndim == 2 else v for k, v in batch.items()}
                 logp, entropy = self._logprobs(self.model, part)
                 loss, stats = grpo_loss(
                     logp, logp.detach() if old is None else old[lo:hi], advantages[lo:hi], mask[lo:hi],
                     None if ref is None else ref[lo:hi], hp.beta, hp.epsilon, hp.epsilon_high, hp.loss_type,
-                    hp.max_completion_length, num_sequences=sequences, num_tokens=tokens if whole is None else whole,
+                    hp.max_completion_length, num_sequences=sequences, num_tokens=tokens[i],
                 )
                 optimizer.zero_grad()
                 self.manual_backward(loss)
