@@ -231,6 +231,13 @@ def grpo_parts(**init_args) -> tuple[dict, dict]:
     return model, data
 
 
+def grpo_fit(root: Path, model: dict, data: dict, **trainer) -> dict[str, torch.Tensor]:
+    """Two ranks, 3 optimizer steps, the export as the only callback; the final weights."""
+    export = {"class_path": "esft.callbacks.ExportHF", "init_args": {"dirpath": str(root / "hf")}}
+    fit(_with_model(write_config(root, devices=2, max_steps=3, callbacks=[export], **trainer), model, data))
+    return load_file(root / "hf" / "model.safetensors")
+
+
 def test_grpo_with_a_reference_model_under_every_strategy(tmp_path):
     """GRPO on 2 ranks (rollouts on each rank, the k3 KL to a frozen reference): DDP (policy and
     reference replicated), FSDP2 (both sharded, rollouts in lockstep) and DeepSpeed ZeRO-2 / ZeRO-3
@@ -242,13 +249,8 @@ def test_grpo_with_a_reference_model_under_every_strategy(tmp_path):
     if importlib.util.find_spec("deepspeed") is not None:
         strategies.update(zero2=zero(2), zero3=zero(3))
     for name, strategy, lr in [*((n, s, 1e-2) for n, s in strategies.items()), ("start", "ddp", 1e-12)]:
-        config = _with_model(write_config(tmp_path / name, strategy=strategy, devices=2, max_steps=3), model, data)
-        cfg = yaml.safe_load(config.read_text())
-        cfg["trainer"]["callbacks"] = cfg["trainer"]["callbacks"][:1]  # the export only
-        cfg["model"]["init_args"]["optim"]["lr"] = lr
-        config.write_text(yaml.safe_dump(cfg))
-        fit(config)
-        runs[name] = load_file(tmp_path / name / "hf" / "model.safetensors")
+        model["init_args"]["optim"]["lr"] = lr
+        runs[name] = grpo_fit(tmp_path / name, model, data, strategy=strategy)
     assert max((runs["ddp"][n] - runs["start"][n]).abs().max().item() for n in runs["start"]) > 1e-3  # it trained
     for other in strategies:
         for name in runs["ddp"]:
@@ -256,9 +258,9 @@ def test_grpo_with_a_reference_model_under_every_strategy(tmp_path):
 
 
 def test_grpo_skipping_zero_advantage_rows_on_two_ranks(tmp_path):
-    """DDP, no KL term, the dapo loss (normalised by the tokens of the whole generation batch,
-    averaged over ranks): ranks that run different subsets of their rows (2 samples of 1 token
-    per prompt: many groups tie) end where running every row ends."""
+    """DDP, no KL term, the dapo loss (normalised by an optimizer step's tokens over both ranks):
+    ranks that run different subsets of their rows (2 samples of 1 token per prompt: many groups
+    tie) end where running every row ends."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     # an Adam eps above most gradient entries (about 1e-5 here) makes the step follow the gradient's
@@ -270,15 +272,9 @@ def test_grpo_skipping_zero_advantage_rows_on_two_ranks(tmp_path):
     for skip in (False, True):
         model["init_args"]["skip_zero_advantage"] = skip
         root = tmp_path / str(skip)
-        config = _with_model(write_config(root, strategy="ddp", devices=2, max_steps=3), model, data)
-        cfg = yaml.safe_load(config.read_text())
-        cfg["trainer"]["callbacks"] = cfg["trainer"]["callbacks"][:1]  # the export only
-        cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                                    "init_args": {"save_dir": str(root), "name": "tb", "version": ""}}
-        cfg["trainer"]["log_every_n_steps"] = 1
-        config.write_text(yaml.safe_dump(cfg))
-        fit(config)
-        runs[skip] = load_file(root / "hf" / "model.safetensors")
+        logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                  "init_args": {"save_dir": str(root), "name": "tb", "version": ""}}
+        runs[skip] = grpo_fit(root, model, data, strategy="ddp", logger=logger, log_every_n_steps=1)
         logged = EventAccumulator(str(root / "tb")).Reload().Scalars("train/updated_sequences")
         assert (min(e.value for e in logged) < 1) if skip else all(e.value == 1 for e in logged), [e.value for e in logged]
     for name in runs[False]:
