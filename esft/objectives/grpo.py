@@ -170,20 +170,20 @@ class GRPOModule(CausalLMModule):
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         n = mask.shape[0]
         bounds = torch.linspace(0, n, hp.num_minibatches + 1).round().long().tolist()
-        parts = []  # (rows run, sequences, completion tokens) per minibatch
+        parts = []  # (rows run, sequences) per minibatch
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             rows = torch.arange(lo, hi, device=mask.device)
             if hp.skip_zero_advantage and hp.beta == 0:
                 live = rows[advantages[lo:hi] != 0]
                 rows = live if live.numel() else rows[:1]
-            parts.append((rows, hi - lo, mask[lo:hi].sum()))
+            parts.append((rows, hi - lo))
+        tokens = torch.stack([mask[lo:hi].sum() for lo, hi in zip(bounds[:-1], bounds[1:])])  # completion tokens
+        if hp.loss_type == "dapo":  # an optimizer step's tokens over all ranks (their mean, as the
+            tokens = self.trainer.strategy.reduce(tokens, reduce_op="mean")  # gradients are averaged)
         rows = torch.cat([p[0] for p in parts])
         width = int(batch["attention_mask"][rows].sum(1).max())
         batch = {k: v[rows, :width] if torch.is_tensor(v) and v.ndim == 2 else v for k, v in batch.items()}
         mask, advantages = mask[rows, :width], advantages[rows]
-        tokens = torch.stack([p[2] for p in parts])
-        if hp.loss_type == "dapo":  # an optimizer step's tokens over all ranks (their mean, as the
-            tokens = self.trainer.strategy.reduce(tokens, reduce_op="mean")  # gradients are averaged)
         several = hp.num_iterations > 1 or hp.num_minibatches > 1
         with torch.no_grad():
             old = self._logprobs(self.model, batch)[0] if several else None
@@ -192,7 +192,7 @@ class GRPOModule(CausalLMModule):
         steps = 0
         for _ in range(hp.num_iterations):
             lo = 0
-            for i, (part_rows, sequences, _) in enumerate(parts):
+            for i, (part_rows, sequences) in enumerate(parts):
                 hi = lo + part_rows.numel()
                 part = {k: v[lo:hi] if torch.is_tensor(v) and v.ndim == 2 else v for k, v in batch.items()}
                 logp, entropy = self._logprobs(self.model, part)
