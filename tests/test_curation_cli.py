@@ -36,8 +36,9 @@ def test_datamodule_curates_then_orders_easy_to_hard_and_resumes_exactly(tmp_pat
     seen = [int(n) for b in batches for n in b["cu_seqlens"].diff()]
     assert seen == lengths, "a curriculum visits examples in score order"
     assert [b["input_ids"].tolist() for b in dm.train_dataloader()] == [b["input_ids"].tolist() for b in batches]
-    dm.load_state_dict({"epoch": 0, "batches_done": 2})
-    resumed = list(dm.train_dataloader())
+    loader = dm.train_dataloader()
+    loader.load_state_dict({"epoch": 0, "batches_done": 2})
+    resumed = list(loader)
     assert [b["input_ids"].tolist() for b in resumed] == [b["input_ids"].tolist() for b in batches[2:]]
 
 

@@ -83,6 +83,20 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, si
         torch.testing.assert_close(two[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+def test_two_ranks_match_one_micro_batch_holding_both(tmp_path, single):
+    """The step's loss is the token mean over both ranks' rows (whose trained-token counts
+    differ), not the mean of two per-rank means: DDP ends where one process ends that takes
+    the same rows as one micro-batch of twice the budget."""
+    cfg = yaml.safe_load(write_config(tmp_path / "one").read_text())
+    cfg["data"]["init_args"]["max_tokens"] = 256
+    (tmp_path / "one" / "run.yaml").write_text(yaml.safe_dump(cfg))
+    fit(tmp_path / "one" / "run.yaml", "--trainer.devices", "1")
+    fit(write_config(tmp_path / "ddp", strategy="ddp", devices=2))
+    one, ddp = (load_file(tmp_path / run / "hf" / "model.safetensors") for run in ("one", "ddp"))
+    for name in one:
+        torch.testing.assert_close(ddp[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
 def test_fsdp2_with_activation_checkpointing_matches_one_process(tmp_path, single):
     config = write_config(tmp_path, strategy=FSDP2, devices=2)
     cfg = yaml.safe_load(config.read_text())

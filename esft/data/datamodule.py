@@ -19,11 +19,14 @@ from esft.data.packing import (
     Layout,
     PackedRows,
     ResumableBatchSampler,
+    ResumableLoader,
     best_fit_decreasing,
     collate_fixed,
     collate_packed,
     collate_padded,
     max_segments,
+    trained_tokens,
+    with_step_tokens,
 )
 from esft.data.records import DataFormatError, Format, LoadStats, OnBadRecord, load_records
 from esft.data.tasks import TaskSpec, build_task
@@ -118,7 +121,6 @@ class SFTDataModule(L.LightningDataModule):
         self.train_examples: list[dict[str, Any]] = []
         self.val_examples: list[dict[str, Any]] = []
         self.val_records: list[dict[str, Any]] = []  # untokenized, for generation (`predict`)
-        self._resume: dict[str, int] | None = None
         self._tokenizer = None
 
     @property
@@ -222,48 +224,54 @@ class SFTDataModule(L.LightningDataModule):
 
     def _collate(self, units: list[list[int]], per_batch: int):
         if not self.hp.packing:
-            return partial(collate_padded, pad_token_id=self.tokenizer.pad_token_id)
-        if self._pad_to_budget():
+            collate = partial(collate_padded, pad_token_id=self.tokenizer.pad_token_id)
+        elif self._pad_to_budget():
             segments = max_segments(units, per_batch, self.hp.max_tokens, self.hp.max_length)
-            return partial(collate_fixed, layout=self._layout(), max_tokens=self.hp.max_tokens,
-                           max_length=self.hp.max_length, num_segments=segments)
-        return partial(collate_packed, layout=self._layout())
+            collate = partial(collate_fixed, layout=self._layout(), max_tokens=self.hp.max_tokens,
+                              max_length=self.hp.max_length, num_segments=segments)
+        else:
+            collate = partial(collate_packed, layout=self._layout())
+        return partial(with_step_tokens, collate=collate)
 
-    def _loader(self, examples: list[dict[str, Any]], shuffle: bool) -> DataLoader:
+    def _progress(self) -> tuple[int, int]:
+        """The trainer's position in the training data: the epoch, and its batches trained on."""
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+
+    def _loader(self, examples: list[dict[str, Any]], train: bool) -> DataLoader:
         units, per_batch = self._units(examples)
         trainer = self.trainer
+        tokens = [trained_tokens(e) for e in examples] if train else None
         sampler = ResumableBatchSampler(
             len(units),
             per_batch,
-            shuffle=shuffle and not self.hp.curriculum,
+            shuffle=train and not self.hp.curriculum,
             seed=self.hp.seed,
             num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
+            # each micro-batch carries its optimizer step's trained tokens: the loss is the
+            # step's token mean over all micro-batches and ranks (`esft.objectives.base`)
+            unit_tokens=[sum(tokens[i] for i in unit) for unit in units] if train else None,
+            accumulate=trainer.accumulate_grad_batches if trainer else 1,
         )
-        if shuffle:
-            if self.hp.packing:
-                tokens = sum(e["length"] for e in examples)
-                rank_zero_info(
-                    f"[data] packed {len(examples)} examples into {len(units)} rows of <= {self.hp.max_length} tokens "
-                    f"({tokens / (len(units) * self.hp.max_length):.1%} full), {per_batch} rows per micro-batch "
-                    f"of <= {self.hp.max_tokens} tokens: {len(sampler)} micro-batches per epoch"
-                )
-            if self._resume is not None:
-                sampler.resume(self._resume["epoch"], self._resume["batches_done"])
-                self._resume = None
-        return DataLoader(
-            PackedRows(examples, units),
-            batch_sampler=sampler,
-            collate_fn=self._collate(units, per_batch),
-            num_workers=self.hp.num_workers,
-            persistent_workers=self.hp.num_workers > 0,
-        )
+        if train and self.hp.packing:
+            total = sum(e["length"] for e in examples)
+            rank_zero_info(
+                f"[data] packed {len(examples)} examples into {len(units)} rows of <= {self.hp.max_length} tokens "
+                f"({total / (len(units) * self.hp.max_length):.1%} full), {per_batch} rows per micro-batch "
+                f"of <= {self.hp.max_tokens} tokens: {len(sampler)} micro-batches per epoch"
+            )
+        kwargs = dict(collate_fn=self._collate(units, per_batch), num_workers=self.hp.num_workers,
+                      persistent_workers=self.hp.num_workers > 0)
+        if train:
+            return ResumableLoader(PackedRows(examples, units), batch_sampler=sampler, progress=self._progress, **kwargs)
+        return DataLoader(PackedRows(examples, units), batch_sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_examples, shuffle=True)
+        return self._loader(self.train_examples, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_examples, shuffle=False) if self.val_examples else []
+        return self._loader(self.val_examples, train=False) if self.val_examples else []
 
     def test_dataloader(self) -> DataLoader | list:
         """The validation data (``esft test`` reports ``test/loss`` on it)."""
@@ -274,14 +282,3 @@ class SFTDataModule(L.LightningDataModule):
         if not self.val_records:
             raise ValueError("esft predict generates for the validation records: set data.val_path, val_fraction or use builtin tasks")
         return DataLoader(self.val_records, batch_size=self.hp.batch_size, collate_fn=list)
-
-    # ---- exact resume ---------------------------------------------------------------------
-    def state_dict(self) -> dict[str, int]:
-        """Where training is in the data: the epoch, and batches of it already trained on."""
-        if self.trainer is None:
-            return {}
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume = dict(state_dict) if state_dict else None

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from esft.data.tokenize import IGNORE_INDEX
 
@@ -182,16 +182,74 @@ class PackedRows(Dataset):
     def __getitem__(self, i: int) -> list[dict[str, Any]]:
         return [self.examples[j] for j in self.units[i]]
 
+    def __getitems__(self, batch: list[int]) -> "MicroBatch":
+        """The rows of a micro-batch, keeping its `MicroBatch.step_tokens` for the collator."""
+        rows = MicroBatch(self[i] for i in batch)
+        rows.step_tokens = getattr(batch, "step_tokens", None)
+        return rows
+
+
+def with_step_tokens(rows: Sequence[Sequence[dict[str, Any]]], collate: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """``collate(rows)`` plus ``step_tokens`` (the trained tokens of the micro-batch's optimizer
+    step, see `ResumableBatchSampler`) where the rows carry it."""
+    batch = collate(rows)
+    if getattr(rows, "step_tokens", None) is not None:
+        batch["step_tokens"] = rows.step_tokens
+    return batch
+
+
+def trained_tokens(example: dict[str, Any]) -> int:
+    """Next-token targets an example trains on: its labels after the first that are not -100
+    (the loss predicts token t + 1 from position t, within the document)."""
+    return sum(1 for label in example["labels"][1:] if label != IGNORE_INDEX)
+
+
+class EpochOrder(Sampler[int]):
+    """The unit ids of one epoch: a permutation seeded by ``(seed, epoch)``, or ``0..n-1`` in
+    order. It is the batch sampler's ``.sampler``, where Lightning calls `set_epoch` at the start
+    of every epoch (Lightning looks for ``set_epoch`` on ``dataloader.sampler`` and on
+    ``dataloader.batch_sampler.sampler``, not on the batch sampler itself)."""
+
+    def __init__(self, num_units: int, shuffle: bool = True, seed: int = 0) -> None:
+        self.num_units = num_units
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_units
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(range(self.num_units))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+        return iter(order)
+
+
+class MicroBatch(list):
+    """The unit ids of one micro-batch, carrying ``step_tokens``: the trained tokens of the whole
+    optimizer step it belongs to (all its micro-batches, all ranks), or None where unknown."""
+
+    step_tokens: int | None = None
+
 
 class ResumableBatchSampler(Sampler[list[int]]):
     """Groups units (packed rows, or single examples) into micro-batches, reshuffled every epoch.
 
-    Each epoch shuffles the `num_units` unit ids with a permutation seeded by ``(seed, epoch)``
-    and takes every `units_per_batch` consecutive ones as a micro-batch, so batches mix lengths and tasks
-    instead of repeating the length-sorted groups that bin packing produces, and the order is
-    the same in a resumed run. `resume(epoch, batches_done)` makes the next iteration of that
-    epoch skip the batches already trained on; Lightning calls `set_epoch` at every epoch start.
-    Rank ``r`` of ``num_replicas`` takes every ``num_replicas``-th micro-batch.
+    Each epoch takes the order of `sampler` (`EpochOrder`: a permutation seeded by ``(seed,
+    epoch)``) and makes every `units_per_batch` consecutive units a micro-batch, so batches mix
+    lengths and tasks instead of repeating the length-sorted groups that bin packing produces, and
+    the order is the same in a resumed run. `resume(epoch, batches_done)` makes the next iteration
+    of that epoch skip the batches already trained on. Rank ``r`` of ``num_replicas`` takes every
+    ``num_replicas``-th micro-batch.
+
+    With `unit_tokens` (trained tokens per unit), each yielded `MicroBatch` carries the trained
+    tokens of its optimizer step: `accumulate` consecutive micro-batches of every rank, the last
+    step of an epoch being shorter (Lightning steps at the end of every epoch). The loss divides by
+    it, so a step's gradient is the mean over all of its trained tokens.
     """
 
     def __init__(
@@ -202,14 +260,17 @@ class ResumableBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        unit_tokens: Sequence[int] | None = None,
+        accumulate: int = 1,
     ) -> None:
-        self.num_units = num_units
+        if unit_tokens is not None and len(unit_tokens) != num_units:
+            raise ValueError(f"unit_tokens has {len(unit_tokens)} entries for {num_units} units")
+        self.sampler = EpochOrder(num_units, shuffle, seed)
         self.units_per_batch = units_per_batch
-        self.shuffle = shuffle
-        self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
-        self.epoch = 0
+        self.unit_tokens = unit_tokens
+        self.accumulate = max(1, accumulate)
         self._skip: tuple[int, int] | None = None
 
     @property
@@ -218,22 +279,54 @@ class ResumableBatchSampler(Sampler[list[int]]):
         Lightning's DeepSpeed strategy reads it for DeepSpeed's micro-batch size)."""
         return self.units_per_batch
 
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
 
     def resume(self, epoch: int, batches_done: int) -> None:
         self._skip = (epoch, batches_done)
 
     def __len__(self) -> int:
-        return -(-self.num_units // self.units_per_batch) // self.num_replicas
+        return -(-len(self.sampler) // self.units_per_batch) // self.num_replicas
 
-    def __iter__(self) -> Iterator[list[int]]:
-        order = list(range(self.num_units))
-        if self.shuffle:
-            random.Random(f"{self.seed}:{self.epoch}").shuffle(order)
+    def _step_tokens(self, batches: list[list[int]]) -> list[int]:
+        """Trained tokens of the optimizer step of each of this rank's micro-batches."""
+        n, world, acc = len(self), self.num_replicas, self.accumulate
+        per_batch = [sum(self.unit_tokens[u] for u in b) for b in batches[: n * world]]
+        # micro-batch k of rank r is batches[k * world + r]; step s holds k in [s * acc, (s + 1) * acc)
+        per_step = [sum(per_batch[k * world : min(k + acc, n) * world]) for k in range(0, n, acc)]
+        return [per_step[k // acc] for k in range(n)]
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        order = list(self.sampler)
         k = self.units_per_batch
         batches = [order[lo : lo + k] for lo in range(0, len(order), k)]
-        mine = batches[self.rank : len(self) * self.num_replicas : self.num_replicas]
+        mine = [MicroBatch(b) for b in batches[self.rank : len(self) * self.num_replicas : self.num_replicas]]
+        if self.unit_tokens is not None:
+            for batch, tokens in zip(mine, self._step_tokens(batches)):
+                batch.step_tokens = tokens
         skip = self._skip[1] if self._skip is not None and self._skip[0] == self.epoch else 0
         self._skip = None
         yield from mine[skip:]
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over a `ResumableBatchSampler` whose position Lightning saves in checkpoints
+    and restores on resume (Lightning treats a loader with ``state_dict`` / ``load_state_dict`` as
+    resumable): the epoch, and the micro-batches of it already trained on. The position comes
+    from `progress` (the trainer's counters), not from batches fetched, since Lightning fetches
+    ahead of the batch it trains on."""
+
+    def __init__(self, *args: Any, progress: Callable[[], tuple[int, int]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches_done = self.progress()
+        return {"epoch": epoch, "batches_done": batches_done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.batch_sampler.resume(state_dict["epoch"], state_dict["batches_done"])

@@ -92,6 +92,7 @@ class CausalLMModule(L.LightningModule):
             apply_expert_config(self.model, self.expert_config)
         if lora is not None:
             self.model = apply_lora(self.model, lora)
+        self._step_sums: dict[str, torch.Tensor] = {}
 
     def export_model(self):
         """The model as a plain transformers model for `ExportHF`: LoRA merged (a copy), trained
@@ -137,6 +138,40 @@ class CausalLMModule(L.LightningModule):
         training when `optim.label_smoothing` is set; evaluation losses stay plain)."""
         smoothing = self.optim.label_smoothing if self.training else 0.0
         return call_model(self.model, token_loss, batch, self.hparams.loss_chunk_size, self.hparams.loss_impl, smoothing)
+
+    def step_denominator(self, batch: dict[str, Any], count: torch.Tensor) -> torch.Tensor:
+        """The divisor of a micro-batch's summed token loss that makes an optimizer step's
+        gradient the mean over all of the step's trained tokens (every micro-batch, every rank),
+        as if the step were one batch: ``step_tokens / (A * W)``, since Lightning divides each
+        micro-batch's loss by ``accumulate_grad_batches`` (A) and DDP / FSDP / ZeRO average
+        gradients over the W ranks. ``step_tokens`` comes with batches of `esft.data.SFTDataModule`
+        (`esft.data.packing.ResumableBatchSampler`); a batch without it (another DataModule,
+        on-policy distillation) counts its own tokens summed over the ranks, times A: exact when
+        A is 1, a mean of micro-batch means otherwise."""
+        trainer = self.trainer
+        scale = trainer.accumulate_grad_batches * trainer.world_size
+        if batch.get("step_tokens") is not None:
+            return count.new_tensor(max(int(batch["step_tokens"]), 1), dtype=torch.float32) / scale
+        total = trainer.strategy.reduce(count.detach().float(), reduce_op="sum") * trainer.accumulate_grad_batches
+        return total.clamp(min=1) / scale
+
+    def log_step(self, **values: torch.Tensor) -> None:
+        """Adds micro-batch terms (summed token losses divided by `step_denominator`) to this
+        optimizer step's sums; they are logged once per step, before the optimizer step, as the
+        step's token means over all micro-batches and ranks."""
+        for name, value in values.items():
+            self._step_sums[name] = self._step_sums.get(name, 0.0) + value.detach().float()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if not self._step_sums:
+            return
+        names = list(self._step_sums)
+        trainer = self.trainer
+        sums = trainer.strategy.reduce(torch.stack([self._step_sums[k] for k in names]), reduce_op="sum")
+        means = sums / (trainer.accumulate_grad_batches * trainer.world_size)
+        for name, value in zip(names, means):
+            self.log(name, value, prog_bar=name == "train/loss", on_step=True, on_epoch=False, batch_size=1)
+        self._step_sums = {}
 
     # ---- generation ------------------------------------------------------------------------
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:

@@ -221,11 +221,8 @@ class DistillModule(SFTModule):
             kd = ce.new_zeros(())
         else:
             kd, ce, count = self.distill_loss(batch)
-        n = count.clamp(min=1)
+        n = self.step_denominator(batch, count)  # the step's token mean (on-policy: see step_denominator)
         loss = (alpha * kd + (1.0 - alpha) * ce) / n
-        size = int(count)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/kd", kd / n, batch_size=size)
-        self.log("train/ce", ce / n, batch_size=size)
+        self.log_step(**{"train/loss": loss, "train/kd": kd / n, "train/ce": ce / n})
         self.log("train/on_policy", float(on_policy), batch_size=1)
         return loss

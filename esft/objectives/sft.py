@@ -11,12 +11,13 @@ from esft.objectives.base import CausalLMModule
 
 
 class SFTModule(CausalLMModule):
-    """SFT with the loss averaged over the trained (non-masked) tokens of each micro-batch."""
+    """SFT: the loss of an optimizer step is the mean over all of its trained (non-masked)
+    tokens, across gradient-accumulation micro-batches and ranks (`step_denominator`)."""
 
     def training_step(self, batch: dict[str, Any], batch_idx: int):
         loss_sum, count = self.token_loss(batch)
-        loss = loss_sum / count.clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True, batch_size=int(count))
+        loss = loss_sum / self.step_denominator(batch, count)
+        self.log_step(**{"train/loss": loss})
         return loss
 
     def _eval_loss(self, batch: dict[str, Any], name: str) -> None:
