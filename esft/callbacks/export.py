@@ -1,4 +1,9 @@
-"""Export the trained model and tokenizer in HF format (safetensors) at the end of `fit`."""
+"""Export the trained model and tokenizer in HF format (safetensors) at the end of `fit`.
+
+An export directory holds a marker file (`MARKER`); an existing `dirpath` is replaced only when
+it holds that marker, i.e. when an earlier export wrote it: a directory with other files, or a
+base model, is never deleted. Non-finite weights are never exported.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
+from esft.callbacks.guards import NonFiniteError, non_finite
 from esft.models.sharding import gathered
+
+MARKER = ".esft-export"
+
+
+class ExportError(RuntimeError):
+    """The export directory cannot be written without destroying something the export did not write."""
 
 
 class ExportHF(L.Callback):
@@ -24,6 +36,13 @@ class ExportHF(L.Callback):
 
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
+
+    def _target(self, trainer) -> Path:
+        return Path(self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf"))
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:  # refuse before training, not after it
+            check_replaceable(self._target(trainer))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         model = pl_module.model
@@ -38,18 +57,34 @@ class ExportHF(L.Callback):
     def _write(self, trainer, pl_module, state_dict: dict | None) -> None:
         if not trainer.is_global_zero:
             return
-        target = Path(self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf"))
+        target = self._target(trainer)
         tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+        for path in (target, tmp, old):
+            check_replaceable(path)
         shutil.rmtree(tmp, ignore_errors=True)
         # LoRA and trained expert slices are merged: the export is a plain transformers model
         model = pl_module.export_model() if hasattr(pl_module, "export_model") else pl_module.model
         if hasattr(pl_module, "export_state_dict"):
             state_dict = pl_module.export_state_dict(state_dict)
+        bad = non_finite(state_dict if state_dict is not None else model.state_dict())
+        if bad is not None:
+            raise NonFiniteError(f"non-finite weights ({bad}): not exported; {target} left as it was")
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         pl_module.tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text("written by esft.callbacks.ExportHF; replaced by the next export\n")
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
             target.rename(old)
         tmp.rename(target)
         shutil.rmtree(old, ignore_errors=True)
         rank_zero_info(f"[export] model and tokenizer saved to {target} (load with AutoModelForCausalLM.from_pretrained)")
+
+
+def check_replaceable(path: Path) -> None:
+    """Raise unless `path` is absent, or a directory an export wrote (it holds `MARKER`)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise ExportError(f"{path}: exists and is not an export directory; refusing to replace it "
+                          "(set ExportHF's dirpath to a new directory)")
+    if path.is_dir() and any(path.iterdir()) and not (path / MARKER).exists():
+        raise ExportError(f"{path}: holds files that no esft export wrote (no {MARKER} marker); refusing to delete it "
+                          "(set ExportHF's dirpath to a new directory, or move those files)")
