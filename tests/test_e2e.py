@@ -30,6 +30,13 @@ class InterruptAt(L.Callback):
             raise Interrupt(f"interrupted at step {self.step}")
 
 
+class StartWeights(L.Callback):
+    """Keeps a copy of the model's parameters as training starts."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.weights = {k: v.detach().clone() for k, v in pl_module.model.named_parameters()}
+
+
 def config(root: Path, max_steps: int, extra_callbacks=(), accelerator: str = "cpu", **data) -> Path:
     cfg = {
         "seed_everything": 0,
@@ -135,10 +142,18 @@ def test_flat_packing_has_no_padding_and_padded_baseline_has_some(tmp_path):
 def test_validate_test_and_predict_from_a_checkpoint(tmp_path, uninterrupted):
     writer = {"class_path": "esft.callbacks.JSONLPredictionWriter", "init_args": {"path": str(tmp_path / "pred.jsonl")}}
     cfg = str(config(tmp_path, 10, extra_callbacks=[writer]))
-    ckpt = str(uninterrupted / "checkpoints" / "last.ckpt")
+    # the loss of the step-8 checkpoint is the val/loss the run logged after its 8th step (TensorBoard
+    # step 7: the index of the batch it followed), from the same weights and data; `esft test` reports
+    # it on the validation data too. A fresh model or another step's weights give another value.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = {e.step: e.value for e in EventAccumulator(str(uninterrupted)).Reload().Scalars("val/loss")}
+    assert set(logged) == {3, 7} and abs(logged[7] - logged[3]) > 1e-3
+    step8 = str(uninterrupted / "checkpoints" / "epoch=0-step=8.ckpt")
     for command, metric in (("validate", "val/loss"), ("test", "test/loss")):
-        cli = main([command, "--config", cfg, "--ckpt_path", ckpt])
-        assert 0 < float(cli.trainer.callback_metrics[metric]) < 10
+        cli = main([command, "--config", cfg, "--ckpt_path", step8])
+        assert abs(float(cli.trainer.callback_metrics[metric]) - logged[7]) < 1e-6, command
+    ckpt = str(uninterrupted / "checkpoints" / "last.ckpt")
     main(["predict", "--config", cfg, "--ckpt_path", ckpt, "--model.init_args.max_new_tokens", "8"])
     rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
     assert len(rows) == 16  # 8 held-out records per task
@@ -148,9 +163,27 @@ def test_validate_test_and_predict_from_a_checkpoint(tmp_path, uninterrupted):
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe", "mixtral"])
 def test_model_families_train_through_the_cli(tmp_path, family):
-    cfg = str(config(tmp_path, 3))
-    cli = main(["fit", "--config", cfg, "--model.init_args.model_config", json.dumps(TINY[family])])
-    assert cli.model.model.config.model_type == family and cli.trainer.global_step == 3
+    """Every step sees the same batch (one repeated record): its loss must fall well below the
+    first step's, and every parameter (attention, norms, router, routed and shared experts) must move."""
+    data = tmp_path / "data.jsonl"
+    data.write_text((json.dumps({"prompt": "Reverse: apple river stone", "response": "stone river apple"}) + "\n") * 8)
+    cfg = str(config(tmp_path, 4, extra_callbacks=[{"class_path": "test_e2e.StartWeights"}]))
+    cli = main(["fit", "--config", cfg, "--model.init_args.model_config", json.dumps(TINY[family]),
+                "--data.init_args.path", str(data), "--data.init_args.val_fraction", "0.25"])
+    assert cli.model.model.config.model_type == family and cli.trainer.global_step == 4
+    losses = train_losses(tmp_path)
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, losses
+    start = next(c for c in cli.trainer.callbacks if isinstance(c, StartWeights)).weights
+    end = dict(cli.model.model.named_parameters())
+    assert start.keys() == end.keys()
+    unchanged = [k for k in start if torch.equal(start[k], end[k].detach())]
+    assert not unchanged, unchanged
+
+
+def train_losses(root: Path) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    return [e.value for e in EventAccumulator(str(root)).Reload().Scalars("train/loss")]
 
 
 @pytest.mark.parametrize(

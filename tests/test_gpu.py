@@ -1,4 +1,5 @@
-"""GPU checks (run with `pytest -m gpu` on a CUDA machine): the flash varlen attention path."""
+"""GPU checks (run with `pytest -m gpu` on a CUDA machine): the flash varlen attention path, the
+precision and speed switches (torchao and Transformer Engine FP8, Liger, compile), FSDP2 and DeepSpeed."""
 
 import json
 
@@ -97,6 +98,34 @@ def test_torchao_fp8_trains_on_gpu(tmp_path):
     assert sum(isinstance(m, Float8Linear) for m in cli.model.modules()) == 14
     assert losses[-1] < losses[0]
 
+
+def test_transformer_engine_fp8_trains_on_gpu(tmp_path):
+    """A few steps through the `esft.precision.TransformerEngineFP8` plugin: every aligned Linear
+    layer is a ``te.Linear`` (the LM head stays ``nn.Linear``), the loss is finite and falls."""
+    te = pytest.importorskip("transformer_engine.pytorch",
+                             reason="Transformer Engine is not installed: pip install transformer-engine[pytorch]")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("Transformer Engine FP8 needs compute capability >= 8.9 (Ada, Hopper or newer)")
+    from esft.cli import main
+    from test_e2e import config
+    from test_speed import train_losses, training_only
+
+    plugins = [{"class_path": "esft.precision.TransformerEngineFP8",
+                "init_args": {"recipe": {"fp8_format": "HYBRID", "amax_history_len": 16}}},
+               {"class_path": "esft.checkpoint.AtomicCheckpointIO"}]
+    # FP8 GEMMs need token counts divisible by 16: fixed-shape batches of max_tokens (256)
+    cfg = training_only(config(tmp_path, 8, accelerator="gpu", pad_to_budget=True))
+    cli = main(["fit", "--config", str(cfg), "--trainer.plugins", json.dumps(plugins)])
+    losses = train_losses(tmp_path)
+    assert cli.trainer.global_step == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    model = cli.model.model
+    swapped = {n for n, m in model.named_modules() if isinstance(m, te.Linear)}
+    assert len(swapped) == 2 * 7  # q k v o gate up down per layer
+    assert {"model." + n for n in swapped} == set(cli.trainer.precision_plugin.converted)
+    assert type(model.lm_head) is torch.nn.Linear
+    assert [n for n, m in model.named_modules() if type(m) is torch.nn.Linear] == ["lm_head"]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 def test_liger_loss_matches_chunked_loss(tokenizer):
     pytest.importorskip("liger_kernel")

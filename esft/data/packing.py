@@ -5,9 +5,10 @@ micro-batch is a random draw of rows, laid out ``flat`` (all documents in one ro
 ``rows`` (see `collate_packed`), with `position_ids` restarting at 0 for every document and
 `cu_seqlens` marking the boundaries.
 Attention keeps documents apart: transformers' SDPA / flex / eager paths build a block-diagonal
-causal mask from the restarting `position_ids` (training forwards must pass ``use_cache=False``,
-see NOTES), and the varlen path consumes `cu_seqlens` directly. The loss masks the
-next-token targets that would cross a boundary (`esft.losses.next_token_targets`).
+causal mask from the restarting `position_ids` (with transformers 5 only when the forward has no
+cache, so training forwards pass ``use_cache=False``: `esft.models.forward.forward_kwargs`), and
+the varlen path consumes `cu_seqlens` directly. The loss masks the next-token targets that would
+cross a boundary (`esft.losses.next_token_targets`).
 """
 
 from __future__ import annotations

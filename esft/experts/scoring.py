@@ -7,9 +7,12 @@ not among t's top-K) and K the experts per token:
 - gate score  ``mean over sequences ( mean over the sequence's tokens g[t, e] )``
 - token score ``mean over sequences ( mean over the sequence's tokens 1[e in topK(t)] / K )``
 
-Token scores sum to 1 per layer; gate scores sum to the family's mean top-K gate mass (0.29 for
-deepseek_v2, 1.0 for mixtral's renormalised gates, about 2.5 for deepseek_v3: see NOTES), so a
-gate threshold p means different things per family.
+Token scores sum to 1 per layer; gate scores sum to the family's mean top-K gate mass, so a gate
+threshold p means different things per family. Measured with transformers 5 (5.24), summed over
+experts and averaged over tokens, a layer's top-K gate values came to: deepseek_v2
+0.29 (softmax probabilities, not renormalised: the paper's DeepSeek-V2-Lite setting), qwen2_moe
+0.30, olmoe 0.30, mixtral 1.00 (renormalised), deepseek_v3 2.50 (sigmoid scores times
+``routed_scaling_factor``).
 
 Sequences are packed into flat batches of at most `max_tokens` tokens with ``position_ids``
 restarting per document (the attention keeps them apart); the routers' outputs are captured by

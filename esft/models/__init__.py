@@ -36,7 +36,10 @@ def build_model(
     attn = resolve_attn_implementation(attn_implementation, device)
     if model_name_or_path is not None:
         return AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch_dtype(dtype), attn_implementation=attn)
-    fields = copy.deepcopy(model_config)  # from_config writes into the config object (NOTES)
+    # a copy, so the caller's dict stays as it was (fields are popped and filled below); each model
+    # also gets its own config object: `from_config(cfg, attn_implementation=X)` writes X into `cfg`
+    # (transformers 5.24), so two models built from one config object would share one attention
+    fields = copy.deepcopy(model_config)
     model_type = fields.pop("model_type", None)
     if model_type is None:
         raise ValueError("model_config needs a 'model_type' (e.g. llama, qwen2, qwen2_moe, mixtral)")
