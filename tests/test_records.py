@@ -182,7 +182,15 @@ def test_a_misspelt_local_path_is_a_missing_file_not_a_hub_lookup(tmp_path, monk
     assert str(e.value) == f"{source}: no such file or directory"
 
 
-def test_records_remember_their_file_and_line(tmp_path):
+def test_records_remember_their_file_and_line_and_stay_plain_dicts(tmp_path):
+    import copy
+    import pickle
+
+    from esft.data.records import origin
+
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": ""}, {"prompt": "c", "response": "d"}])
-    records, _ = load_records(str(path), on_bad_record="skip")
-    assert records[0]["_origin"] == f"{path}:2"
+    [record], _ = load_records(str(path), on_bad_record="skip")
+    assert origin(record) == f"{path}:2" and origin(pickle.loads(pickle.dumps(record))) == f"{path}:2"
+    assert origin(copy.deepcopy(record)) == f"{path}:2"
+    assert record == to_record({"prompt": "c", "response": "d"}) | {"source": str(path)}
+    assert json.loads(json.dumps(record)) == record

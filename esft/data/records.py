@@ -16,8 +16,9 @@ file and line number; a UTF-8 byte-order mark is accepted. CSV cells are read as
 ``answer`` of ``007`` stays ``"007"``); only an empty cell counts as missing. A source that looks
 like a local path (see `looks_local`) and does not exist is a missing file, never a hub lookup.
 
-Every record remembers where it came from (``file:line``) under the private key ``_origin``, so
-that later stages (tokenization, after shuffling and curation) can name the row they reject.
+Every loaded record is a `Record`: a plain dict that also remembers where it was read
+(``file:line``), so that later stages (tokenization, after shuffling and curation) can name the
+row they reject.
 """
 
 from __future__ import annotations
@@ -40,9 +41,22 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 ROLES = ("system", "user", "assistant")
 PASSTHROUGH = ("task", "answer", "id", "source")
-ORIGIN = "_origin"  # where a record was read (``file:line``), for errors raised after loading
 # file extensions that mark a source as a local file even where it does not exist
 PATH_SUFFIXES = {*SUFFIXES, ".gz", ".zst", ".txt", ".tsv", ".arrow"}
+
+
+class Record(dict):
+    """A record that remembers where it was read (`origin`, ``file:line``). It compares, copies and
+    serialises as the plain dict it is; a new dict built from it forgets the origin."""
+
+    def __init__(self, fields: dict[str, Any], origin: str | None = None) -> None:
+        super().__init__(fields)
+        self.origin = origin
+
+
+def origin(record: dict[str, Any]) -> str | None:
+    """Where `record` was read (``file:line``), or None for a record made in memory."""
+    return getattr(record, "origin", None)
 
 
 class DataFormatError(ValueError):
@@ -281,8 +295,7 @@ def load_records(
             continue
         stats.formats[fmt if fmt != "auto" else detect_format(row)] += 1
         record.setdefault("source", source)
-        record[ORIGIN] = where
-        records.append(record)
+        records.append(Record(record, origin=where))
     if not records:
         raise DataFormatError(f"{source}: no usable records ({stats.read} read, {stats.num_skipped} skipped)")
     return records, stats

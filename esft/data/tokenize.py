@@ -17,7 +17,7 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from esft.data.records import ORIGIN, DataFormatError
+from esft.data.records import DataFormatError, origin
 
 IGNORE_INDEX = -100
 TrainOn = Literal["assistant", "all"]
@@ -66,7 +66,7 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], wh
 
 def _where(record: dict[str, Any], index: int) -> str:
     """Where a record came from (``file:line`` as the loader set it), else its id or position."""
-    return str(record.get(ORIGIN) or record.get("id") or f"record {index}")
+    return str(origin(record) or record.get("id") or f"record {index}")
 
 
 def tokenize_records(
