@@ -212,3 +212,27 @@ def first_loss(root: Path) -> float:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     return EventAccumulator(str(root)).Reload().Scalars("train/loss")[0].value
+
+
+def test_data_report_is_written_to_the_run_directory_and_logged(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"Reverse: apple river {i}", "response": f"river apple {i}"} for i in range(7)]
+    rows[2] = {"prompt": "p", "response": ""}
+    rows[4] = {"prompt": "Repeat apple", "response": " ".join(["apple"] * 80)}
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["fit", "--config", str(config(tmp_path, 1)), "--data.init_args.path", str(data),
+          "--data.init_args.on_bad_record", "skip", "--trainer.callbacks", "[]"])
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    [source] = report["sources"]
+    assert source["source"] == str(data) and source["read"] == 7 and source["skipped"] == 1
+    assert source["skip_reasons"] == {"field 'response' is empty": 1}
+    assert source["skip_examples"] == [f"{data}:3: field 'response' is empty"]
+    train = report["train"]
+    assert train["examples"] == 6 and train["truncated"] == 1 and train["dropped"] == 0
+    assert 0 < train["trained_tokens"] < train["tokens"] <= 6 * 64
+    scalars = EventAccumulator(str(tmp_path)).Reload()
+    logged = {tag: scalars.Scalars(tag)[0].value for tag in scalars.Tags()["scalars"] if tag.startswith("data/")}
+    assert logged == {"data/rows_read": 7, "data/skipped": 1, "data/examples": 6, "data/truncated": 1, "data/dropped": 0,
+                      "data/tokens": train["tokens"], "data/trained_tokens": train["trained_tokens"]}
