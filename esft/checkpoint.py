@@ -1,14 +1,20 @@
-"""Atomic checkpoint writes: a run killed during a save leaves the previous checkpoint usable; a
-checkpoint that cannot be read fails with its path and the reason."""
+"""Atomic checkpoint writes: a run killed during a save leaves the previous checkpoint usable, a
+full disk names the checkpoint; a checkpoint (or model directory) that cannot be read fails with
+its path and the reason, in one line (`CheckpointError`, `reading`)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from esft.paths import looks_local, writing
 
 
 class CheckpointError(RuntimeError):
@@ -18,6 +24,25 @@ class CheckpointError(RuntimeError):
     def unreadable(cls, path, error: Exception) -> "CheckpointError":
         reason = (str(error).strip().splitlines() or [""])[0][:200]
         return cls(f"{path}: cannot be loaded as a checkpoint ({type(error).__name__}: {reason})")
+
+
+@contextmanager
+def reading(path: str) -> Iterator[None]:
+    """Load the checkpoint file, model directory or hub id `path` inside this block: a local path
+    that does not exist, or any error while reading, becomes a one-line `CheckpointError` naming it.
+
+        with reading(name):
+            module = CausalLMModule.load_from_checkpoint(name, map_location="cpu")
+    """
+    if looks_local(path, {".ckpt", ".safetensors", ".bin", ".pt"}) and not Path(path).expanduser().exists():
+        kind = "checkpoint file" if Path(path).suffix == ".ckpt" else "model directory"
+        raise CheckpointError(f"{path}: no such {kind}")
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated file, not a checkpoint, a config that does not parse, ...
+        raise CheckpointError.unreadable(path, e) from e
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -32,10 +57,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         get_filesystem(path).makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp"
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with writing(path), open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError:  # a full disk: free what the partial file took
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         os.replace(tmp, path)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:

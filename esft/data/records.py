@@ -14,7 +14,8 @@ dataset id (loaded with ``datasets.load_dataset``). JSON, JSON Lines and CSV are
 through ``datasets``, so that a malformed line, or a byte that is not UTF-8, is reported with its
 file and line number; a UTF-8 byte-order mark is accepted. CSV cells are read as text (an
 ``answer`` of ``007`` stays ``"007"``); only an empty cell counts as missing. A source that looks
-like a local path (see `looks_local`) and does not exist is a missing file, never a hub lookup.
+like a local path (`esft.paths.looks_local`) and does not exist is a missing file, never a hub
+lookup.
 
 Every loaded record is a `Record`: a plain dict that also remembers where it was read
 (``file:line``), so that later stages (tokenization, after shuffling and curation) can name the
@@ -31,6 +32,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from esft.paths import looks_local
 
 log = logging.getLogger(__name__)
 
@@ -236,15 +239,6 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
 READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
 
 
-def looks_local(source: str) -> bool:
-    """Whether `source` can only be a local path, not a hub id (``name`` or ``org/name``): it starts
-    with ``.``, ``/`` or ``~``, has a data file extension, a backslash or more than one ``/``, or
-    its first part is a local directory (``data/trian`` beside a ``data/`` folder)."""
-    path = Path(source).expanduser()
-    return (source.startswith((".", "/", "~")) or path.suffix in PATH_SUFFIXES or "\\" in source
-            or source.count("/") > 1 or (len(path.parts) > 1 and path.parent.is_dir()))
-
-
 def _files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
@@ -263,7 +257,7 @@ def read_rows(source: str, split: str = "train", name: str | None = None) -> Ite
         for file in _files(path):
             yield from READERS[SUFFIXES[file.suffix]](file)
         return
-    if looks_local(source):
+    if looks_local(source, PATH_SUFFIXES):
         raise FileNotFoundError(f"{source}: no such file or directory")
     from datasets import load_dataset  # a HF hub id (or a dataset script / local dataset name)
 
