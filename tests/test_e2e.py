@@ -185,6 +185,56 @@ def test_bad_data_ends_the_command_with_file_and_line(tmp_path, monkeypatch, cap
     assert f"esft: error: {data}:2: field 'response' is empty" in capsys.readouterr().err
 
 
+
+def run_fit(monkeypatch, capsys, *argv: str) -> str:
+    """`esft fit ARGV` through the console entry point; asserts status 2 and returns the one error line."""
+    from esft.cli import run
+
+    monkeypatch.setattr("sys.argv", ["esft", "fit", *argv])
+    with pytest.raises(SystemExit) as e:
+        run()
+    assert e.value.code == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("esft: error:")]
+    return line
+
+
+def test_data_that_is_not_utf8_ends_the_command_with_file_and_line(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    line = run_fit(monkeypatch, capsys, "--config", str(config(tmp_path, 2)), "--data.init_args.path", str(data))
+    assert line == f"esft: error: {data}:2: not UTF-8 text (byte 0xe9 at column 16); re-save the file as UTF-8"
+
+
+def test_a_data_file_without_read_permission_is_named(tmp_path, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    path_open = Path.open
+
+    def refuse(self, *args, **kwargs):  # as a file without read permission does for a non-root user
+        if self == data:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return path_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse)
+    line = run_fit(monkeypatch, capsys, "--config", str(config(tmp_path, 2)), "--data.init_args.path", str(data))
+    assert line == f"esft: error: {data}: permission denied"
+
+
+def test_a_full_disk_while_checkpointing_names_the_checkpoint(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def disk_full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cfg = str(config(tmp_path, 4))
+    monkeypatch.setattr(torch, "save", disk_full)
+    line = run_fit(monkeypatch, capsys, "--config", cfg)
+    assert line == f"esft: error: {tmp_path / 'checkpoints' / 'epoch=0-step=4.ckpt'}: no space left on device"
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
 @pytest.mark.slow
 def test_quickstart_reaches_its_target(tmp_path):
     """The README's default run: exact match on held-out reversals rises from ~0 to >= 0.8."""
