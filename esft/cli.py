@@ -91,7 +91,7 @@ def _project_command(name: str):
 
 
 # OS errors that are the environment's, not the program's: one line naming the path, status 2
-PATH_ERRNOS = {errno.ENOENT, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+PATH_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def _message(error: Exception) -> str:
