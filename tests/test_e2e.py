@@ -229,10 +229,12 @@ def test_a_full_disk_while_checkpointing_names_the_checkpoint(tmp_path, monkeypa
     def disk_full(obj, f, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    cfg = str(config(tmp_path, 4))
+    checkpoints = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                   "init_args": {"dirpath": str(tmp_path / "checkpoints"), "every_n_train_steps": 1}}
+    cfg = str(config(tmp_path, 1))
     monkeypatch.setattr(torch, "save", disk_full)
-    line = run_fit(monkeypatch, capsys, "--config", cfg)
-    assert line == f"esft: error: {tmp_path / 'checkpoints' / 'epoch=0-step=4.ckpt'}: no space left on device"
+    line = run_fit(monkeypatch, capsys, "--config", cfg, "--trainer.callbacks", json.dumps([checkpoints]))
+    assert line == f"esft: error: {tmp_path / 'checkpoints' / 'epoch=0-step=1.ckpt'}: no space left on device"
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 @pytest.mark.slow
