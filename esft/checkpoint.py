@@ -1,5 +1,6 @@
 """Checkpoints that can be trusted: atomic writes (a run killed during a save leaves the previous
-checkpoint usable), a clear error for one that cannot be read, ``--ckpt_path last`` resolved to
+checkpoint usable; a full disk names the checkpoint), a one-line error for a checkpoint or model
+directory that cannot be read (`CheckpointError`, `reading`), ``--ckpt_path last`` resolved to
 the newest intact checkpoint, and a resume refused when the run's model or data options differ
 from those the checkpoint was written with."""
 
@@ -8,13 +9,16 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from esft.paths import looks_local, writing
 
 
 class CheckpointError(RuntimeError):
@@ -24,6 +28,25 @@ class CheckpointError(RuntimeError):
     def unreadable(cls, path, error: Exception) -> "CheckpointError":
         reason = (str(error).strip().splitlines() or [""])[0][:200]
         return cls(f"{path}: cannot be loaded as a checkpoint ({type(error).__name__}: {reason})")
+
+
+@contextmanager
+def reading(path: str) -> Iterator[None]:
+    """Load the checkpoint file, model directory or hub id `path` inside this block: a local path
+    that does not exist, or any error while reading, becomes a one-line `CheckpointError` naming it.
+
+        with reading(name):
+            module = CausalLMModule.load_from_checkpoint(name, map_location="cpu")
+    """
+    if looks_local(path, {".ckpt", ".safetensors", ".bin", ".pt"}) and not Path(path).expanduser().exists():
+        kind = "checkpoint file" if Path(path).suffix == ".ckpt" else "model directory"
+        raise CheckpointError(f"{path}: no such {kind}")
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated file, not a checkpoint, a config that does not parse, ...
+        raise CheckpointError.unreadable(path, e) from e
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -40,11 +63,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = f"{path}.tmp"
         if os.path.lexists(tmp):  # a leftover of a killed save, or a planted link: never written through
             os.unlink(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with writing(path):
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+                with os.fdopen(fd, "wb") as f:
+                    torch.save(checkpoint, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError:  # a full disk: free what the partial file took
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         os.replace(tmp, path)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
@@ -82,12 +111,10 @@ def checkpoint_dirs(trainer) -> list[str]:
 def load_meta(path: str | Path) -> dict[str, Any]:
     """A checkpoint's contents with its tensors memory-mapped, not read (CheckpointError if the
     file is missing, truncated or not a checkpoint)."""
-    try:
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    with reading(str(path)):
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: no such checkpoint file") from e
-    except Exception as e:
-        raise CheckpointError.unreadable(path, e) from e
 
 
 def _intact(path: str) -> bool:

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -141,9 +142,23 @@ def _project_command(name: str):
     return None if module is None else importlib.import_module(module).main
 
 
+# OS errors that are the environment's, not the program's: one line naming the path, status 2
+PATH_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _message(error: Exception) -> str:
+    """`error` in one line; an OS error as ``PATH: reason`` (``data.jsonl: permission denied``)."""
+    if isinstance(error, OSError) and error.errno is not None:
+        reason = os.strerror(error.errno)
+        reason = reason[0].lower() + reason[1:]
+        return f"{error.filename}: {reason}" if error.filename is not None else reason
+    return str(error)
+
+
 def run() -> None:
-    """Console-script entry point. Bad data or an unreadable checkpoint ends the run with its
-    one-line message and status 2; a non-finite loss or gradient (`NonFiniteGuard`) with status 1."""
+    """Console-script entry point. Bad data, an unreadable checkpoint, a missing file, a full disk
+    or a refused permission ends the run with its one-line message (naming the file) and status 2;
+    a non-finite loss or gradient (`NonFiniteGuard`) with status 1."""
     argv = sys.argv[1:]
     command = _project_command(argv[0]) if argv else None
     try:
@@ -152,7 +167,12 @@ def run() -> None:
         else:
             main(argv)
     except (DataFormatError, FileNotFoundError, CheckpointError, ExportError) as e:
-        print(f"esft: error: {e}", file=sys.stderr)
+        print(f"esft: error: {_message(e)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in PATH_ERRNOS:
+            raise
+        print(f"esft: error: {_message(e)}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteError as e:
         print(f"esft: error: {e}", file=sys.stderr)

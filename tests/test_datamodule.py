@@ -107,3 +107,11 @@ def test_builtin_tasks_are_disjoint_from_validation():
 def test_max_length_above_budget_is_rejected():
     with pytest.raises(ValueError, match="max_tokens"):
         SFTDataModule(max_length=512, max_tokens=256)
+
+
+def test_truncation_error_names_file_and_line_after_the_validation_shuffle(tmp_path):
+    rows = conversations(12)
+    rows[6] = {"prompt": "Reverse: " + " ".join(["apple"] * 80), "response": "apple"}
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataFormatError, match=rf"^{path}:7: \d+ tokens exceed max_length=64 \(truncation='error'\)$"):
+        make(path, truncation="error", val_fraction=0.25, seed=3)

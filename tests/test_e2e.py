@@ -218,6 +218,58 @@ def test_bad_data_ends_the_command_with_file_and_line(tmp_path, monkeypatch, cap
     assert f"esft: error: {data}:2: field 'response' is empty" in capsys.readouterr().err
 
 
+
+def run_fit(monkeypatch, capsys, *argv: str) -> str:
+    """`esft fit ARGV` through the console entry point; asserts status 2 and returns the one error line."""
+    from esft.cli import run
+
+    monkeypatch.setattr("sys.argv", ["esft", "fit", *argv])
+    with pytest.raises(SystemExit) as e:
+        run()
+    assert e.value.code == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("esft: error:")]
+    return line
+
+
+def test_data_that_is_not_utf8_ends_the_command_with_file_and_line(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    line = run_fit(monkeypatch, capsys, "--config", str(config(tmp_path, 2)), "--data.init_args.path", str(data))
+    assert line == f"esft: error: {data}:2: not UTF-8 text (byte 0xe9 at column 16); re-save the file as UTF-8"
+
+
+def test_a_data_file_without_read_permission_is_named(tmp_path, monkeypatch, capsys):
+    import errno
+    from pathlib import Path
+
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    path_open = Path.open
+
+    def refuse(self, *args, **kwargs):  # as a file without read permission does for a non-root user
+        if self == data:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return path_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse)
+    line = run_fit(monkeypatch, capsys, "--config", str(config(tmp_path, 2)), "--data.init_args.path", str(data))
+    assert line == f"esft: error: {data}: permission denied"
+
+
+def test_a_full_disk_while_checkpointing_names_the_checkpoint(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def disk_full(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    checkpoints = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                   "init_args": {"dirpath": str(tmp_path / "checkpoints"), "every_n_train_steps": 1}}
+    cfg = str(config(tmp_path, 1))
+    monkeypatch.setattr(torch, "save", disk_full)
+    line = run_fit(monkeypatch, capsys, "--config", cfg, "--trainer.callbacks", json.dumps([checkpoints]))
+    assert line == f"esft: error: {tmp_path / 'checkpoints' / 'epoch=0-step=1.ckpt'}: no space left on device"
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
 @pytest.mark.slow
 def test_quickstart_reaches_its_target(tmp_path):
     """The README's default run: exact match on held-out reversals rises from ~0 to >= 0.8."""
@@ -245,3 +297,27 @@ def first_loss(root: Path) -> float:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     return EventAccumulator(str(root)).Reload().Scalars("train/loss")[0].value
+
+
+def test_data_report_is_written_to_the_run_directory_and_logged(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = tmp_path / "data.jsonl"
+    rows = [{"prompt": f"Reverse: apple river {i}", "response": f"river apple {i}"} for i in range(7)]
+    rows[2] = {"prompt": "p", "response": ""}
+    rows[4] = {"prompt": "Repeat apple", "response": " ".join(["apple"] * 80)}
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["fit", "--config", str(config(tmp_path, 1)), "--data.init_args.path", str(data),
+          "--data.init_args.on_bad_record", "skip", "--trainer.callbacks", "[]"])
+    report = json.loads((tmp_path / "data_report.json").read_text())
+    [source] = report["sources"]
+    assert source["source"] == str(data) and source["read"] == 7 and source["skipped"] == 1
+    assert source["skip_reasons"] == {"field 'response' is empty": 1}
+    assert source["skip_examples"] == [f"{data}:3: field 'response' is empty"]
+    train = report["train"]
+    assert train["examples"] == 6 and train["truncated"] == 1 and train["dropped"] == 0
+    assert 0 < train["trained_tokens"] < train["tokens"] <= 6 * 64
+    scalars = EventAccumulator(str(tmp_path)).Reload()
+    logged = {tag: scalars.Scalars(tag)[0].value for tag in scalars.Tags()["scalars"] if tag.startswith("data/")}
+    assert logged == {"data/rows_read": 7, "data/skipped": 1, "data/examples": 6, "data/truncated": 1, "data/dropped": 0,
+                      "data/tokens": train["tokens"], "data/trained_tokens": train["trained_tokens"]}

@@ -122,3 +122,75 @@ def test_hub_ids_go_through_datasets(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     records, _ = load_records("org/some-dataset", split="train", name="main")
     assert calls == [("org/some-dataset", "main", "train")] and records[0]["messages"][1]["content"] == "r"
+
+
+@pytest.mark.parametrize("name, body", [
+    ("d.jsonl", b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n'),
+    ("d.json", b'[{"prompt": "a", "response": "b"},\n {"prompt": "caf\xe9", "response": "b"}]\n'),
+    ("d.csv", b"prompt,response\ncaf\xe9,b\n"),
+])
+def test_a_file_that_is_not_utf8_names_file_line_and_column(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_bytes(body)  # latin-1 "é"
+    column = body.split(b"\n")[1].index(b"\xe9") + 1
+    with pytest.raises(DataFormatError) as e:
+        load_records(str(path))
+    assert str(e.value) == f"{path}:2: not UTF-8 text (byte 0xe9 at column {column}); re-save the file as UTF-8"
+
+
+@pytest.mark.parametrize("name, text", [
+    ("d.jsonl", '{"prompt": "a", "response": "b"}\n'),
+    ("d.json", '[{"prompt": "a", "response": "b"}]'),
+    ("d.csv", "prompt,response\na,b\n"),
+])
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    [record], _ = load_records(str(path))
+    assert record["messages"] == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+
+
+def test_prompt_response_format_names_the_missing_response(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "completion": "c"}, {"prompt": "p"}])
+    with pytest.raises(DataFormatError) as e:
+        load_records(str(path), fmt="prompt_response")
+    assert str(e.value) == f"{path}:2: field 'response' is missing"
+
+
+def test_csv_cells_are_text_and_only_empty_cells_are_missing(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("prompt,response,answer,id\nWhat is 3 + 4?,007,007,0012\nNA,null,1.50,\n")
+    records, _ = load_records(str(path))
+    assert records[0]["messages"][1]["content"] == "007"
+    assert records[0]["answer"] == "007" and records[0]["id"] == "0012"
+    assert [m["content"] for m in records[1]["messages"]] == ["NA", "null"]
+    assert records[1]["answer"] == "1.50" and "id" not in records[1]
+
+
+@pytest.mark.parametrize("source", ["data/trian", "data/trian.jsonl", "runs/x/train", "trian.jsonl", "./trian", "data\\trian"])
+def test_a_misspelt_local_path_is_a_missing_file_not_a_hub_lookup(tmp_path, monkeypatch, source):
+    import datasets
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"looked up on the hub: {args}")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        load_records(source)
+    assert str(e.value) == f"{source}: no such file or directory"
+
+
+def test_records_remember_their_file_and_line_and_stay_plain_dicts(tmp_path):
+    import copy
+    import pickle
+
+    from esft.data.records import origin
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": ""}, {"prompt": "c", "response": "d"}])
+    [record], _ = load_records(str(path), on_bad_record="skip")
+    assert origin(record) == f"{path}:2" and origin(pickle.loads(pickle.dumps(record))) == f"{path}:2"
+    assert origin(copy.deepcopy(record)) == f"{path}:2"
+    assert record == to_record({"prompt": "c", "response": "d"}) | {"source": str(path)}
+    assert json.loads(json.dumps(record)) == record

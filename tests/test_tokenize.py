@@ -56,3 +56,11 @@ def test_template_that_rewrites_history_is_rejected(tokenizer):
     )
     with pytest.raises(DataFormatError, match="renders turn 2 differently"):
         tokenize_records([CONV], tok, max_length=512)
+
+
+def test_truncation_error_names_the_records_file_and_line(tokenizer):
+    from esft.data.records import Record
+
+    record = Record({**CONV, "id": "abc"}, origin="data/train.jsonl:7")
+    with pytest.raises(DataFormatError, match=r"^data/train\.jsonl:7: \d+ tokens exceed max_length=8 \(truncation='error'\)$"):
+        tokenize_records([record], tokenizer, max_length=8, truncation="error")

@@ -2,13 +2,17 @@
 
 Run it through the CLI, e.g. ``esft fit --config configs/sft/quickstart.yaml --data.path data.jsonl``.
 Preparation prints one report: rows read and skipped (with reasons), examples truncated or
-dropped, tokens, and how full the packed micro-batches are.
+dropped, tokens, and how full the packed micro-batches are. Under a trainer the same counts go to
+``data_report.json`` in the run directory (``trainer.log_dir``) and to the logger as ``data/*``
+scalars at step 0.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -122,6 +126,7 @@ class SFTDataModule(L.LightningDataModule):
         self.val_examples: list[dict[str, Any]] = []
         self.val_records: list[dict[str, Any]] = []  # untokenized, for generation (`predict`)
         self._tokenizer = None
+        self.data_report: dict[str, Any] = {"sources": []}  # also written to the run directory
 
     @property
     def tokenizer(self):
@@ -147,6 +152,11 @@ class SFTDataModule(L.LightningDataModule):
             reasons = "; ".join(f"{n} x {r}" for r, n in stats.skipped.most_common())
             msg += f", {stats.num_skipped} skipped under on_bad_record=skip ({reasons}); e.g. " + " | ".join(stats.examples[:3])
         rank_zero_info(msg)
+        self.data_report["sources"].append({
+            "source": source, "read": stats.read, "formats": dict(stats.formats), "skipped": stats.num_skipped,
+            "skip_reasons": dict(stats.skipped), "skip_examples": list(stats.examples),
+        })
+        self._write_report()
 
     def _tokenize(self, records: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
         show = len(records) >= 20_000 and (self.trainer is None or self.trainer.is_global_zero)
@@ -164,6 +174,26 @@ class SFTDataModule(L.LightningDataModule):
         if s.num_dropped:
             msg += ", dropped: " + "; ".join(f"{n} x {r}" for r, n in s.dropped.most_common())
         rank_zero_info(msg)
+        counts = {"examples": s.examples, "tokens": s.tokens, "trained_tokens": s.trained_tokens,
+                  "truncated": s.truncated, "dropped": s.num_dropped}
+        self.data_report[label] = {**counts, "max_length": self.hp.max_length, "drop_reasons": dict(s.dropped)}
+        self._write_report()
+        if label == "train":  # every source is loaded by now
+            sources = self.data_report["sources"]
+            counts = {"rows_read": sum(x["read"] for x in sources), "skipped": sum(x["skipped"] for x in sources), **counts}
+        prefix = "data/" if label == "train" else f"data/{label}/"
+        for logger in self.trainer.loggers if self.trainer else []:
+            logger.log_metrics({prefix + k: float(v) for k, v in counts.items()}, step=0)
+
+    def _write_report(self) -> None:
+        """`data_report` to ``data_report.json`` in the run directory (global rank 0)."""
+        if self.trainer is None:
+            return
+        directory = self.trainer.log_dir or self.trainer.default_root_dir  # log_dir: every rank must ask
+        if self.trainer.is_global_zero:
+            path = Path(directory) / "data_report.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.data_report, indent=2) + "\n", encoding="utf-8")
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples or self.val_examples:

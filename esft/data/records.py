@@ -10,12 +10,21 @@ Formats (``auto`` detects them from a row's keys):
 - ``sharegpt``: ``conversations`` list of ``{"from", "value"}`` (human/gpt/system).
 
 Sources: a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a directory of such files, or a HF
-dataset id (loaded with ``datasets.load_dataset``). JSON Lines are read here, not through
-``datasets``, so that a malformed line is reported with its file and line number.
+dataset id (loaded with ``datasets.load_dataset``). JSON, JSON Lines and CSV are read here, not
+through ``datasets``, so that a malformed line, or a byte that is not UTF-8, is reported with its
+file and line number; a UTF-8 byte-order mark is accepted. CSV cells are read as text (an
+``answer`` of ``007`` stays ``"007"``); only an empty cell counts as missing. A source that looks
+like a local path (`esft.paths.looks_local`) and does not exist is a missing file, never a hub
+lookup.
+
+Every loaded record is a `Record`: a plain dict that also remembers where it was read
+(``file:line``), so that later stages (tokenization, after shuffling and curation) can name the
+row they reject.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections import Counter
@@ -23,6 +32,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from esft.paths import looks_local
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +44,22 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 ROLES = ("system", "user", "assistant")
 PASSTHROUGH = ("task", "answer", "id", "source")
+# file extensions that mark a source as a local file even where it does not exist
+PATH_SUFFIXES = {*SUFFIXES, ".gz", ".zst", ".txt", ".tsv", ".arrow"}
+
+
+class Record(dict):
+    """A record that remembers where it was read (`origin`, ``file:line``). It compares, copies and
+    serialises as the plain dict it is; a new dict built from it forgets the origin."""
+
+    def __init__(self, fields: dict[str, Any], origin: str | None = None) -> None:
+        super().__init__(fields)
+        self.origin = origin
+
+
+def origin(record: dict[str, Any]) -> str | None:
+    """Where `record` was read (``file:line``), or None for a record made in memory."""
+    return getattr(record, "origin", None)
 
 
 class DataFormatError(ValueError):
@@ -130,7 +157,7 @@ def to_record(row: dict[str, Any], fmt: Format = "auto", where: str = "<row>") -
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, "output", where)}]
     elif fmt == "prompt_response":
-        key = "response" if "response" in row else "completion"
+        key = "completion" if "completion" in row and "response" not in row else "response"
         messages = [{"role": "user", "content": _text(row, "prompt", where)},
                     {"role": "assistant", "content": _text(row, key, where)}]
         system = _text(row, "system", where, required=False)
@@ -147,9 +174,27 @@ def to_record(row: dict[str, Any], fmt: Format = "auto", where: str = "<row>") -
     return record
 
 
+def _utf8(raw: bytes, path: Path, line: int, first: bool = True) -> str:
+    """`raw` (line `line` of `path` onwards) as text; a UTF-8 byte-order mark is dropped where the
+    file starts, other bytes that are not UTF-8 are an error naming the line and column."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        line += raw.count(b"\n", 0, e.start)
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataFormatError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); re-save the file as UTF-8"
+        ) from None
+
+
+def _decode(path: Path) -> str:
+    return _utf8(path.read_bytes(), path, 1)
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = _utf8(raw, path, lineno, first=lineno == 1)
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -161,7 +206,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_decode(path))
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(data, list):
@@ -170,14 +215,28 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}[{i}]", row
 
 
-def _read_with_datasets(path: Path, kind: str) -> Iterator[tuple[str, Any]]:
+def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    """Every cell as text (no numeric or ``NA`` guessing); an empty cell is missing (``None``)."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(io.StringIO(_decode(path)), dtype=str, keep_default_na=False, na_values=[""])
+    except pd.errors.ParserError as e:
+        raise DataFormatError(f"{path}: malformed CSV ({str(e).strip()})") from None
+    except pd.errors.EmptyDataError:
+        return
+    for i, row in enumerate(frame.to_dict("records")):  # line 1 is the header
+        yield f"{path}:line {i + 2}", {k: None if isinstance(v, float) else v for k, v in row.items()}
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     from datasets import load_dataset
 
-    data = load_dataset(kind, data_files=str(path), split="train")
-    first_row = 2 if kind == "csv" else 0  # CSV: line 1 is the header
-    label = "line" if kind == "csv" else "row"
-    for i, row in enumerate(data):
-        yield f"{path}:{label} {i + first_row}", row
+    for i, row in enumerate(load_dataset("parquet", data_files=str(path), split="train")):
+        yield f"{path}:row {i}", row
+
+
+READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
 
 
 def _files(path: Path) -> list[Path]:
@@ -196,11 +255,9 @@ def read_rows(source: str, split: str = "train", name: str | None = None) -> Ite
     path = Path(source).expanduser()
     if path.exists():
         for file in _files(path):
-            kind = SUFFIXES[file.suffix]
-            reader = {"jsonl": _read_jsonl, "json": _read_json}.get(kind)
-            yield from reader(file) if reader else _read_with_datasets(file, kind)
+            yield from READERS[SUFFIXES[file.suffix]](file)
         return
-    if source.startswith((".", "/", "~")) or Path(source).suffix in SUFFIXES:
+    if looks_local(source, PATH_SUFFIXES):
         raise FileNotFoundError(f"{source}: no such file or directory")
     from datasets import load_dataset  # a HF hub id (or a dataset script / local dataset name)
 
@@ -232,7 +289,7 @@ def load_records(
             continue
         stats.formats[fmt if fmt != "auto" else detect_format(row)] += 1
         record.setdefault("source", source)
-        records.append(record)
+        records.append(Record(record, origin=where))
     if not records:
         raise DataFormatError(f"{source}: no usable records ({stats.read} read, {stats.num_skipped} skipped)")
     return records, stats

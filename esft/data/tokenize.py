@@ -17,7 +17,7 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from esft.data.records import DataFormatError
+from esft.data.records import DataFormatError, origin
 
 IGNORE_INDEX = -100
 TrainOn = Literal["assistant", "all"]
@@ -64,6 +64,11 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], wh
     return text, spans
 
 
+def _where(record: dict[str, Any], index: int) -> str:
+    """Where a record came from (``file:line`` as the loader set it), else its id or position."""
+    return str(origin(record) or record.get("id") or f"record {index}")
+
+
 def tokenize_records(
     records: Sequence[dict[str, Any]],
     tokenizer: PreTrainedTokenizerBase,
@@ -77,8 +82,8 @@ def tokenize_records(
 
     Truncation policy for examples longer than `max_length`: ``right`` keeps the first
     `max_length` tokens (counted in ``stats.truncated``), ``drop`` drops the example (counted),
-    ``error`` raises. An example left with no trained token is dropped and counted.
-    `progress` shows a progress bar (for large datasets).
+    ``error`` raises, naming the record's ``file:line``. An example left with no trained token is
+    dropped and counted. `progress` shows a progress bar (for large datasets).
     """
     if tokenizer.chat_template is None:
         raise ValueError(
@@ -91,7 +96,7 @@ def tokenize_records(
     for lo in range(0, len(records), batch_size):
         bar.update(min(batch_size, len(records) - lo))
         chunk = records[lo : lo + batch_size]
-        rendered = [assistant_spans(tokenizer, r["messages"], r.get("id", f"record {lo + j}")) for j, r in enumerate(chunk)]
+        rendered = [assistant_spans(tokenizer, r["messages"], _where(r, lo + j)) for j, r in enumerate(chunk)]
         encoded = tokenizer(
             [text for text, _ in rendered],
             add_special_tokens=False,
@@ -107,10 +112,9 @@ def tokenize_records(
                 for k, (start, _) in enumerate(encoded["offset_mapping"][j]):
                     if any(s <= start < e for s, e in spans):
                         labels[k] = ids[k]
-            name = record.get("id", f"record {lo + j}")
             if len(ids) > max_length:
                 if truncation == "error":
-                    raise DataFormatError(f"{name}: {len(ids)} tokens exceed max_length={max_length} (truncation='error')")
+                    raise DataFormatError(f"{_where(record, lo + j)}: {len(ids)} tokens exceed max_length={max_length} (truncation='error')")
                 if truncation == "drop":
                     stats.dropped["longer than max_length"] += 1
                     continue

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from esft.checkpoint import CheckpointError, reading
+
 
 def _score(args) -> None:
     from transformers import AutoModelForCausalLM
@@ -31,7 +33,8 @@ def _score(args) -> None:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").to(device)
+    with reading(args.model):
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").to(device)
     data = SFTDataModule(path=args.data, tasks=args.tasks, num_train_per_task=args.num_per_task, num_val_per_task=0,
                          tokenizer_name=args.tokenizer or args.model, max_length=args.max_length, seed=args.seed)
     data.setup("fit")
@@ -67,9 +70,10 @@ def _save(args) -> None:
     from esft.experts.adapter import save_adapter
     from esft.objectives import CausalLMModule
 
-    module = CausalLMModule.load_from_checkpoint(args.ckpt, map_location="cpu", attn_implementation="sdpa")
+    with reading(args.ckpt):
+        module = CausalLMModule.load_from_checkpoint(args.ckpt, map_location="cpu", attn_implementation="sdpa")
     if module.expert_config is None:
-        raise ValueError(f"{args.ckpt} was not trained with an expert config (model.init_args.experts)")
+        raise CheckpointError(f"{args.ckpt}: was not trained with an expert config (model.init_args.experts)")
     save_adapter(module.model, module.expert_config, args.out)
     print(f"[experts] adapter saved to {args.out}")
 
@@ -80,8 +84,11 @@ def _merge(args) -> None:
     from esft.experts.adapter import merge_adapter
     from esft.models import load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(args.base, dtype="auto", attn_implementation="sdpa")
-    merge_adapter(model, args.adapter).save_pretrained(args.out, safe_serialization=True)
+    with reading(args.base):
+        model = AutoModelForCausalLM.from_pretrained(args.base, dtype="auto", attn_implementation="sdpa")
+    with reading(args.adapter):
+        model = merge_adapter(model, args.adapter)
+    model.save_pretrained(args.out, safe_serialization=True)
     load_tokenizer(args.tokenizer or args.base).save_pretrained(args.out)
     shutil.copy(Path(args.adapter) / "expert_config.json", Path(args.out) / "expert_config.json")
     print(f"[experts] merged checkpoint saved to {args.out}")
