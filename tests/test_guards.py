@@ -19,21 +19,22 @@ from test_e2e import config
 class PoisonedSFT(SFTModule):
     """Returns a NaN loss at the given optimizer steps (1-based)."""
 
-    def __init__(self, bad_steps=(3,), **kw):
+    def __init__(self, bad_steps=(3,), factor=float("nan"), **kw):
         super().__init__(**kw)
         self.bad_steps = set(bad_steps)
+        self.factor = factor
         self.weights_before_step: dict[int, torch.Tensor] = {}
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         step = self.trainer.global_step + 1
         self.weights_before_step[step] = self.model.lm_head.weight.detach().clone()
-        return loss * float("nan") if step in self.bad_steps else loss
+        return loss * self.factor if step in self.bad_steps else loss
 
 
-def fit(tmp_path, guard, bad_steps, max_steps=5):
+def fit(tmp_path, guard, bad_steps, max_steps=5, factor=float("nan")):
     L.seed_everything(0)
-    module = PoisonedSFT(bad_steps, model_config=TINY["llama"], optim={"lr": 1e-2})
+    module = PoisonedSFT(bad_steps, factor, model_config=TINY["llama"], optim={"lr": 1e-2})
     data = SFTDataModule(tasks=["reverse_words"], num_train_per_task=64, num_val_per_task=0, max_length=64, max_tokens=256)
     checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
     trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -61,6 +62,18 @@ def test_skip_leaves_the_weights_of_that_step_untouched_and_goes_on(tmp_path):
 def test_skip_stops_after_max_skips_in_a_row(tmp_path):
     with pytest.raises(NonFiniteError, match=r"step 3 after 2 skipped steps in a row"):
         fit(tmp_path, NonFiniteGuard("skip", max_skips=2), bad_steps=[1, 2, 3])
+
+
+def test_a_loss_spike_stops_or_is_skipped_like_a_non_finite_loss(tmp_path):
+    with pytest.raises(NonFiniteError, match=r"loss spike \(.* > 5.0 x the median .* of the last 3 steps\) at step 5; "
+                                             r"last good checkpoint: .*last\.ckpt"):
+        fit(tmp_path, NonFiniteGuard("stop", spike_factor=5.0, spike_window=3), bad_steps=[5], factor=20.0)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 4
+    guard = NonFiniteGuard("skip", spike_factor=5.0, spike_window=3)
+    module, trainer = fit(tmp_path / "skip", guard, bad_steps=[5], max_steps=6, factor=20.0)
+    assert guard.skipped_total == 1 and torch.equal(module.weights_before_step[5], module.weights_before_step[6])
+    _, trainer = fit(tmp_path / "mild", NonFiniteGuard("stop", spike_factor=5.0, spike_window=3), bad_steps=[5], factor=2.0)
+    assert trainer.global_step == 5, "a loss under the factor is not a spike"
 
 
 def test_an_unreadable_checkpoint_names_its_file(tmp_path, monkeypatch, capsys):
