@@ -364,6 +364,11 @@ def _tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
         return ""
 
 
+def fit_command(cell_yaml: Path) -> list[str]:
+    """The child command of one run: ``esft fit`` of its config, in a fresh interpreter."""
+    return [sys.executable, "-m", "esft.cli", "fit", "--config", str(cell_yaml)]
+
+
 def execute(run: Run) -> tuple[int, float]:
     """Fresh run dir, `cell.yaml`, then ``esft fit`` in a subprocess with output to `log.txt`."""
     if run.dir.exists():
@@ -371,7 +376,7 @@ def execute(run: Run) -> tuple[int, float]:
     run.dir.mkdir(parents=True)
     cell_yaml = run.dir / "cell.yaml"  # not config.yaml: LightningCLI writes that into the log dir
     cell_yaml.write_text(yaml.safe_dump(run.config, sort_keys=False))
-    cmd = [sys.executable, "-m", "esft.cli", "fit", "--config", str(cell_yaml)]
+    cmd = fit_command(cell_yaml)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     with open(run.dir / "log.txt", "w", encoding="utf-8") as log:
