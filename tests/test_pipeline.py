@@ -200,8 +200,8 @@ def test_pipeline_refuses_an_out_dir_another_process_holds(tmp_path, monkeypatch
 def test_a_bad_pipeline_config_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"stages": [{"name": "../a", "fit": "x.yaml"}]}))
     with pytest.raises(SystemExit) as e:
-        pipeline.main(["--config", str(tmp_path / "p.yaml")])
-    assert e.value.code == 2
+        pipeline.main(["--config", str(tmp_path / "p.yaml"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and not (tmp_path / "a").exists()
     assert capsys.readouterr().err.strip() == (f"esft pipeline: error: {tmp_path / 'p.yaml'}: stage 0: name '../a' "
                                                "is not a safe directory name (letters, digits and ._=,+- only, "
                                                "not starting or ending with . or -, at most 120 characters)")
