@@ -14,7 +14,8 @@ directory, safe directory names, and child runs that end with their parent.
   command exits non-zero. SIGKILL of the parent runs no handler; on Linux the child asks the
   kernel for SIGTERM when its parent thread dies (``prctl(PR_SET_PDEATHSIG)``). Lightning turns
   that SIGTERM into a stop after the current step.
-- **Live run dirs.** While a child runs, ``<run dir>/RUNNING`` holds its pid. A child that
+- **Live run dirs.** While a child runs, ``<run dir>/RUNNING`` holds its pid (and, on Linux, its
+  start time, so that a later process given the same pid is not mistaken for it). A child that
   outlived its parent (no PDEATHSIG off Linux, or one that ignores SIGTERM) still writes there;
   `claim` raises instead of letting a restart delete or reuse that directory.
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import fcntl
 import hashlib
 import os
@@ -156,9 +156,8 @@ def claim(run_dir: Path) -> None:
 # ---- child processes -------------------------------------------------------------------------
 def _die_with_parent() -> object | None:
     """A `preexec_fn` that makes the child receive SIGTERM when this thread dies (Linux), or None."""
-    libc_name = ctypes.util.find_library("c")
     try:
-        prctl = ctypes.CDLL(libc_name, use_errno=True).prctl
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # the C library this interpreter links
     except (OSError, AttributeError):
         return None
     parent = os.getpid()
