@@ -345,3 +345,29 @@ def test_a_restart_keeps_a_run_dir_that_a_live_child_still_writes(tmp_path, monk
     wait_for(lambda: not alive(child), what="the escaped child to end")
     main(sweep_args(tmp_path))  # once it has ended, the restart runs the cell again
     assert (run_dir / "done.json").exists() and (run_dir / "child.pid").read_text() != str(child)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_sweep_ends_a_training_esft_fit_child(tmp_path, sig):
+    """The real child: Lightning turns SIGTERM (from the sweep, or from the kernel after SIGKILL of
+    the sweep) into a stop after the current step."""
+    args = sweep_args(tmp_path)
+    cfg = yaml.safe_load(Path(args[1]).read_text())
+    cfg["trainer"].update(max_steps=100_000, limit_val_batches=0, callbacks=[])
+    args[1] = str(tmp_path / "long.yaml")
+    Path(args[1]).write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "esft.sweep", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run_dir, child = tmp_path / "out" / "slow" / "seed0", None
+    try:
+        wait_for(lambda: list(run_dir.glob("events.out.tfevents.*")), timeout=120, what="the child to train")
+        child = int((run_dir / "RUNNING").read_text().split()[0])
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        wait_for(lambda: not alive(child), timeout=30, what=f"the fit child to end after {sig.name} of the sweep")
+        assert proc.returncode == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL)
+        assert yaml.safe_load((run_dir / "cell.yaml").read_text())["trainer"]["max_steps"] == 100_000
+    finally:
+        end(proc, child or proc.pid)
