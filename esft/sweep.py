@@ -74,7 +74,7 @@ from typing import Any
 
 import yaml
 
-from esft.runs import RunDirBusy, claim, lock_dir, run_child, safe_name
+from esft.runs import RunDirBusy, claim, lock_dir, run_child, running_pid, safe_name
 
 TOP_LEVEL_KEYS = ("seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler", "ckpt_path")
 PATH_ARGS = ("dirpath", "output", "path")  # callback init_args that name a place to write
@@ -532,7 +532,9 @@ def main(argv: list[str] | None = None) -> None:
         for cell, overrides in grid.cells.items():
             print(f"  {cell:<{width}}  " + (" ".join(f"{k}={_fmt(v)}" for k, v in overrides.items()) or "(base config)"))
         for i, run in enumerate(runs, 1):
-            status = "done" if (run.dir / "done.json").exists() else "failed" if (run.dir / "failed.json").exists() else "pending"
+            pid = running_pid(run.dir)
+            status = "done" if (run.dir / "done.json").exists() else f"running (pid {pid})" if pid else \
+                "failed" if (run.dir / "failed.json").exists() else "pending"
             print(f"[{i}/{total}] {run.label}  {status}  {run.dir}")
         return
 

@@ -340,6 +340,8 @@ def test_a_restart_keeps_a_run_dir_that_a_live_child_still_writes(tmp_path, monk
         err = capsys.readouterr().err.strip()
         assert str(run_dir) in err and f"pid {child}" in err and "\n" not in err
         assert (run_dir / "child.pid").read_text() == str(child)  # not deleted
+        main(sweep_args(tmp_path) + ["--dry-run"])
+        assert f"[1/1] slow seed=0  running (pid {child})" in capsys.readouterr().out
     finally:
         end(proc, child)
     wait_for(lambda: not alive(child), what="the escaped child to end")
