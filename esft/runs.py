@@ -10,8 +10,8 @@ directory, safe directory names, and child runs that end with their parent.
   after a crash is never blocked by a stale file.
 - **Children.** `run_child` starts the command in its own session (process group), so a Ctrl-C
   at the terminal reaches the parent only. When the parent is stopped (SIGTERM, SIGINT, any
-  exception) it sends SIGTERM to the child's group, SIGKILL after `grace_s`, and re-raises: the
-  command exits non-zero. SIGKILL of the parent runs no handler; on Linux the child asks the
+  exception) it sends SIGTERM to the child's group, SIGKILL after `grace_s` (at once when stopped
+  a second time), and re-raises: the command exits non-zero. SIGKILL of the parent runs no handler; on Linux the child asks the
   kernel for SIGTERM when its parent thread dies (``prctl(PR_SET_PDEATHSIG)``). Lightning turns
   that SIGTERM into a stop after the current step.
 - **Live run dirs.** While a child runs, ``<run dir>/RUNNING`` holds its pid (and, on Linux, its
@@ -30,6 +30,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,8 +94,6 @@ def lock_dir(out: Path) -> Iterator[None]:
 def stop_on_signals(signums: tuple[int, ...] = (signal.SIGTERM,)) -> Iterator[None]:
     """Inside the block, `signums` raise `Stopped` (a SystemExit) in the main thread, so that
     ``finally`` blocks and `run_child` end the children; elsewhere it does nothing."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -180,15 +179,18 @@ def _signal_group(pgid: int, signum: int) -> None:
 
 
 def end_group(proc: subprocess.Popen, grace_s: float) -> int:
-    """SIGTERM the child's process group, SIGKILL it after `grace_s` s; returns the exit code.
+    """SIGTERM the child's process group, SIGKILL it after `grace_s` s (at once when a second stop
+    signal or Ctrl-C interrupts the wait); returns the exit code.
 
     The leader is reaped last: until then its pid (the group id) cannot be given to another
     process, so the signals reach only this group."""
     _signal_group(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and not _exited(proc.pid):
-        time.sleep(0.05)
-    _signal_group(proc.pid, signal.SIGKILL)  # the leader if it is still there, and any straggler
+    try:
+        while time.monotonic() < deadline and not _exited(proc.pid):
+            time.sleep(0.05)
+    finally:
+        _signal_group(proc.pid, signal.SIGKILL)  # the leader if it is still there, and any straggler
     return proc.wait()
 
 

@@ -325,6 +325,20 @@ def test_a_killed_sweep_ends_its_child(tmp_path, sig):
         end(proc, child, grandchild)
 
 
+def test_a_second_sigterm_kills_a_child_that_ignores_the_first_at_once(tmp_path):
+    proc, child = start_sweep(tmp_path, "ignore-term")
+    try:
+        proc.send_signal(signal.SIGTERM)  # the child ignores it: the sweep waits out its grace period ...
+        time.sleep(0.5)
+        assert alive(child) and proc.poll() is None
+        proc.send_signal(signal.SIGTERM)  # ... unless stopped again: then SIGKILL at once
+        proc.wait(timeout=10)
+        assert proc.returncode == 128 + signal.SIGTERM
+        wait_for(lambda: not alive(child), timeout=5, what="the child to end after the second SIGTERM")
+    finally:
+        end(proc, child)
+
+
 def test_a_restart_keeps_a_run_dir_that_a_live_child_still_writes(tmp_path, monkeypatch, capsys):
     proc, child = start_sweep(tmp_path, "ignore-term")  # a child that outlives its sweep
     run_dir = tmp_path / "out" / "slow" / "seed0"
