@@ -25,6 +25,11 @@ from `model_from`). Each stage runs in its own process; a finished stage leaves 
 stopped in (a fit stage continues from its ``last.ckpt``). After every stage the stage's model is
 evaluated greedily on held-out prompts (pass@1, format rate, completion length) and
 ``<out>/summary.md`` / ``summary.csv`` are rewritten with one row per finished stage.
+
+A stage name is one safe directory name (letters, digits and ``._=,+-``; no ``/`` or ``..``).
+One pipeline per output directory (``<out>/.lock``); stopping the pipeline (SIGTERM, Ctrl-C,
+SIGKILL) ends the stage's process too, and a restart refuses a stage directory whose earlier
+process is still alive (see `esft.runs`).
 """
 
 from __future__ import annotations
@@ -34,13 +39,14 @@ import copy
 import csv
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from esft.runs import SAFE_NAME_RULE, RunDirBusy, claim, is_safe_name, lock_dir, run_child
 
 KINDS = ("fit", "rejection_sample")
 
@@ -51,14 +57,24 @@ class PipelineError(ValueError):
 
 def load_pipeline(path: str | Path) -> dict[str, Any]:
     """Read and check a pipeline YAML."""
-    cfg = yaml.safe_load(Path(path).read_text())
+    return check_pipeline(yaml.safe_load(Path(path).read_text()), str(path))
+
+
+def check_pipeline(cfg: Any, path: str = "pipeline") -> dict[str, Any]:
+    """Check a pipeline config (read from `path`); returns it. Stage names become directories
+    under the output directory, so each must be one safe directory name (`esft.runs.safe_name`):
+    ``../x``, ``/abs``, ``a/b``, ``.`` or an empty name would write elsewhere."""
     if not isinstance(cfg, dict) or not isinstance(cfg.get("stages"), list) or not cfg["stages"]:
         raise PipelineError(f"{path}: a pipeline needs a non-empty 'stages' list")
     names: list[str] = []
     for i, stage in enumerate(cfg["stages"]):
         where = f"{path}: stage {i}"
-        if not isinstance(stage, dict) or not stage.get("name"):
+        if not isinstance(stage, dict) or "name" not in stage:
             raise PipelineError(f"{where}: every stage needs a 'name'")
+        if not is_safe_name(stage["name"]):
+            raise PipelineError(f"{where}: name {stage['name']!r} is not a safe directory name ({SAFE_NAME_RULE})")
+        if stage["name"] in names:
+            raise PipelineError(f"{where}: duplicate stage name {stage['name']!r} (stage {names.index(stage['name'])} has it too)")
         where = f"{path}: stage {stage['name']!r}"
         kinds = [k for k in KINDS if k in stage]
         if len(kinds) != 1:
@@ -70,8 +86,6 @@ def load_pipeline(path: str | Path) -> dict[str, Any]:
             raise PipelineError(f"{where}: data_mode must be 'replace' or 'add', got {stage['data_mode']!r}")
         if "rejection_sample" in stage and not stage.get("model_from"):
             raise PipelineError(f"{where}: a rejection_sample stage needs model_from")
-        if stage["name"] in names:
-            raise PipelineError(f"{where}: duplicate stage name")
         names.append(stage["name"])
     return cfg
 
@@ -141,15 +155,14 @@ def rejection_args(stage: dict[str, Any], out: Path, seed: int) -> list[str]:
 
 
 def _run(argv: list[str], log: Path) -> None:
+    """``esft <argv>`` in a child process (its own process group, ended with this one), output
+    appended to `log`, its pid in ``RUNNING`` beside `log` while it runs."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    with log.open("a") as f:
-        f.write(f"$ {' '.join(argv)}\n")
-        f.flush()
-        proc = subprocess.run([sys.executable, "-m", "esft.cli", *argv], stdout=f, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"stage command failed (exit {proc.returncode}); see {log}")
+    rc = run_child([sys.executable, "-m", "esft.cli", *argv], log, log.parent, env)
+    if rc != 0:
+        raise RuntimeError(f"stage command failed (exit {rc}); see {log}")
 
 
 def evaluate_stage(model_dir: Path, eval_cfg: dict[str, Any]) -> dict[str, float]:
@@ -188,39 +201,46 @@ def write_summary(out: Path, stages: list[dict[str, Any]]) -> str:
 
 
 def run_pipeline(cfg: dict[str, Any], out: Path | None = None, seed: int | None = None) -> str:
-    """Run the unfinished stages of `cfg` in order; returns the summary table."""
+    """Run the unfinished stages of `cfg` in order; returns the summary table. One process per
+    output directory: another one holding it raises `RunDirBusy`."""
+    check_pipeline(cfg)
     out = Path(out or cfg.get("out", "runs/pipeline"))
     seed = cfg.get("seed", 0) if seed is None else seed
-    out.mkdir(parents=True, exist_ok=True)
+    with lock_dir(out):
+        for stage in cfg["stages"]:
+            _run_stage(cfg, stage, out, seed)
+        return write_summary(out, cfg["stages"])
+
+
+def _run_stage(cfg: dict[str, Any], stage: dict[str, Any], out: Path, seed: int) -> None:
+    d = out / stage["name"]
+    if (d / "DONE").exists():
+        print(f"[pipeline] {stage['name']}: done, skipped")
+        return
+    claim(d)  # a stage child of an earlier, killed pipeline may still write here
+    d.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    print(f"[pipeline] {stage['name']}: running (log: {d / 'stage.log'})", flush=True)
+    result: dict[str, Any] = {"stage": stage["name"]}
     eval_cfg = cfg.get("eval") or {}
-    for stage in cfg["stages"]:
-        d = out / stage["name"]
-        if (d / "DONE").exists():
-            print(f"[pipeline] {stage['name']}: done, skipped")
-            continue
-        d.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
-        print(f"[pipeline] {stage['name']}: running (log: {d / 'stage.log'})", flush=True)
-        result: dict[str, Any] = {"stage": stage["name"]}
-        if "fit" in stage:
-            result["kind"] = "fit"
-            fit_cfg = fit_config(yaml.safe_load(Path(stage["fit"]).read_text()), stage, d, seed)
-            (d / "stage.yaml").write_text(yaml.safe_dump(fit_cfg, sort_keys=False))
-            argv = ["fit", "--config", str(d / "stage.yaml")]
-            if (d / "checkpoints" / "last.ckpt").exists():
-                argv += ["--ckpt_path", str(d / "checkpoints" / "last.ckpt")]
-            _run(argv, d / "stage.log")
-            result.update(evaluate_stage(d / "hf", eval_cfg) if eval_cfg.get("tasks") else {})
-        else:
-            result["kind"] = "rejection_sample"
-            _run(["rejection-sample", *rejection_args(stage, d, seed)], d / "stage.log")
-            stats = json.loads((d / "data.jsonl.stats.json").read_text())
-            result.update(kept=stats["kept"], correct_rate=stats["correct_rate"], format_rate=stats["format_rate"])
-        result["wall_s"] = round(time.perf_counter() - start, 1)
-        (d / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        (d / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
-        print(f"[pipeline] {stage['name']}: finished in {result['wall_s']} s\n" + write_summary(out, cfg["stages"]), flush=True)
-    return write_summary(out, cfg["stages"])
+    if "fit" in stage:
+        result["kind"] = "fit"
+        fit_cfg = fit_config(yaml.safe_load(Path(stage["fit"]).read_text()), stage, d, seed)
+        (d / "stage.yaml").write_text(yaml.safe_dump(fit_cfg, sort_keys=False))
+        argv = ["fit", "--config", str(d / "stage.yaml")]
+        if (d / "checkpoints" / "last.ckpt").exists():
+            argv += ["--ckpt_path", str(d / "checkpoints" / "last.ckpt")]
+        _run(argv, d / "stage.log")
+        result.update(evaluate_stage(d / "hf", eval_cfg) if eval_cfg.get("tasks") else {})
+    else:
+        result["kind"] = "rejection_sample"
+        _run(["rejection-sample", *rejection_args(stage, d, seed)], d / "stage.log")
+        stats = json.loads((d / "data.jsonl.stats.json").read_text())
+        result.update(kept=stats["kept"], correct_rate=stats["correct_rate"], format_rate=stats["format_rate"])
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    (d / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    (d / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    print(f"[pipeline] {stage['name']}: finished in {result['wall_s']} s\n" + write_summary(out, cfg["stages"]), flush=True)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -229,7 +249,11 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--out", help="output directory (default: the config's 'out')")
     p.add_argument("--seed", type=int, help="seed of every stage (default: the config's 'seed')")
     args = p.parse_args(argv)
-    table = run_pipeline(load_pipeline(args.config), args.out, args.seed)
+    try:
+        table = run_pipeline(load_pipeline(args.config), args.out, args.seed)
+    except (PipelineError, RunDirBusy, OSError, yaml.YAMLError) as e:
+        print(f"esft pipeline: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(table)
     return table
 

@@ -36,6 +36,13 @@ any other run from scratch, so a killed sweep resumes with only the missing runs
 writes ``failed.json`` (return code, log tail), the sweep goes on, ends with status 1 listing the
 failures, and a rerun retries them.
 
+One sweep per OUT: a second `esft sweep` on the same directory stops at once (status 2), naming
+the pid that holds ``OUT/.lock``. Each child runs in its own process group: SIGTERM or Ctrl-C of
+the sweep ends the child's group and the sweep exits non-zero; after SIGKILL of the sweep the
+child receives SIGTERM from the kernel (Linux). While a child runs, ``RUNNING`` in its run
+directory holds its pid; a rerun refuses (status 2) to restart a run whose recorded child is
+still alive (see `esft.runs`).
+
 After every run the reports are rewritten from all ``done.json`` under OUT: ``results.csv`` (one
 row per run: cell, seed, overrides, metrics), ``summary.csv`` / ``summary.md`` (one row per cell:
 mean ± sample std over seeds, n) and ``summary.png`` (a bar chart per metric, std error bars).
@@ -59,7 +66,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -67,6 +73,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from esft.runs import RunDirBusy, claim, lock_dir, run_child, running_pid, safe_name
 
 TOP_LEVEL_KEYS = ("seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler", "ckpt_path")
 PATH_ARGS = ("dirpath", "output", "path")  # callback init_args that name a place to write
@@ -153,14 +161,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, (int, float, str)):
         return str(value)
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
-
-
-def safe_name(name: str) -> str:
-    """A filesystem-safe directory name: letters, digits and ``._=,+-`` only, at most 120 chars."""
-    safe = re.sub(r"[^A-Za-z0-9._=,+-]+", "-", name).strip("-.") or "cell"
-    if len(safe) > 120:
-        safe = safe[:110] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
-    return safe
 
 
 def _short_keys(keys: list[str]) -> dict[str, str]:
@@ -364,29 +364,23 @@ def _tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
         return ""
 
 
+def fit_command(cell_yaml: Path) -> list[str]:
+    """The child command of one run: ``esft fit`` of its config, in a fresh interpreter."""
+    return [sys.executable, "-m", "esft.cli", "fit", "--config", str(cell_yaml)]
+
+
 def execute(run: Run) -> tuple[int, float]:
-    """Fresh run dir, `cell.yaml`, then ``esft fit`` in a subprocess with output to `log.txt`."""
+    """Fresh run dir, `cell.yaml`, then ``esft fit`` in a subprocess with output to `log.txt`;
+    refuses (`RunDirBusy`) a run dir that a live child of an earlier sweep still writes."""
+    claim(run.dir)
     if run.dir.exists():
         shutil.rmtree(run.dir)  # an interrupted or failed attempt: start clean
     run.dir.mkdir(parents=True)
     cell_yaml = run.dir / "cell.yaml"  # not config.yaml: LightningCLI writes that into the log dir
     cell_yaml.write_text(yaml.safe_dump(run.config, sort_keys=False))
-    cmd = [sys.executable, "-m", "esft.cli", "fit", "--config", str(cell_yaml)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
-    with open(run.dir / "log.txt", "w", encoding="utf-8") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            rc = proc.wait()
-        except BaseException:  # Ctrl-C: stop the child too, record nothing
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            raise
+    rc = run_child(fit_command(cell_yaml), run.dir / "log.txt", run.dir, env)  # stopped: ends the child, re-raises
     return rc, time.perf_counter() - start
 
 
@@ -538,11 +532,29 @@ def main(argv: list[str] | None = None) -> None:
         for cell, overrides in grid.cells.items():
             print(f"  {cell:<{width}}  " + (" ".join(f"{k}={_fmt(v)}" for k, v in overrides.items()) or "(base config)"))
         for i, run in enumerate(runs, 1):
-            status = "done" if (run.dir / "done.json").exists() else "failed" if (run.dir / "failed.json").exists() else "pending"
+            pid = running_pid(run.dir)
+            status = "done" if (run.dir / "done.json").exists() else f"running (pid {pid})" if pid else \
+                "failed" if (run.dir / "failed.json").exists() else "pending"
             print(f"[{i}/{total}] {run.label}  {status}  {run.dir}")
         return
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with lock_dir(out):
+            failures = run_sweep(runs, out, args.max_cells, args.metrics)
+    except RunDirBusy as e:
+        print(f"esft sweep: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if failures:
+        print(f"sweep: {len(failures)} runs failed (rerun to retry them): "
+              + ", ".join(f"{r.label} (exit {rc})" for r, rc in failures), file=sys.stderr)
+        raise SystemExit(1)
+
+
+def run_sweep(runs: list[Run], out: Path, max_cells: int | None = None,
+              metrics: list[str] | None = None) -> list[tuple[Run, int]]:
+    """Run the runs that are not done, one ``esft fit`` child at a time, rewriting the reports
+    after each; returns the failed runs with their exit codes. The caller holds `out`'s lock."""
+    total = len(runs)
     started, new, failures = time.perf_counter(), 0, []
     for i, run in enumerate(runs, 1):
         prefix = f"[{i}/{total}] {run.label}"
@@ -552,16 +564,16 @@ def main(argv: list[str] | None = None) -> None:
                 " (its config has changed since; delete the directory to rerun it)"
             print(f"{prefix}  skip: done{stale}", flush=True)
             continue
-        if args.max_cells is not None and new >= args.max_cells:
-            print(f"sweep: stopping after {new} new runs (--max-cells {args.max_cells}); rerun to continue")
+        if max_cells is not None and new >= max_cells:
+            print(f"sweep: stopping after {new} new runs (--max-cells {max_cells}); rerun to continue")
             break
         new += 1
         print(f"{prefix}  running  (log: {run.dir / 'log.txt'})", flush=True)
         rc, wall = execute(run)
         if rc == 0:
-            metrics = collect_metrics(run, wall)
-            _atomic_write(run.dir / "done.json", json.dumps({**_record(run), "metrics": metrics}, indent=2) + "\n")
-            shown = "  ".join(f"{k}={metrics[k]:.4g}" for k in ("train/loss", "val/loss") if k in metrics)
+            found = collect_metrics(run, wall)
+            _atomic_write(run.dir / "done.json", json.dumps({**_record(run), "metrics": found}, indent=2) + "\n")
+            shown = "  ".join(f"{k}={found[k]:.4g}" for k in ("train/loss", "val/loss") if k in found)
             print(f"{prefix}  done in {wall:.1f}s  {shown}  (sweep {time.perf_counter() - started:.0f}s)", flush=True)
         else:
             tail = _tail(run.dir / "log.txt")
@@ -571,16 +583,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{prefix}  FAILED (exit {rc}) in {wall:.1f}s; log: {run.dir / 'log.txt'}", flush=True)
             for line in tail.splitlines()[-5:]:
                 print(f"    | {line}", flush=True)
-        write_reports(out, runs, args.metrics)
+        write_reports(out, runs, metrics)
 
-    records = write_reports(out, runs, args.metrics)
+    records = write_reports(out, runs, metrics)
     if records:
         print((out / "summary.md").read_text(), end="")
         print(f"sweep: results in {out}/results.csv, summary.md, summary.csv, summary.png")
-    if failures:
-        print(f"sweep: {len(failures)} runs failed (rerun to retry them): "
-              + ", ".join(f"{r.label} (exit {rc})" for r, rc in failures), file=sys.stderr)
-        raise SystemExit(1)
+    return failures
 
 
 if __name__ == "__main__":

@@ -29,7 +29,11 @@ worse than the median of earlier trials at the same step (so pruning needs a ``v
 ``val_check_interval``). The study lives in ``OUT/study.db`` (SQLite): a rerun of the same command
 continues it. A trial that was running when the process died is marked failed and its values are
 tried again first; trials that fail for another reason are recorded and the search goes on (it
-stops after ``--max-failures``). One process per study.
+stops after ``--max-failures``). The sampler, with its random state, is saved to
+``OUT/sampler.pkl`` after each trial's values are drawn, so a restart goes on drawing new values
+(a new sampler with the same seed would propose the first trials' values again). One process per
+study: a second `esft tune` on the same OUT stops at once (status 2), naming the pid that holds
+``OUT/.lock``.
 
 After every trial: ``trials.csv`` (one row a trial: number, state, value, parameters, seconds),
 ``summary.md`` (best trial and all trials ranked), ``history.png`` (optimisation history),
@@ -48,6 +52,7 @@ import argparse
 import gc
 import json
 import math
+import pickle
 import sys
 import time
 import warnings
@@ -60,8 +65,10 @@ from lightning.pytorch.callbacks import LearningRateFinder
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from esft.optim import OptimConfig
+from esft.runs import RunDirBusy, lock_dir
 from esft.sweep import SweepError, _atomic_write, _short_keys, build_config, load_yaml
 
+SAMPLER_FILE = "sampler.pkl"
 SPACE_KEYS = ("metric", "direction", "n_trials", "seed", "startup_trials", "pruner", "enqueue_base", "set", "space")
 _ACTIVE_TRIAL = None  # the optuna Trial being run in this process (read by OptunaPruning)
 
@@ -258,15 +265,50 @@ def trial_config(base: dict, space: Space, overrides: dict[str, Any], run_dir: P
     return cfg
 
 
+def _load_sampler(space: Space, out: Path):
+    """The sampler saved in ``OUT/sampler.pkl`` when it was made with the space's seed and startup
+    trials, else None."""
+    path = out / SAMPLER_FILE
+    if not path.exists():
+        return None
+    try:
+        saved = pickle.loads(path.read_bytes())
+    except Exception as e:  # noqa: BLE001 - e.g. written by another Optuna version: start a new one
+        print(f"tune: warning: cannot read {path} ({type(e).__name__}: {e}); a new sampler goes on", file=sys.stderr)
+        return None
+    if saved.get("settings") != _sampler_settings(space):
+        print(f"tune: warning: {path} has {saved.get('settings')}, the space {_sampler_settings(space)}; "
+              "a new sampler goes on", file=sys.stderr)
+        return None
+    return saved["sampler"]
+
+
+def _sampler_settings(space: Space) -> dict[str, int]:
+    return {"seed": space.seed, "startup_trials": space.startup_trials}
+
+
+def save_sampler(sampler, space: Space, out: Path) -> None:
+    """Pickle the sampler (with its random state) to ``OUT/sampler.pkl``, atomically."""
+    _atomic_write(out / SAMPLER_FILE, pickle.dumps({"settings": _sampler_settings(space), "sampler": sampler}))
+
+
 def create_study(space: Space, out: Path):
+    """Create or load the study in ``OUT/study.db``. A restarted study goes on with the sampler
+    saved after its last sampling: a new TPE sampler with the same seed would propose the first
+    trials' values again. Without a saved sampler, a study that has trials gets one seeded with
+    ``seed + number of trials``."""
     import optuna
 
-    sampler = optuna.samplers.TPESampler(seed=space.seed, n_startup_trials=space.startup_trials)
     pruner = optuna.pruners.NopPruner() if space.pruner is None else optuna.pruners.MedianPruner(
         n_startup_trials=int(space.pruner.get("startup_trials", 3)), n_warmup_steps=int(space.pruner.get("warmup_steps", 0)))
     out.mkdir(parents=True, exist_ok=True)
-    return optuna.create_study(study_name="esft-tune", storage=f"sqlite:///{out.resolve() / 'study.db'}",
-                               sampler=sampler, pruner=pruner, direction=space.direction, load_if_exists=True)
+    sampler = _load_sampler(space, out)
+    study = optuna.create_study(study_name="esft-tune", storage=f"sqlite:///{out.resolve() / 'study.db'}",
+                                sampler=sampler, pruner=pruner, direction=space.direction, load_if_exists=True)
+    if sampler is None:
+        study.sampler = optuna.samplers.TPESampler(seed=space.seed + len(study.trials),
+                                                   n_startup_trials=space.startup_trials)
+    return study
 
 
 def recover(study) -> list[int]:
@@ -282,7 +324,13 @@ def recover(study) -> list[int]:
 
 
 def run_study(base: dict, space: Space, out: Path, max_failures: int = 3, timeout: float | None = None):
-    """Run trials until the study holds `space.n_trials` finished trials; returns the study."""
+    """Run trials until the study holds `space.n_trials` finished trials; returns the study.
+    One process per study directory: another one holding it raises `RunDirBusy`."""
+    with lock_dir(out):
+        return _search(base, space, out, max_failures, timeout)
+
+
+def _search(base: dict, space: Space, out: Path, max_failures: int, timeout: float | None):
     import optuna
     from optuna.trial import TrialState
     from tqdm.auto import tqdm
@@ -309,6 +357,7 @@ def run_study(base: dict, space: Space, out: Path, max_failures: int = 3, timeou
             break
         trial = study.ask()
         overrides = {key: suggest(trial, names[key], spec) for key, spec in space.params.items()}
+        save_sampler(study.sampler, space, out)  # after sampling: a restart draws new values
         run_dir = out / f"trial_{trial.number:03d}"
         cfg = trial_config(base, space, overrides, run_dir)
         shown = " ".join(f"{names[k]}={v:.4g}" if isinstance(v, float) else f"{names[k]}={v}" for k, v in overrides.items())
@@ -448,7 +497,8 @@ def lr_find(base: dict, out: Path, min_lr: float, max_lr: float, steps: int) -> 
                     "callbacks": [{"class_path": "esft.tune.LRFinder",
                                    "init_args": {"output": str(out), "min_lr": min_lr, "max_lr": max_lr,
                                                  "num_training_steps": steps}}]})
-    _fit(cfg, out)
+    with lock_dir(out):
+        _fit(cfg, out)
     return json.loads((out / "lr_find.json").read_text())
 
 
@@ -485,14 +535,16 @@ def main(argv: list[str] | None = None) -> None:
     except (SweepError, OSError) as e:
         print(f"esft tune: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if args.lr_find:
-        out = Path(args.out or "runs/lr_find")
-        result = lr_find(base, out, args.lr_find_min, args.lr_find_max, args.lr_find_steps)
-        print(f"tune: suggested lr {result['suggestion']!r}; {out}/lr_find.json, {out}/lr_find.png")
-        return
-    out = Path(args.out or "runs/tune")
+    out = Path(args.out or ("runs/lr_find" if args.lr_find else "runs/tune"))
     try:
+        if args.lr_find:
+            result = lr_find(base, out, args.lr_find_min, args.lr_find_max, args.lr_find_steps)
+            print(f"tune: suggested lr {result['suggestion']!r}; {out}/lr_find.json, {out}/lr_find.png")
+            return
         study = run_study(base, space, out, args.max_failures, args.timeout)
+    except RunDirBusy as e:
+        print(f"esft tune: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except RuntimeError as e:
         print(f"esft tune: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

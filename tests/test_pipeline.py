@@ -11,7 +11,7 @@ from esft import pipeline
 from esft.evaluation import Rollout
 from esft.pipeline import PipelineError, fit_config, load_pipeline, run_pipeline
 
-from conftest import TINY
+from conftest import TINY, hold_lock
 
 ROOT = Path(__file__).parents[1]
 
@@ -160,3 +160,71 @@ def test_pipeline_cli_runs_stages_in_subprocesses(tmp_path):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     table = pipeline.main(["--config", str(tmp_path / "p.yaml")])
     assert "| sft | fit |" in table and (tmp_path / "run" / "sft" / "DONE").exists()
+
+
+@pytest.mark.parametrize("names, index, bad", [
+    (["a", "../../x"], 1, "../../x"),
+    (["/tmp/abs"], 0, "/tmp/abs"),
+    (["a", ""], 1, ""),
+    (["a", "."], 1, "."),
+    (["a", "b/c"], 1, "b/c"),
+    (["a", 7], 1, 7),
+    (["a", "b", "a"], 2, "a"),
+])
+def test_stage_names_are_single_safe_path_components(tmp_path, monkeypatch, names, index, bad):
+    stages = [{"name": n, "fit": "x.yaml"} for n in names]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    with pytest.raises(PipelineError) as e:
+        load_pipeline(tmp_path / "p.yaml")
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'p.yaml'}: stage {index}: ") and repr(bad) in message and "\n" not in message
+    # a config given as a mapping is checked too, before anything is written
+    monkeypatch.setattr(pipeline, "_run", lambda argv, log: pytest.fail("a stage ran"))
+    with pytest.raises(PipelineError, match=f"stage {index}: "):
+        run_pipeline({"stages": stages}, out=tmp_path / "a" / "b" / "out")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "x").exists()
+
+
+def test_pipeline_refuses_an_out_dir_another_process_holds(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pipeline, "_run", lambda argv, log: pytest.fail("a stage ran"))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"stages": [{"name": "a", "fit": "x.yaml"}]}))
+    with hold_lock(tmp_path / "out") as pid:
+        with pytest.raises(SystemExit) as e:
+            pipeline.main(["--config", str(tmp_path / "p.yaml"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("esft pipeline: error: ") and "\n" not in err
+    assert str(tmp_path / "out") in err and f"pid {pid}" in err and not (tmp_path / "out" / "a").exists()
+
+
+def test_a_bad_pipeline_config_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"stages": [{"name": "../a", "fit": "x.yaml"}]}))
+    with pytest.raises(SystemExit) as e:
+        pipeline.main(["--config", str(tmp_path / "p.yaml"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and not (tmp_path / "a").exists()
+    assert capsys.readouterr().err.strip() == (f"esft pipeline: error: {tmp_path / 'p.yaml'}: stage 0: name '../a' "
+                                               "is not a safe directory name (letters, digits and ._=,+- only, "
+                                               "not starting or ending with . or -, at most 120 characters)")
+
+
+def test_a_restart_refuses_a_stage_dir_an_earlier_stage_process_still_writes(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from esft.runs import RunDirBusy
+
+    monkeypatch.setattr(pipeline, "_run", lambda argv, log: pytest.fail("a stage ran"))
+    cfg = {"stages": [{"name": "sft", "fit": str(tiny_sft(tmp_path / "sft.yaml"))}]}
+    stage = tmp_path / "out" / "sft"
+    stage.mkdir(parents=True)
+    left = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the killed pipeline's stage
+    try:
+        (stage / "RUNNING").write_text(f"{left.pid}\n")
+        with pytest.raises(RunDirBusy, match=f"{stage} is still being written by pid {left.pid}"):
+            run_pipeline(cfg, out=tmp_path / "out")
+    finally:
+        left.kill()
+        left.wait()
+    monkeypatch.setattr(pipeline, "_run", lambda argv, log: (_ for _ in ()).throw(RuntimeError("ran")))
+    with pytest.raises(RuntimeError, match="ran"):  # once it has ended, the stage runs again
+        run_pipeline(cfg, out=tmp_path / "out")

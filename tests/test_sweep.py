@@ -4,15 +4,22 @@ Every run is a real `python -m esft.cli fit` subprocess (~6 s each on 2 CPU core
 tests share one sweep (run in two passes, the first stopped after one run) and keep grids small.
 """
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+import esft.sweep as sweep
 from esft.sweep import SweepError, load_grid, main, set_dotted
 
-from conftest import TINY
+from conftest import TINY, alive, wait_for
 
 
 def base_config(root: Path) -> Path:
@@ -223,3 +230,160 @@ def test_quickstart_study_dry_run_lists_its_cells(capsys):
     assert "2 cells x 3 seeds = 6 runs" in printed
     assert "[1/6] lr=0.001 seed=0  pending" in printed and "[6/6] lr=0.003 seed=2  pending" in printed
     assert not Path("/nonexistent/out").exists()
+
+
+# ---- two sweeps, killed sweeps, restarts: a real `esft sweep` parent with a fake `esft fit` child ----
+FAKE_FIT = """
+import os, signal, sys, time
+from pathlib import Path
+mode, cell_yaml = sys.argv[1:]
+if mode == "ignore-term":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if mode == "tree":  # a grandchild in the child's process group, as dataloader workers are
+    import subprocess
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    (Path(cell_yaml).parent / "grandchild.pid").write_text(str(grandchild.pid))
+(Path(cell_yaml).parent / "child.pid").write_text(str(os.getpid()))
+if mode != "quick":
+    time.sleep(120)
+"""
+DRIVER = """
+import sys
+import esft.sweep as sweep
+fake, mode, *args = sys.argv[1:]
+sweep.fit_command = lambda cell_yaml: [sys.executable, fake, mode, str(cell_yaml)]
+sweep.main(args)
+"""
+ONE_CELL = "seeds: [0]\ncells:\n  slow: {}\n"
+
+
+def fake_fit(root: Path) -> Path:
+    path = root / "fake_fit.py"
+    path.write_text(FAKE_FIT)
+    return path
+
+
+def sweep_args(root: Path) -> list[str]:
+    return ["--config", str(base_config(root)), "--grid", str(write_grid(root, ONE_CELL)), "--out", str(root / "out")]
+
+
+def start_sweep(root: Path, mode: str) -> tuple[subprocess.Popen, int]:
+    """`esft sweep` of one cell in a subprocess whose child is `fake_fit.py MODE`; returns it and the child's pid."""
+    (root / "driver.py").write_text(DRIVER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, str(root / "driver.py"), str(fake_fit(root)), mode, *sweep_args(root)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid_file = root / "out" / "slow" / "seed0" / "child.pid"
+    child = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), what="the sweep's child"))
+    return proc, child
+
+
+def end(proc: subprocess.Popen, child: int, grandchild: int | None = None) -> None:
+    for pid in (proc.pid, child, grandchild or child):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.communicate()
+
+
+def quick_child(monkeypatch, root: Path) -> None:
+    fake = fake_fit(root)
+    monkeypatch.setattr(sweep, "fit_command", lambda cell_yaml: [sys.executable, str(fake), "quick", str(cell_yaml)])
+
+
+def test_a_second_sweep_on_the_same_out_fails_at_once_naming_the_holder(tmp_path, monkeypatch, capsys):
+    proc, child = start_sweep(tmp_path, "sleep")
+    try:
+        quick_child(monkeypatch, tmp_path)
+        with pytest.raises(SystemExit) as e:
+            main(sweep_args(tmp_path))
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("esft sweep: error: ") and "\n" not in err
+        assert str(tmp_path / "out") in err and f"pid {proc.pid}" in err
+        assert alive(child) and not (tmp_path / "out" / "slow" / "seed0" / "done.json").exists()
+    finally:
+        end(proc, child)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_a_killed_sweep_ends_its_child(tmp_path, sig):
+    """SIGTERM and Ctrl-C: the sweep ends the child's whole process group and exits non-zero;
+    SIGKILL runs no handler: the child gets SIGTERM from the kernel when its parent dies."""
+    proc, child = start_sweep(tmp_path, "sleep" if sig == signal.SIGKILL else "tree")
+    run_dir = tmp_path / "out" / "slow" / "seed0"
+    grandchild = int(run_dir.joinpath("grandchild.pid").read_text()) if sig != signal.SIGKILL else None
+    try:
+        proc.send_signal(sig)
+        proc.wait(timeout=10)
+        assert proc.returncode == {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: -signal.SIGINT,
+                                   signal.SIGKILL: -signal.SIGKILL}[sig]
+        for pid in (child, grandchild or child):
+            wait_for(lambda: not alive(pid), timeout=5, what=f"pid {pid} to end after {sig.name} of the sweep")
+        assert (run_dir / "RUNNING").exists() == (sig == signal.SIGKILL)  # a handler ran, or none could
+        assert not (run_dir / "done.json").exists() and not (run_dir / "failed.json").exists()
+    finally:
+        end(proc, child, grandchild)
+
+
+def test_a_second_sigterm_kills_a_child_that_ignores_the_first_at_once(tmp_path):
+    proc, child = start_sweep(tmp_path, "ignore-term")
+    try:
+        proc.send_signal(signal.SIGTERM)  # the child ignores it: the sweep waits out its grace period ...
+        time.sleep(0.5)
+        assert alive(child) and proc.poll() is None
+        proc.send_signal(signal.SIGTERM)  # ... unless stopped again: then SIGKILL at once
+        proc.wait(timeout=10)
+        assert proc.returncode == 128 + signal.SIGTERM
+        wait_for(lambda: not alive(child), timeout=5, what="the child to end after the second SIGTERM")
+    finally:
+        end(proc, child)
+
+
+def test_a_restart_keeps_a_run_dir_that_a_live_child_still_writes(tmp_path, monkeypatch, capsys):
+    proc, child = start_sweep(tmp_path, "ignore-term")  # a child that outlives its sweep
+    run_dir = tmp_path / "out" / "slow" / "seed0"
+    try:
+        proc.kill()
+        proc.wait(timeout=10)
+        time.sleep(0.5)
+        assert alive(child)
+        quick_child(monkeypatch, tmp_path)
+        with pytest.raises(SystemExit) as e:
+            main(sweep_args(tmp_path))
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert str(run_dir) in err and f"pid {child}" in err and "\n" not in err
+        assert (run_dir / "child.pid").read_text() == str(child)  # not deleted
+        main(sweep_args(tmp_path) + ["--dry-run"])
+        assert f"[1/1] slow seed=0  running (pid {child})" in capsys.readouterr().out
+    finally:
+        end(proc, child)
+    wait_for(lambda: not alive(child), what="the escaped child to end")
+    main(sweep_args(tmp_path))  # once it has ended, the restart runs the cell again
+    assert (run_dir / "done.json").exists() and (run_dir / "child.pid").read_text() != str(child)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_sweep_ends_a_training_esft_fit_child(tmp_path, sig):
+    """The real child: Lightning turns SIGTERM (from the sweep, or from the kernel after SIGKILL of
+    the sweep) into a stop after the current step."""
+    args = sweep_args(tmp_path)
+    cfg = yaml.safe_load(Path(args[1]).read_text())
+    cfg["trainer"].update(max_steps=100_000, limit_val_batches=0, callbacks=[])
+    args[1] = str(tmp_path / "long.yaml")
+    Path(args[1]).write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "esft.sweep", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run_dir, child = tmp_path / "out" / "slow" / "seed0", None
+    try:
+        wait_for(lambda: list(run_dir.glob("events.out.tfevents.*")), timeout=120, what="the child to train")
+        child = int((run_dir / "RUNNING").read_text().split()[0])
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        wait_for(lambda: not alive(child), timeout=30, what=f"the fit child to end after {sig.name} of the sweep")
+        assert proc.returncode == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL)
+        assert yaml.safe_load((run_dir / "cell.yaml").read_text())["trainer"]["max_steps"] == 100_000
+    finally:
+        end(proc, child or proc.pid)

@@ -1,6 +1,7 @@
 """`esft tune`: search-space parsing, pruning, a study that resumes from its SQLite storage, LR finder."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from optuna.trial import TrialState
 import esft.tune as tune
 from esft.sweep import SweepError
 
-from conftest import TINY
+from conftest import TINY, hold_lock
 
 ROOT = Path(__file__).parents[1]
 
@@ -204,3 +205,64 @@ def test_sigterm_stops_the_study_and_leaves_the_trial_to_recover(tmp_path, monke
     study = optuna.load_study(study_name="esft-tune", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
     assert [t.state for t in study.trials] == [TrialState.RUNNING]
     assert tune.recover(study) == [0] and study.trials[0].state == TrialState.FAIL
+
+
+# ---- restarts: the sampler goes on where it stopped; one process per study directory -------
+def fake_fit(stop_at: int | None = None):
+    """`_fit` without training: val/loss is a smooth function of the sampled values; raises
+    SIGTERMException (the process being stopped) in trial `stop_at`."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    def fit(cfg, run_dir):
+        optim = cfg["model"]["init_args"]["optim"]
+        if stop_at is not None and run_dir.name == f"trial_{stop_at:03d}":
+            raise SIGTERMException(1)
+        loss = (math.log10(optim["lr"]) + 2) ** 2 + 0.1 * optim["warmup_steps"]
+        return SimpleNamespace(callbacks=[], callback_metrics={"val/loss": torch.tensor(loss)})
+    return fit
+
+
+def params(study) -> list[dict]:
+    return [t.params for t in study.trials]
+
+
+def test_a_restarted_study_goes_on_with_the_samplers_state(tmp_path, monkeypatch):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    space = tune.load_space(write_space(tmp_path / "s.yaml", enqueue_base=False, startup_trials=3))
+    more = tune.load_space(tmp_path / "s.yaml", n_trials=4)
+    base = base_config(tmp_path / "base")
+    monkeypatch.setattr(tune, "write_reports", lambda *args: None)  # plots take seconds; not tested here
+    monkeypatch.setattr(tune, "_fit", fake_fit())
+    whole = params(tune.run_study(base, more, tmp_path / "whole"))
+    assert len({json.dumps(p, sort_keys=True) for p in whole}) == 4
+
+    # stopped between trials: the restart continues the same sequence (random, then TPE trials),
+    # it does not start it again
+    tune.run_study(base, space, tmp_path / "restarted")
+    assert params(tune.run_study(base, more, tmp_path / "restarted")) == whole
+
+    # stopped inside trial 1: its values are retried once, and the next new trial differs from them
+    monkeypatch.setattr(tune, "_fit", fake_fit(stop_at=1))
+    with pytest.raises(SIGTERMException):
+        tune.run_study(base, space, tmp_path / "stopped")
+    monkeypatch.setattr(tune, "_fit", fake_fit())
+    study = tune.run_study(base, tune.load_space(tmp_path / "s.yaml", n_trials=3), tmp_path / "stopped")
+    p = params(study)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL] + [TrialState.COMPLETE] * 2
+    assert p[2] == p[1] and study.trials[2].user_attrs["retry_of"] == 1
+    assert p[3] not in (p[0], p[1])
+
+
+def test_a_second_tune_on_the_same_out_fails_at_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tune, "_fit", lambda cfg, run_dir: pytest.fail("a trial ran"))
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base_config(tmp_path / "base")))
+    args = ["--config", str(tmp_path / "base.yaml"), "--space", str(write_space(tmp_path / "s.yaml"))]
+    for extra in ([], ["--lr-find"]):
+        with hold_lock(tmp_path / "out") as pid, pytest.raises(SystemExit) as e:
+            tune.main(args + ["--out", str(tmp_path / "out"), *extra])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("esft tune: error: ") and "\n" not in err
+        assert str(tmp_path / "out") in err and f"pid {pid}" in err
+    assert not (tmp_path / "out" / "study.db").exists()
