@@ -1,21 +1,24 @@
-"""Chat templates of the main open model families, and the `chat_template` option that picks one.
+r"""Chat templates of the main open model families, and the `chat_template` option that picks one.
 
 The Jinja files under ``templates/`` are written for this project to reproduce the formats the
 families publish (special tokens, system handling, history rewriting), without tool calling:
 
-| name          | turns                                                       | end of turn            |
-|---------------|-------------------------------------------------------------|------------------------|
-| `chatml`      | ``<|im_start|>role\\n ... <|im_end|>\\n`` (built-in tokenizer) | ``<|im_end|>``         |
-| `llama3`      | ``<|start_header_id|>role<|end_header_id|>\\n\\n ...``          | ``<|eot_id|>``         |
-| `qwen2.5`     | ChatML, Qwen's default system prompt when there is none     | ``<|im_end|>``         |
-| `qwen3`       | ChatML; ``<think>`` blocks dropped from earlier turns       | ``<|im_end|>``         |
-| `deepseek_r1` | ``<｜User｜>`` / ``<｜Assistant｜>``; earlier reasoning dropped | ``<｜end▁of▁sentence｜>`` |
-| `gemma`       | ``<start_of_turn>user|model``; system folded into turn one | ``<end_of_turn>``      |
-| `mistral`     | ``[INST] ... [/INST]`` (v0.3: system before the last user turn) | ``</s>``           |
-| `phi3`        | ``<|system|>``, ``<|user|>``, ``<|assistant|>``              | ``<|end|>``            |
+- ``chatml``: ``<|im_start|>role\n...<|im_end|>\n`` (the built-in tokenizer's template).
+- ``llama3``: ``<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>``, contents trimmed.
+- ``qwen2.5``: ChatML; Qwen's default system prompt when the conversation has none.
+- ``qwen3``: ChatML; ``<think>`` blocks kept only after the last user turn (the final assistant
+  turn always gets one, empty when it has no reasoning).
+- ``deepseek_r1``: ``<｜User｜>`` / ``<｜Assistant｜>`` turns, ``<｜end▁of▁sentence｜>``; earlier
+  turns lose their reasoning.
+- ``gemma``: ``<start_of_turn>user|model\n...<end_of_turn>\n``; no system role, the system
+  text is folded into the first user turn.
+- ``mistral``: v0.3 ``[INST] ...[/INST] answer</s>``; the system text precedes the last user
+  turn only when the conversation ends there.
+- ``phi3``: ``<|system|>``, ``<|user|>``, ``<|assistant|>`` headers, ``<|end|>`` after each turn.
 
-`qwen3`, `deepseek_r1` and `mistral` render earlier turns differently once later ones follow;
-`esft.data.tokenize` copes with that (one example per assistant turn where needed).
+``qwen3`` and ``deepseek_r1`` render earlier turns differently once later ones follow, and
+``mistral``'s generation prompt is not a prefix of the answered conversation; `esft.data.tokenize`
+masks them exactly all the same (one example per assistant turn where the history changes).
 """
 
 from __future__ import annotations
