@@ -56,7 +56,7 @@ class TokenizeStats:
     trained_tokens: int = 0
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
-    system_not_rendered: int = 0  # records whose system message the template leaves out of the trained text
+    system_not_rendered: int = 0  # records whose system text the template leaves out (not counted for generation-block templates)
 
     @property
     def num_dropped(self) -> int:
@@ -144,21 +144,21 @@ def _system_text(messages: list[dict]) -> str:
 def _encode_chunk(
     tokenizer: PreTrainedTokenizerBase, chunk: Sequence[dict[str, Any]], wheres: list[str], train_on: TrainOn,
     multiturn: MultiTurn, stats: TokenizeStats,
-) -> list[tuple[dict[str, Any], list[int], list[int]]]:
-    """``(record, input_ids, labels)`` for every training example of `chunk`'s records."""
+) -> list[tuple[int, list[int], list[int]]]:
+    """``(index in chunk, input_ids, labels)`` for every training example of `chunk`'s records."""
     if train_on == "assistant" and has_generation_blocks(tokenizer.chat_template):
         out = []
-        for record, where in zip(chunk, wheres):
+        for j, (record, where) in enumerate(zip(chunk, wheres)):
             try:
                 enc = tokenizer.apply_chat_template(record["messages"], return_dict=True, return_assistant_tokens_mask=True)
             except TemplateError as e:
                 raise DataFormatError(f"{where}: chat template error: {e}") from e
             ids = list(enc["input_ids"])
-            out.append((record, ids, [t if m else IGNORE_INDEX for t, m in zip(ids, enc["assistant_masks"])]))
+            out.append((j, ids, [t if m else IGNORE_INDEX for t, m in zip(ids, enc["assistant_masks"])]))
         return out
     turn_end = _TurnEnd(tokenizer)
-    pieces = []  # (record, text, spans)
-    for record, where in zip(chunk, wheres):
+    pieces = []  # (index in chunk, text, spans)
+    for j, (record, where) in enumerate(zip(chunk, wheres)):
         try:
             if train_on == "all":
                 examples = [(_render(tokenizer, record["messages"]), [])]
@@ -169,7 +169,7 @@ def _encode_chunk(
         system = _system_text(record["messages"])
         if system and any(system not in text for text, _ in examples):
             stats.system_not_rendered += 1
-        pieces += [(record, text, spans) for text, spans in examples]
+        pieces += [(j, text, spans) for text, spans in examples]
     if not pieces:
         return []
     encoded = tokenizer(
@@ -177,10 +177,10 @@ def _encode_chunk(
         return_offsets_mapping=train_on == "assistant", return_attention_mask=False,
     )
     out = []
-    for k, (record, _, spans) in enumerate(pieces):
+    for k, (j, _, spans) in enumerate(pieces):
         ids = encoded["input_ids"][k]
         labels = list(ids) if train_on == "all" else _labels(ids, encoded["offset_mapping"][k], spans)
-        out.append((record, ids, labels))
+        out.append((j, ids, labels))
     return out
 
 
@@ -215,11 +215,11 @@ def tokenize_records(
         bar.update(min(batch_size, len(records) - lo))
         chunk = records[lo : lo + batch_size]
         wheres = [_where(r, lo + j) for j, r in enumerate(chunk)]
-        where_of = {id(r): w for r, w in zip(chunk, wheres)}
-        for record, ids, labels in _encode_chunk(tokenizer, chunk, wheres, train_on, multiturn, stats):
+        for j, ids, labels in _encode_chunk(tokenizer, chunk, wheres, train_on, multiturn, stats):
+            record = chunk[j]
             if len(ids) > max_length:
                 if truncation == "error":
-                    raise DataFormatError(f"{where_of[id(record)]}: {len(ids)} tokens exceed max_length={max_length} (truncation='error')")
+                    raise DataFormatError(f"{wheres[j]}: {len(ids)} tokens exceed max_length={max_length} (truncation='error')")
                 if truncation == "drop":
                     stats.dropped["longer than max_length"] += 1
                     continue
