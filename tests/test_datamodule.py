@@ -115,3 +115,21 @@ def test_truncation_error_names_file_and_line_after_the_validation_shuffle(tmp_p
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(DataFormatError, match=rf"^{path}:7: \d+ tokens exceed max_length=64 \(truncation='error'\)$"):
         make(path, truncation="error", val_fraction=0.25, seed=3)
+
+
+def test_chat_template_option_takes_a_family_or_a_file_and_multiturn(tmp_path, report):
+    think = [{"messages": [{"role": "user", "content": "Reverse: a b"},
+                           {"role": "assistant", "content": "<think>\nswap\n</think>\n\nb a"},
+                           {"role": "user", "content": "again"},
+                           {"role": "assistant", "content": "<think>\nswap\n</think>\n\nb a"}]}] * 3
+    path = write_jsonl(tmp_path / "d.jsonl", think)
+    # Qwen3 drops the first turn's reasoning once the second follows: one example per turn
+    assert len(make(path, chat_template="qwen3").train_examples) == 6
+    assert len(make(path, chat_template="qwen3", multiturn="last").train_examples) == 3
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}", encoding="utf-8")
+    dm = make(path, chat_template=str(template))
+    assert dm.tokenizer.chat_template == template.read_text() and len(dm.train_examples) == 3
+    with pytest.raises(ValueError, match=r"chat_template 'mistral': tokenizer .* has no single token for <s>, </s>"):
+        make(path, chat_template="mistral")

@@ -18,7 +18,8 @@ def trained_text(tokenizer, example):
 
 def test_every_assistant_turn_and_only_assistant_turns_are_trained(tokenizer):
     [example], stats = tokenize_records([CONV], tokenizer, max_length=512)
-    assert trained_text(tokenizer, example) == "river apple<|im_end|>\n3<|im_end|>\n"
+    # the newline after <|im_end|> is template scaffolding, not the answer
+    assert trained_text(tokenizer, example) == "river apple<|im_end|>3<|im_end|>"
     assert stats.trained_tokens == sum(label != IGNORE_INDEX for label in example["labels"])
     assert example["length"] == len(example["input_ids"]) == len(example["labels"])
 
@@ -44,7 +45,7 @@ def test_example_left_without_trained_tokens_is_dropped_and_counted(tokenizer):
     assert examples == [] and stats.dropped == {"no trained tokens (after truncation)": 1}
 
 
-def test_template_that_rewrites_history_is_rejected(tokenizer):
+def test_template_that_rewrites_history_gives_one_example_per_turn(tokenizer):
     import copy
 
     tok = copy.deepcopy(tokenizer)
@@ -54,8 +55,17 @@ def test_template_that_rewrites_history_is_rejected(tokenizer):
         "{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}assistant: {% endif %}"
     )
-    with pytest.raises(DataFormatError, match="renders turn 2 differently"):
-        tokenize_records([CONV], tok, max_length=512)
+    examples, stats = tokenize_records([CONV], tok, max_length=512)
+    texts = [tok.decode(e["input_ids"]) for e in examples]
+    assert texts == [
+        "system: be brief\nuser: Reverse: apple river\nassistant: river apple\n",
+        "system: be brief\nuser: Reverse: apple river\n[old]user: What is 1 + 2?\nassistant: 3\n",
+    ]
+    # no end-of-turn marker: the turn's newline is its end; " river" straddles the prompt's space
+    assert [trained_text(tok, e) for e in examples] == [" river apple\n", "3\n"]
+    assert stats.examples == 2
+    last, _ = tokenize_records([CONV], tok, max_length=512, multiturn="last")
+    assert last == examples[1:]
 
 
 def test_truncation_error_names_the_records_file_and_line(tokenizer):

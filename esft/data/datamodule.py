@@ -34,9 +34,10 @@ from esft.data.packing import (
 )
 from esft.data.records import DataFormatError, Format, LoadStats, OnBadRecord, load_records
 from esft.data.tasks import TaskSpec, build_task
-from esft.data.tokenize import TokenizeStats, TrainOn, Truncation, tokenize_records
+from esft.data.tokenize import MultiTurn, TokenizeStats, TrainOn, Truncation, tokenize_records
 from esft.models.attention import packed_layout
-from esft.models.tokenizer import BUILTIN, CHATML_TEMPLATE, load_tokenizer
+from esft.models.chat_templates import resolve_chat_template
+from esft.models.tokenizer import BUILTIN, load_tokenizer
 
 
 class SFTDataModule(L.LightningDataModule):
@@ -57,6 +58,7 @@ class SFTDataModule(L.LightningDataModule):
         chat_template: str | None = None,
         max_length: int = 1024,
         train_on: TrainOn = "assistant",
+        multiturn: MultiTurn = "per_turn",
         truncation: Truncation = "right",
         on_bad_record: OnBadRecord = "error",
         packing: bool = True,
@@ -85,9 +87,17 @@ class SFTDataModule(L.LightningDataModule):
             num_val_per_task: built-in validation records per task (from the held-out split).
             seed: seeds generation, the validation split and the shuffle of every epoch.
             tokenizer_name: tokenizer path / hub id / ``builtin`` (the CLI links it to the model's).
-            chat_template: a Jinja chat template, or ``chatml``, replacing the tokenizer's.
+            chat_template: replaces the tokenizer's own chat template (unset keeps it): a family
+                name (``chatml``, ``llama3``, ``qwen2.5``, ``qwen3``, ``deepseek_r1``, ``gemma``,
+                ``mistral``, ``phi3``; its special tokens must be tokens of the tokenizer), a
+                ``.jinja`` file, or Jinja text.
             max_length: longest example in tokens; longer ones follow `truncation`.
             train_on: ``assistant`` trains on every assistant turn only; ``all`` on every token.
+            multiturn: for templates that render earlier turns differently once later turns
+                follow (Qwen3, DeepSeek-R1 drop earlier reasoning): ``per_turn`` trains every
+                assistant turn against the history as rendered at that turn (one example per
+                turn, turns rendered alike share one); ``last`` keeps only the example of the
+                whole conversation. History-stable templates give one example either way.
             truncation: ``right`` cuts, ``drop`` drops (counted), ``error`` raises.
             on_bad_record: ``error`` stops at the first bad row; ``skip`` counts and reports it.
             packing: pack examples best-fit-decreasing into rows of at most `max_length` tokens and
@@ -133,7 +143,7 @@ class SFTDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.hp.tokenizer_name or BUILTIN)
             if self.hp.chat_template:
-                self._tokenizer.chat_template = CHATML_TEMPLATE if self.hp.chat_template == "chatml" else self.hp.chat_template
+                self._tokenizer.chat_template = resolve_chat_template(self.hp.chat_template, self._tokenizer)
         return self._tokenizer
 
     # ---- loading -------------------------------------------------------------------------
@@ -161,7 +171,8 @@ class SFTDataModule(L.LightningDataModule):
     def _tokenize(self, records: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
         show = len(records) >= 20_000 and (self.trainer is None or self.trainer.is_global_zero)
         examples, stats = tokenize_records(
-            records, self.tokenizer, self.hp.max_length, self.hp.train_on, self.hp.truncation, progress=show
+            records, self.tokenizer, self.hp.max_length, self.hp.train_on, self.hp.truncation, progress=show,
+            multiturn=self.hp.multiturn,
         )
         self._report_tokenize(label, stats)
         return examples
@@ -171,12 +182,15 @@ class SFTDataModule(L.LightningDataModule):
             f"[data] {label}: {s.examples} examples, {s.tokens} tokens ({s.trained_tokens} trained), "
             f"{s.truncated} truncated to max_length={self.hp.max_length}"
         )
+        if s.system_not_rendered:
+            msg += f", {s.system_not_rendered} records' system prompt not in the rendered text (the chat template leaves it out)"
         if s.num_dropped:
             msg += ", dropped: " + "; ".join(f"{n} x {r}" for r, n in s.dropped.most_common())
         rank_zero_info(msg)
         counts = {"examples": s.examples, "tokens": s.tokens, "trained_tokens": s.trained_tokens,
                   "truncated": s.truncated, "dropped": s.num_dropped}
-        self.data_report[label] = {**counts, "max_length": self.hp.max_length, "drop_reasons": dict(s.dropped)}
+        self.data_report[label] = {**counts, "max_length": self.hp.max_length, "drop_reasons": dict(s.dropped),
+                                   "system_not_rendered": s.system_not_rendered}
         self._write_report()
         if label == "train":  # every source is loaded by now
             sources = self.data_report["sources"]

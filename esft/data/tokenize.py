@@ -1,27 +1,52 @@
 """Chat rendering, prompt masking and the truncation policy.
 
-A record's messages are rendered once with the tokenizer's chat template. The character spans of
-the assistant turns are found by rendering prefixes of the conversation (up to a turn with the
-generation prompt, and up to the end of that turn), so every assistant turn is trained on,
-whatever the template. The full text is then tokenized once, in batches, and a token is trained
-on when its first character lies inside an assistant span.
+Masking, per chat template (trained tokens: every assistant turn's content and its end-of-turn
+marker, never the prompts, the system text or the template's role headers):
+
+- A template with ``{% generation %}`` blocks marks the trained text itself
+  (transformers' ``return_assistant_tokens_mask``).
+- Otherwise each assistant turn ``i`` is located by rendering the conversation up to ``i`` with the
+  generation prompt (the turn starts where that ends) and up to the end of ``i``. Where the
+  prompt is not a prefix of the turn's rendering (Mistral moves the system prompt), the turn
+  starts where the rendering with a placeholder answer departs from it (with the whitespace
+  before it, unless the generation prompt ends in whitespace). The span ends after the
+  end-of-turn marker (`END_OF_TURN_MARKERS`, or the tokenizer's EOS); whitespace and markers
+  after it are scaffolding.
+- Templates that rewrite history (Qwen3 and DeepSeek-R1 drop the reasoning of earlier turns)
+  render a turn differently once later turns follow. Each assistant turn is then trained against
+  the conversation as rendered when that turn is the last one; turns whose rendering is a prefix
+  of a later one share that example, so a history-stable template gives one example per record.
+  `multiturn="last"` keeps only the example of the whole conversation (the last turn and any
+  earlier turn it renders unchanged).
+
+The texts are tokenized in batches, and a token is trained on when it overlaps a trained span
+(a token that straddles the start of an answer, like Mistral's " answer", is one the model must
+produce).
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from jinja2 import TemplateError
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from esft.data.records import DataFormatError, origin
+from esft.models.chat_templates import END_OF_TURN_MARKERS
 
 IGNORE_INDEX = -100
 TrainOn = Literal["assistant", "all"]
 Truncation = Literal["right", "drop", "error"]
+MultiTurn = Literal["per_turn", "last"]
+Span = tuple[int, int]
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_PLACEHOLDER = "\ue000"  # a private-use character: no answer starts with it
 
 
 @dataclass
@@ -31,6 +56,7 @@ class TokenizeStats:
     trained_tokens: int = 0
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
+    system_not_rendered: int = 0  # records whose system text the template leaves out (not counted for generation-block templates)
 
     @property
     def num_dropped(self) -> int:
@@ -41,32 +67,121 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str = "") -> tuple[str, list[tuple[int, int]]]:
-    """Render `messages`; return the text and the character spans of every assistant turn.
+def has_generation_blocks(template: str | None) -> bool:
+    """Whether a chat template marks assistant text with ``{% generation %}`` blocks."""
+    return bool(template and _GENERATION_BLOCK.search(template))
 
-    A span covers the turn's content and the template's end-of-turn marker, so the model learns
-    to stop. Raises `DataFormatError` when the template is not prefix-stable (it rewrites earlier
-    turns when later ones are added), since no masking would then be exact.
+
+class _TurnEnd:
+    """Cuts a turn's span after its end-of-turn marker (what follows is scaffolding)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        markers = set(END_OF_TURN_MARKERS) | ({tokenizer.eos_token} if tokenizer.eos_token else set())
+        alternatives = "|".join(re.escape(m) for m in sorted(markers, key=len, reverse=True))
+        self.marker = re.compile(alternatives)
+        self.tail = re.compile(rf"(?:\s|{alternatives})*")
+
+    def __call__(self, text: str, start: int, end: int) -> int:
+        for match in self.marker.finditer(text, start, end):
+            if self.tail.fullmatch(text, match.end(), end):
+                return match.end()
+        return end
+
+
+def _turn(tokenizer: PreTrainedTokenizerBase, messages: list[dict], i: int, turn_end: _TurnEnd) -> tuple[str, int, int]:
+    """The conversation up to assistant turn `i`, as rendered with `i` last, and the turn's span in it."""
+    text = _render(tokenizer, messages[: i + 1])
+    prompt = _render(tokenizer, messages[:i], generation_prompt=True) if i else None
+    if prompt is not None and text.startswith(prompt):
+        start = len(prompt)
+    else:
+        probe = _render(tokenizer, [*messages[:i], {**messages[i], "content": _PLACEHOLDER}])
+        start = len(os.path.commonprefix([text, probe]))
+        # whitespace before the answer is the answer's unless the generation prompt ends with it
+        # (Mistral's " answer" after "[/INST]"; ChatML's "\n" after "assistant" stays prompt)
+        before = len(text[:start]) - len(text[:start].rstrip())
+        after_prompt = len(prompt) - len(prompt.rstrip()) if prompt else 0
+        start -= max(0, before - after_prompt)
+    return text, start, turn_end(text, start, len(text))
+
+
+def assistant_examples(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], multiturn: MultiTurn = "per_turn",
+    turn_end: _TurnEnd | None = None,
+) -> list[tuple[str, list[Span]]]:
+    """Training texts for one conversation, each with the character spans to train on.
+
+    One text when the template renders earlier turns the same as later turns are added; else
+    one per group of assistant turns that render alike (see the module docstring).
     """
-    text = _render(tokenizer, messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(_render(tokenizer, messages[:i], generation_prompt=True)) if i else 0
-        upto = _render(tokenizer, messages[: i + 1])
-        if not text.startswith(upto) or start > len(upto):
-            raise DataFormatError(
-                f"{where}: the chat template renders turn {i} differently once later turns follow, so "
-                "assistant tokens cannot be masked exactly; use train_on='all' or another chat_template"
-            )
-        spans.append((start, len(upto)))
-    return text, spans
+    turn_end = turn_end or _TurnEnd(tokenizer)
+    turns = [_turn(tokenizer, messages, i, turn_end) for i, m in enumerate(messages) if m["role"] == "assistant"]
+    groups: list[tuple[str, list[Span]]] = []  # the latest turn's first
+    for text, start, end in reversed(turns):
+        home = next((g for g in groups if g[0].startswith(text[:end])), None)
+        if home is not None:
+            home[1].insert(0, (start, end))
+        elif multiturn == "per_turn" or not groups:
+            groups.append((text, [(start, end)]))
+    return groups[::-1]
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[Span]) -> list[int]:
+    """`ids` where the token overlaps a span, else `IGNORE_INDEX`."""
+    return [t if any(s < e_span and e > s_span for s_span, e_span in spans) else IGNORE_INDEX
+            for t, (s, e) in zip(ids, offsets)]
 
 
 def _where(record: dict[str, Any], index: int) -> str:
     """Where a record came from (``file:line`` as the loader set it), else its id or position."""
     return str(origin(record) or record.get("id") or f"record {index}")
+
+
+def _system_text(messages: list[dict]) -> str:
+    return " ".join(m["content"].strip() for m in messages if m["role"] == "system" and m["content"].strip())
+
+
+def _encode_chunk(
+    tokenizer: PreTrainedTokenizerBase, chunk: Sequence[dict[str, Any]], wheres: list[str], train_on: TrainOn,
+    multiturn: MultiTurn, stats: TokenizeStats,
+) -> list[tuple[int, list[int], list[int]]]:
+    """``(index in chunk, input_ids, labels)`` for every training example of `chunk`'s records."""
+    if train_on == "assistant" and has_generation_blocks(tokenizer.chat_template):
+        out = []
+        for j, (record, where) in enumerate(zip(chunk, wheres)):
+            try:
+                enc = tokenizer.apply_chat_template(record["messages"], return_dict=True, return_assistant_tokens_mask=True)
+            except TemplateError as e:
+                raise DataFormatError(f"{where}: chat template error: {e}") from e
+            ids = list(enc["input_ids"])
+            out.append((j, ids, [t if m else IGNORE_INDEX for t, m in zip(ids, enc["assistant_masks"])]))
+        return out
+    turn_end = _TurnEnd(tokenizer)
+    pieces = []  # (index in chunk, text, spans)
+    for j, (record, where) in enumerate(zip(chunk, wheres)):
+        try:
+            if train_on == "all":
+                examples = [(_render(tokenizer, record["messages"]), [])]
+            else:
+                examples = assistant_examples(tokenizer, record["messages"], multiturn, turn_end)
+        except TemplateError as e:
+            raise DataFormatError(f"{where}: chat template error: {e}") from e
+        system = _system_text(record["messages"])
+        if system and any(system not in text for text, _ in examples):
+            stats.system_not_rendered += 1
+        pieces += [(j, text, spans) for text, spans in examples]
+    if not pieces:
+        return []
+    encoded = tokenizer(
+        [text for _, text, _ in pieces], add_special_tokens=False,
+        return_offsets_mapping=train_on == "assistant", return_attention_mask=False,
+    )
+    out = []
+    for k, (j, _, spans) in enumerate(pieces):
+        ids = encoded["input_ids"][k]
+        labels = list(ids) if train_on == "all" else _labels(ids, encoded["offset_mapping"][k], spans)
+        out.append((j, ids, labels))
+    return out
 
 
 def tokenize_records(
@@ -77,18 +192,21 @@ def tokenize_records(
     truncation: Truncation = "right",
     batch_size: int = 1000,
     progress: bool = False,
+    multiturn: MultiTurn = "per_turn",
 ) -> tuple[list[dict[str, Any]], TokenizeStats]:
     """Tokenize records into ``{"input_ids", "labels", "length"}`` examples (labels -100 = not trained).
 
-    Truncation policy for examples longer than `max_length`: ``right`` keeps the first
-    `max_length` tokens (counted in ``stats.truncated``), ``drop`` drops the example (counted),
-    ``error`` raises, naming the record's ``file:line``. An example left with no trained token is
-    dropped and counted. `progress` shows a progress bar (for large datasets).
+    A record gives one example, or one per group of assistant turns when its template rewrites
+    earlier turns (`multiturn`, see the module docstring). Truncation policy for examples longer
+    than `max_length`: ``right`` keeps the first `max_length` tokens (counted in
+    ``stats.truncated``), ``drop`` drops the example (counted), ``error`` raises, naming the
+    record's ``file:line``. An example left with no trained token is dropped and counted.
+    `progress` shows a progress bar (for large datasets).
     """
     if tokenizer.chat_template is None:
         raise ValueError(
             f"tokenizer {tokenizer.name_or_path!r} has no chat template; set data.chat_template "
-            "(a Jinja template, or 'chatml')"
+            "(a family name such as 'chatml' or 'llama3', a .jinja file, or a Jinja template)"
         )
     stats = TokenizeStats()
     examples = []
@@ -96,25 +214,12 @@ def tokenize_records(
     for lo in range(0, len(records), batch_size):
         bar.update(min(batch_size, len(records) - lo))
         chunk = records[lo : lo + batch_size]
-        rendered = [assistant_spans(tokenizer, r["messages"], _where(r, lo + j)) for j, r in enumerate(chunk)]
-        encoded = tokenizer(
-            [text for text, _ in rendered],
-            add_special_tokens=False,
-            return_offsets_mapping=train_on == "assistant",
-            return_attention_mask=False,
-        )
-        for j, (record, (_, spans)) in enumerate(zip(chunk, rendered)):
-            ids = encoded["input_ids"][j]
-            if train_on == "all":
-                labels = list(ids)
-            else:
-                labels = [IGNORE_INDEX] * len(ids)
-                for k, (start, _) in enumerate(encoded["offset_mapping"][j]):
-                    if any(s <= start < e for s, e in spans):
-                        labels[k] = ids[k]
+        wheres = [_where(r, lo + j) for j, r in enumerate(chunk)]
+        for j, ids, labels in _encode_chunk(tokenizer, chunk, wheres, train_on, multiturn, stats):
+            record = chunk[j]
             if len(ids) > max_length:
                 if truncation == "error":
-                    raise DataFormatError(f"{_where(record, lo + j)}: {len(ids)} tokens exceed max_length={max_length} (truncation='error')")
+                    raise DataFormatError(f"{wheres[j]}: {len(ids)} tokens exceed max_length={max_length} (truncation='error')")
                 if truncation == "drop":
                     stats.dropped["longer than max_length"] += 1
                     continue
