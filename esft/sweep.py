@@ -79,7 +79,7 @@ from esft.runs import RunDirBusy, claim, lock_dir, run_child, running_pid, safe_
 TOP_LEVEL_KEYS = ("seed_everything", "trainer", "model", "data", "optimizer", "lr_scheduler", "ckpt_path")
 PATH_ARGS = ("dirpath", "output", "path")  # callback init_args that name a place to write
 LOG_TAIL_LINES = 40
-NOT_SUMMARISED = ("epoch", "hp_metric")  # Lightning's bookkeeping scalars: in results.csv, not in the table
+NOT_SUMMARISED = ("epoch", "hp_metric", "data/")  # bookkeeping (Lightning's, the data report): in results.csv, not in the table
 METRIC_ORDER = ("eval/", "val/", "test/", "train/")  # table and plot order; the rest follow, sorted
 
 
@@ -404,7 +404,7 @@ def _select(names: list[str], patterns: list[str] | None) -> list[str]:
 
     names = sorted(names, key=rank)
     if not patterns:
-        return [n for n in names if n not in NOT_SUMMARISED]
+        return [n for n in names if not n.startswith(NOT_SUMMARISED)]
     chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     missing = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if missing:
