@@ -64,6 +64,13 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], wh
     return text, spans
 
 
+def completion_example(prompt_ids: list[int], completion_ids: list[int]) -> dict[str, Any]:
+    """A tokenized example from a prompt and its completion (rollouts, on-policy samples): the
+    completion is trained on, the prompt is -100."""
+    ids = list(prompt_ids) + list(completion_ids)
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + list(completion_ids), "length": len(ids)}
+
+
 def _where(record: dict[str, Any], index: int) -> str:
     """Where a record came from (``file:line`` as the loader set it), else its id or position."""
     return str(origin(record) or record.get("id") or f"record {index}")
