@@ -268,10 +268,14 @@ class SFTDataModule(L.LightningDataModule):
         loop = self.trainer.fit_loop
         return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
 
+    def _unit_tokens(self, examples: list[dict[str, Any]], units: list[list[int]]) -> list[int]:
+        """What each unit adds to its optimizer step's loss denominator: its trained tokens."""
+        tokens = [trained_tokens(e) for e in examples]
+        return [sum(tokens[i] for i in unit) for unit in units]
+
     def _loader(self, examples: list[dict[str, Any]], train: bool) -> DataLoader:
         units, per_batch = self._units(examples)
         trainer = self.trainer
-        tokens = [trained_tokens(e) for e in examples] if train else None
         sampler = ResumableBatchSampler(
             len(units),
             per_batch,
@@ -281,7 +285,7 @@ class SFTDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             # each micro-batch carries its optimizer step's trained tokens: the loss is the
             # step's token mean over all micro-batches and ranks (`esft.objectives.base`)
-            unit_tokens=[sum(tokens[i] for i in unit) for unit in units] if train else None,
+            unit_tokens=self._unit_tokens(examples, units) if train else None,
             accumulate=trainer.accumulate_grad_batches if trainer else 1,
         )
         if train and self.hp.packing:

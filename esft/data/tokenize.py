@@ -41,8 +41,11 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str = "") -> tuple[str, list[tuple[int, int]]]:
-    """Render `messages`; return the text and the character spans of every assistant turn.
+def assistant_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], where: str = "", first_turn: int = 0
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages`; return the text and the character spans of every assistant turn from
+    turn `first_turn` on (earlier turns are context: a preference pair's shared history).
 
     A span covers the turn's content and the template's end-of-turn marker, so the model learns
     to stop. Raises `DataFormatError` when the template is not prefix-stable (it rewrites earlier
@@ -51,7 +54,7 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[dict], wh
     text = _render(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first_turn:
             continue
         start = len(_render(tokenizer, messages[:i], generation_prompt=True)) if i else 0
         upto = _render(tokenizer, messages[: i + 1])
@@ -87,6 +90,8 @@ def tokenize_records(
 ) -> tuple[list[dict[str, Any]], TokenizeStats]:
     """Tokenize records into ``{"input_ids", "labels", "length"}`` examples (labels -100 = not trained).
 
+    A record's optional ``train_from_turn`` leaves the assistant turns before that index untrained.
+
     Truncation policy for examples longer than `max_length`: ``right`` keeps the first
     `max_length` tokens (counted in ``stats.truncated``), ``drop`` drops the example (counted),
     ``error`` raises, naming the record's ``file:line``. An example left with no trained token is
@@ -103,7 +108,8 @@ def tokenize_records(
     for lo in range(0, len(records), batch_size):
         bar.update(min(batch_size, len(records) - lo))
         chunk = records[lo : lo + batch_size]
-        rendered = [assistant_spans(tokenizer, r["messages"], _where(r, lo + j)) for j, r in enumerate(chunk)]
+        rendered = [assistant_spans(tokenizer, r["messages"], _where(r, lo + j), r.get("train_from_turn", 0))
+                    for j, r in enumerate(chunk)]
         encoded = tokenizer(
             [text for text, _ in rendered],
             add_special_tokens=False,
@@ -135,8 +141,9 @@ def tokenize_records(
             stats.tokens += len(ids)
             stats.trained_tokens += trained
             example = {"input_ids": ids, "labels": labels, "length": len(ids)}
-            if "task" in record:
-                example["task"] = record["task"]
+            for key in ("task", "pair"):  # `pair`: the preference pair an example belongs to
+                if key in record:
+                    example[key] = record[key]
             examples.append(example)
     bar.close()
     return examples, stats
