@@ -47,6 +47,8 @@ def _side(row: dict[str, Any], key: str, where: str) -> list[dict[str, str]]:
     value = row.get(key)
     if isinstance(value, str) or value is None:
         return [{"role": "assistant", "content": _text(row, key, where)}]
+    if not isinstance(value, list):
+        raise DataFormatError(f"{where}: field {key!r} must be a string or a list of turns, got {type(value).__name__}")
     return _turns(row, key, "role", "content", _ROLE_MAP, where)
 
 
