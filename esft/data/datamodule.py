@@ -268,6 +268,10 @@ class SFTDataModule(L.LightningDataModule):
         loop = self.trainer.fit_loop
         return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
 
+    def _row_length(self) -> int:
+        """Capacity of a packed row in tokens."""
+        return self.hp.max_length
+
     def _unit_tokens(self, examples: list[dict[str, Any]], units: list[list[int]]) -> list[int]:
         """What each unit adds to its optimizer step's loss denominator: its trained tokens."""
         tokens = [trained_tokens(e) for e in examples]
@@ -291,8 +295,8 @@ class SFTDataModule(L.LightningDataModule):
         if train and self.hp.packing:
             total = sum(e["length"] for e in examples)
             rank_zero_info(
-                f"[data] packed {len(examples)} examples into {len(units)} rows of <= {self.hp.max_length} tokens "
-                f"({total / (len(units) * self.hp.max_length):.1%} full), {per_batch} rows per micro-batch "
+                f"[data] packed {len(examples)} examples into {len(units)} rows of <= {self._row_length()} tokens "
+                f"({total / (len(units) * self._row_length()):.1%} full), {per_batch} rows per micro-batch "
                 f"of <= {self.hp.max_tokens} tokens: {len(sampler)} micro-batches per epoch"
             )
         kwargs = dict(collate_fn=self._collate(units, per_batch), num_workers=self.hp.num_workers,

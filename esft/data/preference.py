@@ -204,8 +204,11 @@ class PreferenceDataModule(SFTDataModule):
         if not self.hp.packing:
             return [[2 * i, 2 * i + 1] for i in range(pairs)], self.hp.batch_size
         lengths = [examples[2 * i]["length"] + examples[2 * i + 1]["length"] for i in range(pairs)]
-        rows = best_fit_decreasing(lengths, 2 * self.hp.max_length)
-        return [[j for i in row for j in (2 * i, 2 * i + 1)] for row in rows], self.hp.max_tokens // (2 * self.hp.max_length)
+        rows = best_fit_decreasing(lengths, self._row_length())
+        return [[j for i in row for j in (2 * i, 2 * i + 1)] for row in rows], self.hp.max_tokens // self._row_length()
+
+    def _row_length(self) -> int:
+        return 2 * self.hp.max_length  # a row holds whole pairs
 
     def _unit_tokens(self, examples: list[dict[str, Any]], units: list[list[int]]) -> list[int]:
         return [len(unit) // 2 for unit in units]  # pairs: the loss is a mean over an optimizer step's pairs
