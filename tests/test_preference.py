@@ -188,3 +188,22 @@ def test_dpo_through_the_cli_raises_heldout_preference_accuracy(tmp_path):
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert all(k.startswith("model.") for k in ckpt["state_dict"])  # the reference is not saved
     assert len(ckpt["state_dict"]) == len(cli.model.model.state_dict())
+
+
+@pytest.mark.parametrize("layout", ["flat", "rows"])
+def test_precomputed_reference_gives_the_online_loss(layout):
+    dm = PreferenceDataModule(**BUILTIN, layout=layout)
+    dm.setup("fit")
+    module = PreferenceModule(model_config=TINY["llama"], loss_chunk_size=16, beta=0.5, precompute_reference=True)
+    module.configure_model()
+    for p in module.model.parameters():  # the policy moves away from the reference
+        p.data.add_(torch.randn_like(p) * 0.02)
+    online = module.pair_terms(next(iter(dm.train_dataloader())))
+    module.cache_reference_logps(dm.train_examples)
+    batch = next(iter(dm.train_dataloader()))
+    assert "ref_logps" in batch
+    module.reference = None  # freed, as when fitting
+    cached = module.pair_terms(batch)
+    assert module.reference is None and online[1]["kl"].abs().max() > 1e-3
+    torch.testing.assert_close(cached[0], online[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached[1]["kl"], online[1]["kl"], atol=1e-5, rtol=1e-5)

@@ -130,8 +130,13 @@ def pair_documents(rows: list[list[dict[str, Any]]], batch: dict[str, Any], layo
 
 
 def collate_pairs(rows, collate, layout: Layout | None) -> dict[str, Any]:
+    """`collate` plus ``doc_index`` and, where every example holds one (a precomputed reference,
+    `esft.objectives.PreferenceModule`), ``ref_logps`` ``[documents]`` in the same order."""
     batch = with_step_tokens(rows, collate)
     batch["doc_index"] = pair_documents(rows, batch, layout)
+    examples = [e for row in rows for e in row]
+    if all("ref_logp" in e for e in examples):
+        batch["ref_logps"] = torch.tensor([e["ref_logp"] for e in examples], dtype=torch.float32)
     return batch
 
 

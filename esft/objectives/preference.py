@@ -20,7 +20,10 @@ and, with a reference, ``kl`` (the mean per-token log-ratio policy / reference o
 completions, a KL estimate on the data rather than on policy samples); ``val/accuracy`` is the
 share of held-out pairs whose chosen completion has the higher log-probability under the policy.
 
-Departures: no cached (offline) reference log-probs yet; KTO's loss exists
+With ``precompute_reference`` the reference's log-probs of every document are computed once when
+fitting starts (an offline pass; resuming recomputes it) and the reference is freed.
+
+Departures: the precomputed log-probs live in memory, not in a file; KTO's loss exists
 (`esft.losses.preference.kto_loss`) but has no data path here.
 """
 
@@ -56,6 +59,7 @@ class PreferenceModule(CausalLMModule):
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
+        precompute_reference: bool = False,
         **kwargs: Any,
     ) -> None:
         """
@@ -64,6 +68,9 @@ class PreferenceModule(CausalLMModule):
             beta: DPO's beta, IPO's tau, SimPO's reward scale, ORPO's lambda.
             label_smoothing: conservative DPO / SimPO: probability that a preference label is flipped.
             simpo_gamma: SimPO's target reward margin.
+            precompute_reference: compute the reference's log-probs of every training and held-out
+                document once when fitting starts, then free the reference (no reference forward
+                in the steps); else the reference runs online in every step.
             **kwargs: the model, tokenizer and optimizer arguments of `CausalLMModule`.
         """
         super().__init__(**kwargs)
@@ -77,8 +84,29 @@ class PreferenceModule(CausalLMModule):
         super().configure_model()
 
     def on_fit_start(self) -> None:
-        if self.reference is not None:
-            self.reference.to(self.device).match_attention(self.model)
+        if self.reference is None:
+            return
+        self.reference.to(self.device).match_attention(self.model)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.hparams.precompute_reference and datamodule is not None:
+            for examples in (datamodule.train_examples, datamodule.val_examples):
+                self.cache_reference_logps(examples)
+            self.reference = None  # the cached log-probs replace it
+
+    @torch.no_grad()
+    def cache_reference_logps(self, examples: list[dict[str, Any]], per_batch: int = 64) -> None:
+        """Store the reference's completion log-prob in every example (``ref_logp``); batches then
+        carry them (`esft.data.preference.collate_pairs`). Every rank computes all of them, so a
+        sharded reference runs the same forwards on every rank; a resumed run recomputes them."""
+        from esft.data.packing import collate_packed
+        from esft.data.preference import pair_documents
+
+        for lo in range(0, len(examples), per_batch):
+            rows = [[e] for e in examples[lo : lo + per_batch]]
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in collate_packed(rows, "rows").items()}
+            sums = self.reference(document_logprobs, batch, self.hparams.loss_chunk_size)[0]
+            for e, value in zip(examples[lo : lo + per_batch], sums[pair_documents(rows, batch, "rows").to(sums.device)].tolist()):
+                e["ref_logp"] = value
 
     # ---- the loss --------------------------------------------------------------------------
     def _pair_logps(self, run: Callable[..., Any], batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,9 +123,12 @@ class PreferenceModule(CausalLMModule):
         p = {"chosen": sums[:, 0], "rejected": sums[:, 1], "chosen_mean": means[:, 0], "rejected_mean": means[:, 1]}
         stats: dict[str, torch.Tensor] = {}
         if hp.loss_type not in REFERENCE_FREE:
-            if self.reference is None:
-                self.reference = self.frozen_reference()  # outside a trainer (tests, notebooks)
-            ref = self._pair_logps(self.reference.to(sums.device), batch)[0]
+            if "ref_logps" in batch:  # precomputed
+                ref = batch["ref_logps"].to(sums.device).view(-1, 2)  # in example order, like `sums`
+            else:
+                if self.reference is None:
+                    self.reference = self.frozen_reference()  # outside a trainer (tests, notebooks)
+                ref = self._pair_logps(self.reference.to(sums.device), batch)[0]
             p.update(ref_chosen=ref[:, 0], ref_rejected=ref[:, 1])
             stats["kl"] = ((sums - ref).sum(1) / counts.sum(1).clamp(min=1)).detach()
         loss, chosen_reward, rejected_reward = PAIR_LOSSES[hp.loss_type](hp, p)
