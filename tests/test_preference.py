@@ -207,3 +207,18 @@ def test_precomputed_reference_gives_the_online_loss(layout):
     assert module.reference is None and online[1]["kl"].abs().max() > 1e-3
     torch.testing.assert_close(cached[0], online[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cached[1]["kl"], online[1]["kl"], atol=1e-5, rtol=1e-5)
+
+
+def test_dpo_with_an_expert_config_trains_only_the_selected_experts(tmp_path):
+    config = tmp_path / "experts.json"
+    config.write_text(json.dumps({"experts": {"0": [1], "1": [2]}}))
+    dm = PreferenceDataModule(**BUILTIN, layout="rows")
+    dm.setup("fit")
+    module = PreferenceModule(model_config=TINY["qwen2_moe"], loss_chunk_size=16, beta=0.5, experts=str(config))
+    module.configure_model()
+    for p in module.model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)  # away from the reference: DPO's gradient is 0 at the start
+    module.pair_terms(next(iter(dm.train_dataloader())))[0].sum().backward()
+    graded = {name for name, p in module.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert graded == {f"model.layers.{i}.mlp.experts.esft_{w}" for i in (0, 1) for w in ("gate_up_proj", "down_proj")}
+    assert all(p.grad is None for p in module.reference.model.parameters())
