@@ -100,7 +100,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def run_responses(args: argparse.Namespace) -> dict[str, Any]:
-    from esft.evaluation.run import load_model
+    from esft.objectives.loading import load_model
 
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -138,7 +138,7 @@ def datamodule_from_config(path: str):
 
 def run_topk(args: argparse.Namespace) -> dict[str, Any]:
     from esft.data.teacher_cache import write_teacher_cache
-    from esft.evaluation.run import load_model
+    from esft.objectives.loading import load_model
 
     start = time.perf_counter()
     dm = datamodule_from_config(args.config)

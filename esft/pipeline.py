@@ -170,7 +170,7 @@ def evaluate_stage(model_dir: Path, eval_cfg: dict[str, Any]) -> dict[str, float
     import torch
 
     from esft.data.tasks import build_task
-    from esft.evaluation.run import load_model
+    from esft.objectives.loading import load_model
     from esft.rewards.evaluate import evaluate_reasoning
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -129,7 +129,7 @@ def _task_spec(text: str):
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from esft.evaluation.run import load_model
+    from esft.objectives.loading import load_model
 
     args = parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

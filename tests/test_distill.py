@@ -62,7 +62,7 @@ def test_fit_online_and_on_policy_from_yaml(tmp_path, monkeypatch):
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["state_dict"] and all(k.startswith("model.") for k in ckpt["state_dict"])
     assert ckpt["hyper_parameters"]["teacher_config"] == TEACHER
-    from esft.evaluation.run import load_model  # `esft eval` loads the student from the checkpoint
+    from esft.objectives.loading import load_model  # `esft eval` loads the student from the checkpoint
 
     student, _ = load_model(str(tmp_path / "ckpt" / "last.ckpt"), torch.device("cpu"))
     assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), module.model.state_dict().values()))

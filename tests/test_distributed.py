@@ -317,3 +317,29 @@ def test_tensor_parallelism_is_refused():
     module._device_mesh = {"tensor_parallel": SimpleNamespace(size=lambda: 2)}  # what ModelParallelStrategy sets
     with pytest.raises(ValueError, match="tensor parallelism is not supported"):
         module.configure_model()
+
+
+@pytest.mark.slow
+def test_dpo_on_two_ranks_matches_one_process(tmp_path):
+    """DPO with its frozen reference: DDP (reference replicated) and FSDP2 (reference sharded like
+    the policy) on two ranks end where one process ends that takes the same pairs by gradient
+    accumulation: the loss is the mean over an optimizer step's pairs on both ranks."""
+    model = {"class_path": "esft.objectives.PreferenceModule",
+             "init_args": {"model_config": TINY["llama"], "beta": 0.5, "label_smoothing": 0.1,
+                           "optim": {"lr": 1e-2, "warmup_steps": 0}}}
+    data = {"class_path": "esft.data.PreferenceDataModule",
+            "init_args": {"tasks": [{"name": "arithmetic", "max_digits": 2}], "num_train_per_task": 48,
+                          "num_val_per_task": 0, "max_length": 32, "max_tokens": 128, "layout": "rows"}}
+    runs = {}
+    for name, trainer in {"single": {"devices": 1, "accumulate_grad_batches": 2},
+                          "ddp": {"devices": 2, "strategy": "ddp"}, "fsdp2": {"devices": 2, "strategy": FSDP2}}.items():
+        config = write_config(tmp_path / name, max_steps=3, callbacks=[
+            {"class_path": "esft.callbacks.ExportHF", "init_args": {"dirpath": str(tmp_path / name / "hf")}}], **trainer)
+        cfg = yaml.safe_load(config.read_text())
+        cfg["model"], cfg["data"] = model, data
+        config.write_text(yaml.safe_dump(cfg))
+        fit(config)
+        runs[name] = load_file(tmp_path / name / "hf" / "model.safetensors")
+    for other in ("ddp", "fsdp2"):
+        for name in runs["single"]:
+            torch.testing.assert_close(runs[other][name], runs["single"][name], atol=2e-5, rtol=1e-4, msg=f"{other}: {name}")

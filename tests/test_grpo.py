@@ -99,8 +99,8 @@ def test_grpo_fit_logs_and_updates(tmp_path, monkeypatch):
                                                    epsilon_high=0.28, rewards=rewards))])
     module = cli.model
     assert cli.trainer.global_step == 4  # 2 batches x 2 inner iterations
-    assert len(module._reference) == 1  # beta > 0 made a frozen reference
-    ref = module._reference[0]
+    assert module.reference is not None  # beta > 0 made a frozen reference
+    ref = module.reference.model
     assert not any(p.requires_grad for p in ref.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(ref.parameters(), module.model.parameters()))
     logs = scalars(tmp_path)
@@ -120,7 +120,7 @@ def test_grpo_fit_logs_and_updates(tmp_path, monkeypatch):
 def test_grpo_without_reference_and_bad_reward(tmp_path):
     cli = main(["fit", "--config", str(grpo_config(tmp_path, scale_rewards="none", loss_type="dr_grpo",
                                                    mask_truncated_completions=True))])
-    assert cli.model._reference == [] and cli.trainer.global_step == 4
+    assert cli.model.reference is None and cli.trainer.global_step == 4
     assert all(v == 0 for v in scalars(tmp_path)["train/kl"])
     with pytest.raises(KeyError, match="unknown reward"):
         from esft.objectives import GRPOModule

@@ -2,6 +2,7 @@
 
 from esft.data.datamodule import SFTDataModule
 from esft.data.distill import DistillDataModule
+from esft.data.preference import PreferenceDataModule
 from esft.data.prompts import PromptDataModule
 
-__all__ = ["DistillDataModule", "PromptDataModule", "SFTDataModule"]
+__all__ = ["DistillDataModule", "PreferenceDataModule", "PromptDataModule", "SFTDataModule"]

@@ -282,10 +282,18 @@ class SFTDataModule(L.LightningDataModule):
         loop = self.trainer.fit_loop
         return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
 
+    def _row_length(self) -> int:
+        """Capacity of a packed row in tokens."""
+        return self.hp.max_length
+
+    def _unit_tokens(self, examples: list[dict[str, Any]], units: list[list[int]]) -> list[int]:
+        """What each unit adds to its optimizer step's loss denominator: its trained tokens."""
+        tokens = [trained_tokens(e) for e in examples]
+        return [sum(tokens[i] for i in unit) for unit in units]
+
     def _loader(self, examples: list[dict[str, Any]], train: bool) -> DataLoader:
         units, per_batch = self._units(examples)
         trainer = self.trainer
-        tokens = [trained_tokens(e) for e in examples] if train else None
         sampler = ResumableBatchSampler(
             len(units),
             per_batch,
@@ -295,14 +303,14 @@ class SFTDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             # each micro-batch carries its optimizer step's trained tokens: the loss is the
             # step's token mean over all micro-batches and ranks (`esft.objectives.base`)
-            unit_tokens=[sum(tokens[i] for i in unit) for unit in units] if train else None,
+            unit_tokens=self._unit_tokens(examples, units) if train else None,
             accumulate=trainer.accumulate_grad_batches if trainer else 1,
         )
         if train and self.hp.packing:
             total = sum(e["length"] for e in examples)
             rank_zero_info(
-                f"[data] packed {len(examples)} examples into {len(units)} rows of <= {self.hp.max_length} tokens "
-                f"({total / (len(units) * self.hp.max_length):.1%} full), {per_batch} rows per micro-batch "
+                f"[data] packed {len(examples)} examples into {len(units)} rows of <= {self._row_length()} tokens "
+                f"({total / (len(units) * self._row_length()):.1%} full), {per_batch} rows per micro-batch "
                 f"of <= {self.hp.max_tokens} tokens: {len(sampler)} micro-batches per epoch"
             )
         kwargs = dict(collate_fn=self._collate(units, per_batch), num_workers=self.hp.num_workers,

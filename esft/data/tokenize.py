@@ -107,15 +107,17 @@ def _turn(tokenizer: PreTrainedTokenizerBase, messages: list[dict], i: int, turn
 
 def assistant_examples(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], multiturn: MultiTurn = "per_turn",
-    turn_end: _TurnEnd | None = None,
+    turn_end: _TurnEnd | None = None, first_turn: int = 0,
 ) -> list[tuple[str, list[Span]]]:
-    """Training texts for one conversation, each with the character spans to train on.
+    """Training texts for one conversation, each with the character spans to train on; assistant
+    turns before message `first_turn` are context only (a preference pair's shared history).
 
     One text when the template renders earlier turns the same as later turns are added; else
     one per group of assistant turns that render alike (see the module docstring).
     """
     turn_end = turn_end or _TurnEnd(tokenizer)
-    turns = [_turn(tokenizer, messages, i, turn_end) for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = [_turn(tokenizer, messages, i, turn_end) for i, m in enumerate(messages)
+             if m["role"] == "assistant" and i >= first_turn]
     groups: list[tuple[str, list[Span]]] = []  # the latest turn's first
     for text, start, end in reversed(turns):
         home = next((g for g in groups if g[0].startswith(text[:end])), None)
@@ -130,6 +132,13 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[Span]) -
     """`ids` where the token overlaps a span, else `IGNORE_INDEX`."""
     return [t if any(s < e_span and e > s_span for s_span, e_span in spans) else IGNORE_INDEX
             for t, (s, e) in zip(ids, offsets)]
+
+
+def completion_example(prompt_ids: list[int], completion_ids: list[int]) -> dict[str, Any]:
+    """A tokenized example from a prompt and its completion (rollouts, on-policy samples): the
+    completion is trained on, the prompt is -100."""
+    ids = list(prompt_ids) + list(completion_ids)
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + list(completion_ids), "length": len(ids)}
 
 
 def _where(record: dict[str, Any], index: int) -> str:
@@ -163,7 +172,8 @@ def _encode_chunk(
             if train_on == "all":
                 examples = [(_render(tokenizer, record["messages"]), [])]
             else:
-                examples = assistant_examples(tokenizer, record["messages"], multiturn, turn_end)
+                examples = assistant_examples(tokenizer, record["messages"], multiturn, turn_end,
+                                              record.get("train_from_turn", 0))
         except TemplateError as e:
             raise DataFormatError(f"{where}: chat template error: {e}") from e
         system = _system_text(record["messages"])
@@ -197,7 +207,8 @@ def tokenize_records(
     """Tokenize records into ``{"input_ids", "labels", "length"}`` examples (labels -100 = not trained).
 
     A record gives one example, or one per group of assistant turns when its template rewrites
-    earlier turns (`multiturn`, see the module docstring). Truncation policy for examples longer
+    earlier turns (`multiturn`, see the module docstring); its optional ``train_from_turn`` leaves
+    the assistant turns before that message index untrained. Truncation policy for examples longer
     than `max_length`: ``right`` keeps the first `max_length` tokens (counted in
     ``stats.truncated``), ``drop`` drops the example (counted), ``error`` raises, naming the
     record's ``file:line``. An example left with no trained token is dropped and counted.
@@ -233,8 +244,9 @@ def tokenize_records(
             stats.tokens += len(ids)
             stats.trained_tokens += trained
             example = {"input_ids": ids, "labels": labels, "length": len(ids)}
-            if "task" in record:
-                example["task"] = record["task"]
+            for key in ("task", "pair"):  # `pair`: the preference pair an example belongs to
+                if key in record:
+                    example[key] = record[key]
             examples.append(example)
     bar.close()
     return examples, stats

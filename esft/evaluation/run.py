@@ -23,32 +23,11 @@ from typing import Any
 
 import torch
 
-from esft.checkpoint import reading
 from esft.data.records import load_records
 from esft.data.tasks import TASKS, get_task
 from esft.evaluation.generate import evaluate
 from esft.evaluation.perplexity import perplexity
-
-
-def load_model(name: str, device: torch.device, dtype: str = "auto"):
-    """(model, tokenizer) from a HF directory / hub id, or from a Lightning checkpoint; one that is
-    missing or cannot be read raises `CheckpointError` naming it."""
-    from transformers import AutoModelForCausalLM
-
-    from esft.models import load_tokenizer, torch_dtype
-
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    with reading(name):  # a missing or unreadable model is a one-line error naming it
-        if name.endswith(".ckpt"):
-            from esft.objectives import CausalLMModule
-
-            module = CausalLMModule.load_from_checkpoint(name, map_location="cpu", attn_implementation="sdpa")
-            model, tokenizer = module.model.to(torch_dtype(dtype)), module.tokenizer
-        else:
-            tokenizer = load_tokenizer(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype(dtype), attn_implementation="sdpa")
-    return model.to(device).eval(), tokenizer
+from esft.objectives.loading import load_model
 
 
 def math_file_scores(model, tokenizer, source: str, split: str, max_new_tokens: int, batch_size: int,

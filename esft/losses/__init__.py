@@ -3,7 +3,9 @@
 from esft.losses.ce import chunked_cross_entropy, cross_entropy_sum, next_token_targets
 from esft.losses.grpo import group_advantages, grpo_loss, kl_k3
 from esft.losses.kd import chunked_kd_loss, chunked_topk_kd_loss, kd_divergence, topk_kd_divergence
-from esft.losses.logprobs import token_logprobs
+from esft.losses.logprobs import segment_sums, token_logprobs
+from esft.losses.preference import dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
 
 __all__ = ["chunked_cross_entropy", "cross_entropy_sum", "next_token_targets", "chunked_kd_loss", "chunked_topk_kd_loss",
-           "kd_divergence", "topk_kd_divergence", "group_advantages", "grpo_loss", "kl_k3", "token_logprobs"]
+           "kd_divergence", "topk_kd_divergence", "group_advantages", "grpo_loss", "kl_k3", "token_logprobs",
+           "segment_sums", "dpo_loss", "ipo_loss", "kto_loss", "orpo_loss", "simpo_loss"]

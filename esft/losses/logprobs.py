@@ -72,3 +72,20 @@ def token_logprobs(
     logp = flat_hidden.new_zeros(flat_targets.shape, dtype=torch.float32).index_put((keep,), parts[0].float())
     entropy = torch.zeros_like(logp).index_put((keep,), parts[1].detach())
     return logp.reshape(targets.shape), entropy.reshape(targets.shape)
+
+
+def segment_sums(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Sum of `values` over each document of a packed batch: ``[D]`` for the ``D + 1`` boundaries
+    `cu_seqlens` (flat token offsets, as `esft.data.packing.collate_packed` gives them for either
+    layout: rows are laid end to end). Differentiable; a zero-length document (the repeated last
+    offset of fixed-shape batches) sums to 0.
+
+    With `values` the per-token log-probs of `token_logprobs` (0 where there is no target) this is
+    the log-probability of every document's trained tokens, and with ``targets != -100`` their count.
+    """
+    flat = values.reshape(-1)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    if int(cu_seqlens[-1]) != flat.numel():
+        raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])}, the batch holds {flat.numel()} tokens")
+    segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=flat.device), lengths.to(flat.device))
+    return flat.new_zeros(lengths.numel()).index_add(0, segment, flat)

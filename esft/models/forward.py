@@ -116,3 +116,23 @@ def target_logprobs(
         return logp, entropy, targets
     logp, entropy = token_logprobs(model(**kwargs).logits, None, targets, None, chunk_size, temperature)
     return logp, entropy, targets
+
+
+def document_logprobs(
+    model: PreTrainedModel, batch: dict[str, Any], chunk_size: int = 1024, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of every document's trained tokens, and their count: ``([D], [D])``.
+
+    On a packed batch the documents are the ``cu_seqlens`` segments, fillers included (their count
+    is 0); on a padded batch (`esft.data.packing.collate_padded`) the rows. Token log-probs come from
+    `target_logprobs` (chunked like the cross-entropy); `esft.losses.logprobs.segment_sums` adds them
+    up per document, so a sequence-level objective (DPO and kin) never leaves the packed layout.
+    """
+    from esft.losses.logprobs import segment_sums
+
+    logp, _, targets = target_logprobs(model, batch, chunk_size, temperature)
+    trained = (targets != IGNORE_INDEX).to(logp.dtype)
+    if "cu_seqlens" in batch and "attention_mask" not in batch:
+        cu = batch["cu_seqlens"]
+        return segment_sums(logp, cu), segment_sums(trained, cu)
+    return logp.sum(-1), trained.sum(-1)

@@ -4,5 +4,6 @@ from esft.objectives.base import CausalLMModule
 from esft.objectives.grpo import GRPOModule
 from esft.objectives.sft import SFTModule
 from esft.objectives.distill import DistillModule
+from esft.objectives.preference import PreferenceModule
 
-__all__ = ["CausalLMModule", "DistillModule", "GRPOModule", "SFTModule"]
+__all__ = ["CausalLMModule", "DistillModule", "GRPOModule", "PreferenceModule", "SFTModule"]

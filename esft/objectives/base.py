@@ -21,6 +21,7 @@ from esft.experts.trainable import apply_expert_config, merged_state_dict
 from esft.models import DType, build_model, load_tokenizer
 from esft.models.attention import AttnImplementation, resolve_attn_implementation
 from esft.models.forward import LossImpl, token_loss
+from esft.models.frozen import FrozenModel
 from esft.models.lora import LoraOptions, apply_lora, is_lora, merged_copy
 from esft.models.sharding import call_model, shard_fsdp2
 from esft.models.tokenizer import resolve_tokenizer_name
@@ -131,6 +132,19 @@ class CausalLMModule(L.LightningModule):
         decoder = self.model.get_decoder()
         if self.hparams.compile and mesh is None and getattr(decoder, "_compiled_call_impl", None) is None:
             decoder.compile()
+
+    def frozen_reference(self) -> FrozenModel:
+        """The starting policy, frozen, for a KL or preference reference: with LoRA the policy
+        itself with its adapters disabled (no copy), else a copy made now, sharded like the policy
+        under FSDP2. Call it from `configure_model` before the policy is sharded (and before a
+        resumed run loads its checkpoint, so it stays the starting policy); a resumed run rebuilds
+        it from the starting model (`model_name_or_path`) the same way."""
+        if is_lora(self.model):
+            return FrozenModel.base_of(self.model)
+        reference = FrozenModel.copy_of(self.model)
+        if self.device_mesh is not None:
+            reference.shard(self.device_mesh["data_parallel"])
+        return reference
 
     # ---- loss ------------------------------------------------------------------------------
     def token_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,8 +20,8 @@ generator seeded by the step (reproducible on resume), and the student samples w
 ``on_policy_temperature`` (not the distillation temperature).
 
 The teacher (a HF directory / hub id, a Lightning ``.ckpt`` of any esft objective, or a config for
-a random-init model) is frozen, in eval mode, run under ``no_grad``. It is deliberately *not* a
-registered submodule: it follows the student to its device (on first use), stays out of the
+a random-init model) is frozen, in eval mode, run under ``no_grad``. It is held by
+`esft.models.frozen.FrozenModel`, *not* a registered submodule: it follows the student to its device (on first use), stays out of the
 optimizer, out of ``train()``/``eval()`` switches and out of checkpoints (a checkpoint records the
 teacher's path in its hyperparameters and resuming reloads it; the exported model is the student
 alone). Teacher and student must share a tokenizer and LM-head size: anything else is an error, as
@@ -44,13 +44,16 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import PreTrainedModel
 
 from esft.data.packing import best_fit_decreasing, collate_packed
+from esft.data.tokenize import completion_example
 from esft.evaluation import rollout
-from esft.losses.ce import IGNORE_INDEX, next_token_targets
+from esft.losses.ce import next_token_targets
 from esft.losses.kd import Divergence, chunked_kd_loss, chunked_topk_kd_loss
 from esft.models import DType, build_model
 from esft.models.attention import packed_layout
 from esft.models.forward import forward_kwargs, plain_head
-from esft.models.sharding import call_model, shard_fsdp2
+from esft.models.frozen import FrozenModel
+from esft.models.sharding import call_model
+from esft.objectives.loading import load_model
 from esft.objectives.sft import SFTModule
 
 
@@ -59,8 +62,6 @@ def load_teacher(student_tokenizer, teacher: str | None, teacher_config: dict[st
     if (teacher is None) == (teacher_config is None):
         raise ValueError("give exactly one of teacher (path, hub id or .ckpt) or teacher_config")
     if teacher is not None:
-        from esft.evaluation.run import load_model
-
         model, tokenizer = load_model(teacher, torch.device("cpu"), "float32" if dtype == "auto" else dtype)
         if tokenizer.get_vocab() != student_tokenizer.get_vocab():
             raise ValueError(
@@ -123,7 +124,7 @@ class DistillModule(SFTModule):
             raise ValueError(f"alpha, lmbda and beta must lie in [0, 1], got {alpha}, {lmbda}, {beta}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self._teacher: tuple[PreTrainedModel, ...] = ()
+        self._teacher: FrozenModel | None = None  # outside the module's parameters and checkpoint
         if teacher is not None or teacher_config is not None:
             model = load_teacher(self.tokenizer, teacher, teacher_config, teacher_dtype)
             rows, t_rows = self.model.get_output_embeddings().weight.shape[0], model.get_output_embeddings().weight.shape[0]
@@ -132,30 +133,24 @@ class DistillModule(SFTModule):
                                  f"(teacher {teacher or 'from teacher_config'})")
             if not (plain_head(model) and plain_head(self.model)):
                 raise ValueError("chunked distillation needs plain linear LM heads; the student or the teacher transforms its logits")
-            self._teacher = (model,)
+            self._teacher = FrozenModel(model)
 
     # ---- the teacher ---------------------------------------------------------------------
     @property
     def teacher(self) -> PreTrainedModel | None:
         """The frozen teacher on the student's device (moved on first use), or None."""
-        if not self._teacher:
-            return None
-        model = self._teacher[0]
-        if model.device != self.device:
-            model.to(self.device)
-        return model
+        return None if self._teacher is None else self._teacher.to(self.device).model
 
     def configure_model(self) -> None:
         """FSDP2: shard the frozen teacher over the same data-parallel mesh as the student."""
         super().configure_model()
-        if self.device_mesh is not None and self._teacher and not isinstance(self._teacher[0], FSDPModule):
-            shard_fsdp2(self._teacher[0], self.device_mesh["data_parallel"])
+        if self.device_mesh is not None and self._teacher is not None:
+            self._teacher.shard(self.device_mesh["data_parallel"])
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        attn = self.model.config._attn_implementation
-        if self._teacher and self._teacher[0].config._attn_implementation != attn:
-            self._teacher[0].set_attn_implementation(attn)  # the same packed layout fits both
+        if self._teacher is not None:
+            self._teacher.match_attention(self.model)  # the same packed layout fits both
 
     # ---- losses --------------------------------------------------------------------------
     def distill_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,11 +171,10 @@ class DistillModule(SFTModule):
                                  f"distils at {hp.temperature}: rebuild the cache or set temperature to match")
             return chunked_topk_kd_loss(hidden, head.weight, batch["teacher_topk_ids"], batch["teacher_topk_logprobs"],
                                         targets, head.bias, **opts)
-        teacher = self.teacher
-        if teacher is None:
+        if self.teacher is None:
             raise ValueError("DistillModule has no teacher: set model.teacher (or teacher_config), or train on a "
                              "teacher cache (data: esft.data.DistillDataModule with teacher_cache)")
-        t_hidden, t_weight, t_bias = call_model(teacher, teacher_outputs, batch)
+        t_hidden, t_weight, t_bias = self._teacher(teacher_outputs, batch)
         return chunked_kd_loss(hidden, head.weight, t_hidden, t_weight, targets, head.bias, t_bias, **opts)
 
     def on_policy_step(self) -> bool:
@@ -200,11 +194,7 @@ class DistillModule(SFTModule):
         hp = self.hparams
         samples = rollout(self.model, self.tokenizer, conversations, hp.on_policy_max_new_tokens, len(conversations),
                           do_sample=True, temperature=hp.on_policy_temperature)
-        examples = [
-            {"input_ids": s.prompt_ids + s.completion_ids, "labels": [IGNORE_INDEX] * len(s.prompt_ids) + s.completion_ids,
-             "length": len(s.prompt_ids) + len(s.completion_ids)}
-            for s in samples if s.completion_ids
-        ]
+        examples = [completion_example(s.prompt_ids, s.completion_ids) for s in samples if s.completion_ids]
         layout = packed_layout(self.model.config._attn_implementation)
         lengths = [e["length"] for e in examples]
         rows = best_fit_decreasing(lengths, max([batch["input_ids"].shape[1], *lengths]))

@@ -7,7 +7,8 @@ KV-cache generator (`esft.evaluation.rollout`), reward them (`esft.rewards.Rewar
 rewards into group-relative advantages, then take ``num_iterations * num_minibatches`` optimizer
 steps on the clipped surrogate (`esft.losses.grpo_loss`) against the log-probs stored before the
 first update. The reference model (for the k3 KL term) is a frozen copy of the starting policy,
-made only when ``beta > 0``; under FSDP2 it is sharded like the policy. Validation is greedy pass@1 and format rate on held-out prompts.
+made only when ``beta > 0`` (`CausalLMModule.frozen_reference`: with LoRA the policy with its
+adapters disabled); under FSDP2 it is sharded like the policy. Validation is greedy pass@1 and format rate on held-out prompts.
 
 Departures: the reference is never refreshed (R1 keeps it fixed within a stage; the pipeline's
 next stage starts from the new policy); it is not stored in checkpoints but rebuilt from the
@@ -17,7 +18,6 @@ starting model (`model_name_or_path`) when a run resumes; rollouts run on the tr
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
@@ -26,11 +26,13 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from esft.data.packing import collate_padded
 from esft.data.prompts import prompt_messages
+from esft.data.tokenize import completion_example
 from esft.evaluation import Rollout, rollout
 from esft.losses.ce import IGNORE_INDEX, next_token_targets
 from esft.losses.grpo import LossType, ScaleRewards, group_advantages, grpo_loss
 from esft.models.forward import target_logprobs
-from esft.models.sharding import call_model, is_sharded, shard_fsdp2
+from esft.models.sharding import call_model, is_sharded
+from esft.models.frozen import FrozenModel
 from esft.objectives.base import CausalLMModule
 from esft.rewards import RewardSet, Sample
 from esft.rewards.evaluate import evaluate_reasoning, reasoning_metrics
@@ -39,12 +41,7 @@ from esft.rewards.evaluate import evaluate_reasoning, reasoning_metrics
 def rollout_batch(rollouts: list[Rollout], pad_token_id: int) -> dict[str, Any]:
     """Prompt + completion of every rollout as a right-padded batch whose labels are the
     completion tokens (the prompt is -100)."""
-    examples = []
-    for r in rollouts:
-        ids = r.prompt_ids + r.completion_ids
-        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * len(r.prompt_ids) + r.completion_ids,
-                         "length": len(ids)})
-    return collate_padded([[e] for e in examples], pad_token_id)
+    return collate_padded([[completion_example(r.prompt_ids, r.completion_ids)] for r in rollouts], pad_token_id)
 
 
 class GRPOModule(CausalLMModule):
@@ -96,14 +93,7 @@ class GRPOModule(CausalLMModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.rewards = RewardSet(rewards or {"accuracy": 1.0, "format": 0.5}, reward_options)
-        self._reference: list[torch.nn.Module] = []  # a list: kept out of the module's parameters and checkpoint
-
-    # ---- reference -------------------------------------------------------------------------
-    def _copy_reference(self) -> torch.nn.Module:
-        ref = copy.deepcopy(self.model).eval()
-        ref.requires_grad_(False)
-        self._reference.append(ref)
-        return ref
+        self.reference: FrozenModel | None = None  # outside the module's parameters and checkpoint
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -116,16 +106,14 @@ class GRPOModule(CausalLMModule):
         """The reference is copied from the policy here, before any strategy shards it (and
         before a resumed run loads its checkpoint, so it stays the starting policy): sharded like
         the policy under FSDP2, whole on every rank otherwise (DDP, DeepSpeed)."""
-        if self.hparams.beta > 0 and not self._reference and not is_sharded(self.model):
-            ref = self._copy_reference()
-            if self.device_mesh is not None:
-                shard_fsdp2(ref, self.device_mesh["data_parallel"])
+        if self.hparams.beta > 0 and self.reference is None and not is_sharded(self.model):
+            self.reference = self.frozen_reference()
         super().configure_model()
 
     def on_fit_start(self) -> None:
         self.model.train()  # a pretrained model loads in eval mode; generation switches modes itself
-        if self._reference and not is_sharded(self._reference[0]):
-            self._reference[0].to(self.device)
+        if self.reference is not None:
+            self.reference.to(self.device)
 
     # ---- one step --------------------------------------------------------------------------
     def generate(self, records: list[dict[str, Any]]) -> tuple[list[Rollout], list[Sample]]:
@@ -187,7 +175,8 @@ class GRPOModule(CausalLMModule):
         several = hp.num_iterations > 1 or hp.num_minibatches > 1
         with torch.no_grad():
             old = self._logprobs(self.model, batch)[0] if several else None
-            ref = self._logprobs(self._reference[0], batch)[0] if self._reference else None
+            ref = None if self.reference is None else \
+                self.reference(target_logprobs, batch, hp.loss_chunk_size, hp.temperature)[0]
         sums: dict[str, float] = {}
         steps = 0
         for _ in range(hp.num_iterations):

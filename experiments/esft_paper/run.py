@@ -88,7 +88,7 @@ def vanilla() -> dict[str, float]:
     from esft.callbacks.evaluation import TaskEvaluation
     from esft.data.tasks import build_task
     from esft.evaluation import evaluate_tasks
-    from esft.evaluation.run import load_model
+    from esft.objectives.loading import load_model
 
     import torch
 
@@ -112,7 +112,7 @@ def heldout_losses(model_dir: Path) -> dict[str, float]:
     from esft.callbacks.evaluation import TaskEvaluation
     from esft.data.tasks import build_task
     from esft.evaluation.perplexity import perplexity
-    from esft.evaluation.run import load_model
+    from esft.objectives.loading import load_model
 
     import torch
 

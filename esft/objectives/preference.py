@@ -1,0 +1,166 @@
+"""Preference optimisation on chosen / rejected pairs: DPO, IPO, SimPO and ORPO.
+
+    esft fit --config configs/preference/dpo_tiny.yaml
+
+Each micro-batch holds whole pairs (`esft.data.preference.PreferenceDataModule`): one packed
+forward gives every document's summed completion log-prob (`esft.models.forward.document_logprobs`,
+chunked like the cross-entropy), and the pure losses of `esft.losses.preference` turn them into
+per-pair losses. The loss of an optimizer step is the mean over its pairs (every micro-batch, every
+rank: `step_denominator` with the data module's pair counts).
+
+The reference of ``sigmoid`` (DPO) and ``ipo`` is the starting policy, frozen
+(`CausalLMModule.frozen_reference`: a copy sharded like the policy under FSDP2, or with LoRA the
+policy with its adapters disabled), run online under ``no_grad`` in every step; it is not stored in
+checkpoints and is rebuilt from the starting model on resume. ``simpo`` and ``orpo`` are
+reference-free and load none. ORPO adds its SFT term, the chosen completion's mean token NLL.
+
+Logged per step (``train/``) and on held-out pairs (``val/``): ``loss``, ``rewards/chosen``,
+``rewards/rejected``, ``rewards/margins``, ``rewards/accuracy``, ``logps/chosen``, ``logps/rejected``
+and, with a reference, ``kl`` (the mean per-token log-ratio policy / reference on the pairs'
+completions, a KL estimate on the data rather than on policy samples); ``val/accuracy`` is the
+share of held-out pairs whose chosen completion has the higher log-probability under the policy.
+
+With ``precompute_reference`` the reference's log-probs of every document are computed once when
+fitting starts (an offline pass; resuming recomputes it) and the reference is freed.
+
+Departures: the precomputed log-probs live in memory, not in a file; KTO's loss exists
+(`esft.losses.preference.kto_loss`) but has no data path here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import torch
+
+from esft.losses.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss
+from esft.models.forward import document_logprobs
+from esft.models.frozen import FrozenModel
+from esft.models.sharding import call_model, is_sharded
+from esft.objectives.base import CausalLMModule
+
+LossType = Literal["sigmoid", "ipo", "simpo", "orpo"]
+REFERENCE_FREE = ("simpo", "orpo")
+
+# loss_type -> (hparams, pair log-probs) -> (loss [P], chosen reward [P], rejected reward [P])
+PAIR_LOSSES: dict[str, Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, ...]]] = {
+    "sigmoid": lambda hp, p: dpo_loss(p["chosen"], p["rejected"], p["ref_chosen"], p["ref_rejected"], hp.beta,
+                                      hp.label_smoothing),
+    "ipo": lambda hp, p: ipo_loss(p["chosen"], p["rejected"], p["ref_chosen"], p["ref_rejected"], hp.beta),
+    "simpo": lambda hp, p: simpo_loss(p["chosen_mean"], p["rejected_mean"], hp.beta, hp.simpo_gamma, hp.label_smoothing),
+    "orpo": lambda hp, p: orpo_loss(p["chosen_mean"], p["rejected_mean"], hp.beta),
+}
+
+
+class PreferenceModule(CausalLMModule):
+    def __init__(
+        self,
+        loss_type: LossType = "sigmoid",
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        simpo_gamma: float = 0.5,
+        precompute_reference: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            loss_type: ``sigmoid`` (DPO), ``ipo``, ``simpo`` or ``orpo`` (`esft.losses.preference`).
+            beta: DPO's beta, IPO's tau, SimPO's reward scale, ORPO's lambda.
+            label_smoothing: conservative DPO / SimPO: probability that a preference label is flipped.
+            simpo_gamma: SimPO's target reward margin.
+            precompute_reference: compute the reference's log-probs of every training and held-out
+                document once when fitting starts, then free the reference (no reference forward
+                in the steps); else the reference runs online in every step.
+            **kwargs: the model, tokenizer and optimizer arguments of `CausalLMModule`.
+        """
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.reference: FrozenModel | None = None  # outside the module's parameters and checkpoint
+
+    def configure_model(self) -> None:
+        """The reference is made here, before any strategy shards the policy (`frozen_reference`)."""
+        if self.hparams.loss_type not in REFERENCE_FREE and self.reference is None and not is_sharded(self.model):
+            self.reference = self.frozen_reference()
+        super().configure_model()
+
+    def on_fit_start(self) -> None:
+        if self.reference is None:
+            return
+        self.reference.to(self.device).match_attention(self.model)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.hparams.precompute_reference and datamodule is not None:
+            for examples in (datamodule.train_examples, datamodule.val_examples):
+                self.cache_reference_logps(examples)
+            self.reference = None  # the cached log-probs replace it
+
+    @torch.no_grad()
+    def cache_reference_logps(self, examples: list[dict[str, Any]], per_batch: int = 64) -> None:
+        """Store the reference's completion log-prob in every example (``ref_logp``); batches then
+        carry them (`esft.data.preference.collate_pairs`). Every rank computes all of them, so a
+        sharded reference runs the same forwards on every rank; a resumed run recomputes them."""
+        from esft.data.packing import collate_packed
+        from esft.data.preference import pair_documents
+
+        for lo in range(0, len(examples), per_batch):
+            rows = [[e] for e in examples[lo : lo + per_batch]]
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in collate_packed(rows, "rows").items()}
+            sums = self.reference(document_logprobs, batch, self.hparams.loss_chunk_size)[0]
+            for e, value in zip(examples[lo : lo + per_batch], sums[pair_documents(rows, batch, "rows").to(sums.device)].tolist()):
+                e["ref_logp"] = value
+
+    # ---- the loss --------------------------------------------------------------------------
+    def _pair_logps(self, run: Callable[..., Any], batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed completion log-probs and token counts per document, ``[P, 2]`` (chosen, rejected)."""
+        sums, counts = run(document_logprobs, batch, self.hparams.loss_chunk_size)
+        index = batch["doc_index"].to(sums.device)
+        return sums[index].view(-1, 2), counts[index].view(-1, 2)
+
+    def pair_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of every pair ``[P]``, and the logged statistics per pair."""
+        hp = self.hparams
+        sums, counts = self._pair_logps(lambda fn, *a: call_model(self.model, fn, *a), batch)
+        means = sums / counts.clamp(min=1)
+        p = {"chosen": sums[:, 0], "rejected": sums[:, 1], "chosen_mean": means[:, 0], "rejected_mean": means[:, 1]}
+        stats: dict[str, torch.Tensor] = {}
+        if hp.loss_type not in REFERENCE_FREE:
+            if "ref_logps" in batch:  # precomputed
+                ref = batch["ref_logps"].to(sums.device).view(-1, 2)  # in example order, like `sums`
+            else:
+                if self.reference is None:
+                    self.reference = self.frozen_reference()  # outside a trainer (tests, notebooks)
+                ref = self._pair_logps(self.reference.to(sums.device), batch)[0]
+            p.update(ref_chosen=ref[:, 0], ref_rejected=ref[:, 1])
+            stats["kl"] = ((sums - ref).sum(1) / counts.sum(1).clamp(min=1)).detach()
+        loss, chosen_reward, rejected_reward = PAIR_LOSSES[hp.loss_type](hp, p)
+        if hp.loss_type == "orpo":
+            loss = loss - means[:, 0]  # ORPO's SFT term: the chosen completion's mean token NLL
+        stats.update({
+            "rewards/chosen": chosen_reward, "rewards/rejected": rejected_reward,
+            "rewards/margins": chosen_reward - rejected_reward,
+            "rewards/accuracy": (chosen_reward > rejected_reward).float(),
+            "logps/chosen": p["chosen"].detach(), "logps/rejected": p["rejected"].detach(),
+            "accuracy": (p["chosen"] > p["rejected"]).float().detach(),
+        })
+        return loss, stats
+
+    # ---- steps -----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        losses, stats = self.pair_terms(batch)
+        n = self.step_denominator(batch, losses.new_tensor(losses.numel()))  # the step's pairs
+        loss = losses.sum() / n
+        self.log_step(**{"train/loss": loss, **{f"train/{k}": v.sum() / n for k, v in stats.items()}})
+        return loss
+
+    def _eval(self, batch: dict[str, Any], prefix: str) -> None:
+        losses, stats = self.pair_terms(batch)
+        values = {f"{prefix}/loss": losses.mean(), **{f"{prefix}/{k}": v.mean() for k, v in stats.items()}}
+        # weighted by the pairs of the batch: the epoch value is the mean over the split's pairs
+        self.log_dict(values, batch_size=losses.numel(), sync_dist=True)
+        self.log(f"{prefix}_accuracy", values[f"{prefix}/accuracy"], prog_bar=True, logger=False,
+                 batch_size=losses.numel(), sync_dist=True)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval(batch, "test")

@@ -1,0 +1,224 @@
+"""Preference training: pair data (formats, errors, built-in pairs), per-document log-probs on
+packed pair batches, the frozen reference, and DPO end to end through the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from esft.cli import main
+from esft.data import PreferenceDataModule
+from esft.data.records import DataFormatError
+from esft.data.preference import task_pairs, to_pair
+from esft.data.tasks import get_task
+from esft.models.forward import target_logprobs
+from esft.objectives import PreferenceModule
+
+from conftest import TINY
+
+BUILTIN = {"tasks": [{"name": "arithmetic", "max_digits": 2}], "num_train_per_task": 12, "num_val_per_task": 0,
+           "max_length": 32, "max_tokens": 128}
+
+
+def write_rows(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_rows_as_strings_message_lists_and_binarised_conversations():
+    user = {"role": "user", "content": "Hi?"}
+    plain = to_pair({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."})
+    assert plain["history"] == [user] and plain["chosen"] == [{"role": "assistant", "content": "Hello."}]
+    # the binarised feedback layout: chosen / rejected repeat the prompt, with or without a prompt field
+    conv = lambda text: [user, {"role": "assistant", "content": text}]  # noqa: E731
+    for row in ({"prompt": "Hi?", "chosen": conv("Hello."), "rejected": conv("Go away.")},
+                {"chosen": conv("Hello."), "rejected": conv("Go away.")}):
+        assert to_pair(row) == plain
+    # a conversation with a shared history: the earlier assistant turn is context
+    history = [user, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}]
+    pair = to_pair({"prompt": history, "chosen": "4", "rejected": "5", "system": "Be brief."})
+    assert pair["history"] == [{"role": "system", "content": "Be brief."}, *history]
+    assert to_pair({"chosen": history + [{"role": "assistant", "content": "4"}],
+                    "rejected": history + [{"role": "assistant", "content": "5"}]})["history"] == history
+
+
+def test_bad_rows_name_file_line_and_field(tmp_path):
+    good = {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}
+    cases = [({"prompt": "Hi?", "chosen": "Hello."}, "'rejected' is missing"),
+             ({"prompt": "Hi?", "chosen": "", "rejected": "No."}, "'chosen' is empty"),
+             ({"prompt": "Hi?", "chosen": 3, "rejected": "No."}, "'chosen' must be a string or a list of turns, got int"),
+             ({"prompt": "Hi?", "chosen": [{"role": "user", "content": "x"}], "rejected": "No."},
+              "'chosen' must continue the prompt with an assistant turn"),
+             ({"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}, "prompt[0].role"),
+             ("{not json", "malformed JSON")]
+    for i, (bad, message) in enumerate(cases):
+        path = write_rows(tmp_path / f"bad{i}.jsonl", [good, good, bad])
+        dm = PreferenceDataModule(path=str(path), max_length=32, max_tokens=64)
+        with pytest.raises(DataFormatError, match=rf"bad{i}\.jsonl:3: .*") as e:
+            dm.setup("fit")
+        assert message in str(e.value)
+    dm = PreferenceDataModule(path=str(tmp_path / "bad0.jsonl"), on_bad_record="skip", max_length=32, max_tokens=64)
+    dm.setup("fit")
+    assert len(dm.train_examples) == 4 and dm.data_report["sources"][0]["skipped"] == 1
+
+
+def test_builtin_pairs_are_verified_right_and_wrong():
+    task = get_task("arithmetic", max_digits=2)
+    for edits in (1, 2):
+        pairs = task_pairs({"name": "arithmetic", "max_digits": 2}, 40, 0, "train", num_edits=edits)
+        for p in pairs:
+            record = {"answer": p["chosen"][0]["content"]}
+            assert task.score(record, p["chosen"][0]["content"]) == 1.0
+            assert task.score(record, p["rejected"][0]["content"]) == 0.0
+        changed = [sum(a != b for a, b in zip(p["chosen"][0]["content"], p["rejected"][0]["content"])) for p in pairs]
+        assert max(changed) == edits and min(changed) >= 1
+
+
+@pytest.mark.parametrize("layout", ["flat", "rows"])
+def test_pair_logprobs_of_a_packed_batch_equal_each_document_alone(layout):
+    """`document_logprobs` + `doc_index` on a packed pair batch (rows layout: with fillers) give
+    every document's completion log-prob as computed on the document alone, chosen then rejected."""
+    dm = PreferenceDataModule(**BUILTIN, layout=layout)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module = PreferenceModule(model_config=TINY["llama"], loss_chunk_size=8, loss_type="simpo")
+    sums, counts = module._pair_logps(lambda fn, *a: fn(module.model, *a), batch)
+    assert batch["step_tokens"] == sums.shape[0] >= 2  # pairs, not tokens
+    by_ids = {tuple(e["input_ids"]): e for e in dm.train_examples}
+    ids, positions = batch["input_ids"].reshape(-1), batch["position_ids"].reshape(-1)
+    starts = [int(s) for s in batch["cu_seqlens"][:-1][batch["doc_index"]]]
+    for k, start in enumerate(starts):
+        length = next(e["length"] for key, e in by_ids.items() if key == tuple(ids[start:start + len(key)].tolist()))
+        doc = {"input_ids": ids[start:start + length][None], "position_ids": positions[start:start + length][None],
+               "labels": torch.tensor(by_ids[tuple(ids[start:start + length].tolist())]["labels"])[None]}
+        logp, _, targets = target_logprobs(module.model, doc, chunk_size=0)
+        torch.testing.assert_close(sums.reshape(-1)[k], logp.sum(), atol=1e-4, rtol=1e-5)
+        assert counts.reshape(-1)[k] == (targets != -100).sum()
+    examples = dm.train_examples  # chosen and rejected of a pair share the prompt, differ in completion
+    assert examples[0]["input_ids"] != examples[1]["input_ids"] and examples[0]["labels"][:5] == examples[1]["labels"][:5]
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo", "orpo"])
+def test_each_loss_type_trains_and_only_dpo_ipo_hold_a_reference(loss_type):
+    dm = PreferenceDataModule(**BUILTIN, layout="rows")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module = PreferenceModule(model_config=TINY["llama"], loss_chunk_size=16, loss_type=loss_type, beta=0.5)
+    module.configure_model()
+    losses, stats = module.pair_terms(batch)
+    assert (module.reference is None) == (loss_type in ("simpo", "orpo"))
+    assert losses.shape == stats["accuracy"].shape and torch.isfinite(losses).all()
+    if loss_type in ("sigmoid", "ipo"):  # policy == reference at the start: no reward, no KL
+        assert stats["rewards/margins"].abs().max() < 1e-5 and stats["kl"].abs().max() < 1e-5
+    losses.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.parameters())
+    if module.reference is not None:
+        assert all(p.grad is None for p in module.reference.model.parameters())
+        assert not {id(p) for p in module.reference.model.parameters()} & {id(p) for p in module.parameters()}
+
+
+def test_lora_reference_is_the_base_model():
+    dm = PreferenceDataModule(**BUILTIN, layout="flat")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    plain = PreferenceModule(model_config=TINY["llama"], loss_chunk_size=16)
+    torch.manual_seed(0)
+    module = PreferenceModule(model_config=TINY["llama"], loss_chunk_size=16, lora={"r": 4})
+    module.configure_model()
+    assert module.reference.base_of_adapter  # no copy of the model
+    for name, p in module.model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # the adapters move the policy away from the base
+    base = plain._pair_logps(lambda fn, *a: fn(plain.model, *a), batch)[0]
+    ref = module._pair_logps(module.reference, batch)[0]
+    policy = module._pair_logps(lambda fn, *a: fn(module.model, *a), batch)[0]
+    torch.testing.assert_close(ref, base)
+    assert (policy - base).abs().max() > 1e-2
+    assert module.model.training  # the reference ran in eval mode, the policy is back in train mode
+
+
+def dpo_config(root: Path, steps: int) -> Path:
+    """Held-out pairs whose chosen answers end in '.' and rejected ones in '!' (the same number):
+    a preference a tiny random model can learn in a few steps, and that generalises."""
+    for name, n, seed in (("train", 96, 0), ("val", 24, 1)):
+        rows = []
+        for i in range(n):
+            a, b = (i * 37 + seed * 11) % 100, (i * 53 + seed * 7) % 100
+            rows.append({"prompt": f"What is {a} + {b}?", "chosen": f"{a + b}.", "rejected": f"{a + b}!"})
+        write_rows(root / f"{name}.jsonl", rows)
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": steps, "log_every_n_steps": 1,
+                    "val_check_interval": steps, "check_val_every_n_epoch": None, "num_sanity_val_steps": 0,
+                    "enable_progress_bar": False, "default_root_dir": str(root),
+                    "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                               "init_args": {"save_dir": str(root), "name": "", "version": ""}},
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(root / "ckpt"), "save_last": True}}]},
+        "model": {"class_path": "esft.objectives.PreferenceModule",
+                  "init_args": {"model_config": TINY["llama"], "loss_chunk_size": 64, "beta": 0.5,
+                                "optim": {"lr": 1e-2, "warmup_steps": 0}}},
+        "data": {"class_path": "esft.data.PreferenceDataModule",
+                 "init_args": {"path": str(root / "train.jsonl"), "val_path": str(root / "val.jsonl"),
+                               "max_length": 32, "max_tokens": 512}},
+    }
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_dpo_through_the_cli_raises_heldout_preference_accuracy(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = str(dpo_config(tmp_path, steps=6))
+    before = float(main(["validate", "--config", cfg]).trainer.callback_metrics["val/accuracy"])
+    cli = main(["fit", "--config", cfg])
+    after = cli.trainer.callback_metrics
+    assert before < 0.6 and float(after["val/accuracy"]) >= 0.9, (before, float(after["val/accuracy"]))
+    assert after["val/rewards/margins"] > 0 and after["val/kl"] > 0
+    acc = EventAccumulator(str(tmp_path)).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
+            "train/rewards/accuracy", "train/logps/chosen", "train/logps/rejected", "train/kl"} <= tags
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3) and losses[-1] < losses[0]  # log 2 at the start
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert all(k.startswith("model.") for k in ckpt["state_dict"])  # the reference is not saved
+    assert len(ckpt["state_dict"]) == len(cli.model.model.state_dict())
+
+
+@pytest.mark.parametrize("layout", ["flat", "rows"])
+def test_precomputed_reference_gives_the_online_loss(layout):
+    dm = PreferenceDataModule(**BUILTIN, layout=layout)
+    dm.setup("fit")
+    module = PreferenceModule(model_config=TINY["llama"], loss_chunk_size=16, beta=0.5, precompute_reference=True)
+    module.configure_model()
+    for p in module.model.parameters():  # the policy moves away from the reference
+        p.data.add_(torch.randn_like(p) * 0.02)
+    online = module.pair_terms(next(iter(dm.train_dataloader())))
+    module.cache_reference_logps(dm.train_examples)
+    batch = next(iter(dm.train_dataloader()))
+    assert "ref_logps" in batch
+    module.reference = None  # freed, as when fitting
+    cached = module.pair_terms(batch)
+    assert module.reference is None and online[1]["kl"].abs().max() > 1e-3
+    torch.testing.assert_close(cached[0], online[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cached[1]["kl"], online[1]["kl"], atol=1e-5, rtol=1e-5)
+
+
+def test_dpo_with_an_expert_config_trains_only_the_selected_experts(tmp_path):
+    config = tmp_path / "experts.json"
+    config.write_text(json.dumps({"experts": {"0": [1], "1": [2]}}))
+    dm = PreferenceDataModule(**BUILTIN, layout="rows")
+    dm.setup("fit")
+    module = PreferenceModule(model_config=TINY["qwen2_moe"], loss_chunk_size=16, beta=0.5, experts=str(config))
+    module.configure_model()
+    for p in module.model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.02)  # away from the reference: DPO's gradient is 0 at the start
+    module.pair_terms(next(iter(dm.train_dataloader())))[0].sum().backward()
+    graded = {name for name, p in module.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert graded == {f"model.layers.{i}.mlp.experts.esft_{w}" for i in (0, 1) for w in ("gate_up_proj", "down_proj")}
+    assert all(p.grad is None for p in module.reference.model.parameters())
