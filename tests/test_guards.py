@@ -38,6 +38,7 @@ def fit(tmp_path, guard, bad_steps, max_steps=5, factor=float("nan")):
     data = SFTDataModule(tasks=["reverse_words"], num_train_per_task=64, num_val_per_task=0, max_length=64, max_tokens=256)
     checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_last=True)
     trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path),
                         callbacks=[guard, checkpoints], use_distributed_sampler=False)
     trainer.fit(module, data)
     return module, trainer

@@ -3,6 +3,7 @@ over micro-batches with very different trained-token counts gives the gradient o
 micro-batch holding them all (SFT and distillation), and `train/loss` logs that mean."""
 
 import json
+import tempfile
 
 import lightning as L
 import pytest
@@ -59,7 +60,8 @@ def first_step(path: str, kind: str, max_tokens: int, accumulate: int) -> tuple[
     recorder = GradRecorder()
     trainer = L.Trainer(max_steps=1, accumulate_grad_batches=accumulate, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, limit_val_batches=0, callbacks=[recorder])
+                        use_distributed_sampler=False, limit_val_batches=0, callbacks=[recorder],
+                        default_root_dir=tempfile.mkdtemp())
     trainer.fit(module, data)
     counts = [sum(1 for label in e["labels"][1:] if label != -100) for e in data.train_examples]
     return recorder, torch.tensor(counts)
