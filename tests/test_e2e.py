@@ -272,13 +272,14 @@ def test_a_full_disk_while_checkpointing_names_the_checkpoint(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_quickstart_reaches_its_target(tmp_path):
-    """The README's default run: exact match on held-out reversals rises from ~0 to >= 0.8."""
+    """The README's default run: exact match on held-out reversals rises from ~0 to >= 0.9 (1.00 with
+    seeds 0 and 1 when measured; arithmetic stays low at this budget and is explained under the table)."""
     text = (Path(__file__).parents[1] / "configs" / "sft" / "quickstart.yaml").read_text()
     (tmp_path / "quickstart.yaml").write_text(text.replace("runs/quickstart", str(tmp_path)).replace("save_dir: runs", f"save_dir: {tmp_path}"))
     main(["fit", "--config", str(tmp_path / "quickstart.yaml"), "--trainer.enable_progress_bar", "false"])
     results = json.loads((tmp_path / "quickstart" / "eval.json").read_text())
     assert results["before"]["reverse_words"] <= 0.05
-    assert results["after"]["reverse_words"] >= 0.8
+    assert results["after"]["reverse_words"] >= 0.9
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 

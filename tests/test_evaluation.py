@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from esft.callbacks import TaskEvaluation
 from esft.cli import main as cli_main
 from esft.cli import run
 from esft.data.tasks import get_task
@@ -28,6 +29,23 @@ def test_pass_at_k_matches_the_combinatorial_definition():
     assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # 1 - C(3,2)/C(4,2)
     with pytest.raises(ValueError):
         pass_at_k(3, 4, 1)
+
+
+def test_results_table_explains_each_task_still_below_low_score():
+    """A task scoring under `low_score` after training gets one line under the table: its own reason
+    where the task gives one (arithmetic), a general one otherwise; none at or above the bar."""
+    callback = TaskEvaluation(tasks=["arithmetic", {"name": "reverse_words"}, "sort_words"], low_score=0.5)
+    callback.results = {"before": {"arithmetic": 0.0, "reverse_words": 0.0, "sort_words": 0.0},
+                        "after": {"arithmetic": 0.04, "reverse_words": 0.2, "sort_words": 0.5}}
+    lines = callback.table().splitlines()
+    assert lines[-5:-2] == ["| arithmetic | 0.000 | 0.040 |", "| reverse_words | 0.000 | 0.200 |",
+                            "| sort_words | 0.000 | 0.500 |"]
+    assert lines[-2].startswith("arithmetic is still below 0.5: ") and "carr" in lines[-2]
+    assert lines[-1].startswith("reverse_words is still below 0.5: ") and "max_steps" in lines[-1]
+    callback.low_score = 0.0
+    assert callback.table().splitlines()[-1] == "| sort_words | 0.000 | 0.500 |"
+    callback.results = {"before": callback.results["before"]}  # no "after" column: nothing to explain
+    assert callback.table().splitlines()[-1] == "| sort_words | 0.000 |"
 
 
 def test_periodic_evaluation_is_logged(trained):

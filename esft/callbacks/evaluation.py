@@ -2,7 +2,9 @@
 optimizer steps, and after training.
 
 Prints a results table, writes ``eval.json`` to the run's log directory and logs
-``eval/<task>`` to the logger at the step it was measured.
+``eval/<task>`` to the logger at the step it was measured. Under the table, a task that still
+scores below ``low_score`` after training gets one line saying why (the task's own
+`Task.learning_note`, or a general reason), so a low number does not read as a broken run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from esft.data.tasks import TaskSpec, build_task
 from esft.evaluation import evaluate_tasks
 from esft.models.sharding import is_sharded
 
+GENERAL_REASON = "the model has not learned it yet at this budget: train longer (--trainer.max_steps) or start from a pretrained model"
+
 
 class TaskEvaluation(L.Callback):
     def __init__(
@@ -30,6 +34,7 @@ class TaskEvaluation(L.Callback):
         before_fit: bool = True,
         every_n_steps: int | None = None,
         output: str | None = None,
+        low_score: float = 0.5,
     ) -> None:
         """
         Args:
@@ -41,6 +46,7 @@ class TaskEvaluation(L.Callback):
             before_fit: also evaluate the model before training (the "before" column).
             every_n_steps: also evaluate every this many optimizer steps (logged, not tabled).
             output: JSON results path (default ``<log_dir>/eval.json``).
+            low_score: a task scoring below this after training gets a one-line explanation under the table.
         """
         self.tasks = tasks
         self.num_examples = num_examples
@@ -50,6 +56,7 @@ class TaskEvaluation(L.Callback):
         self.before_fit = before_fit
         self.every_n_steps = every_n_steps
         self.output = output
+        self.low_score = low_score
         self.results: dict[str, dict[str, float]] = {}
         self._records = None
         self._last_step = -1
@@ -101,4 +108,10 @@ class TaskEvaluation(L.Callback):
         lines = [f"| task | {' | '.join(cols)} |", "|---|" + "---|" * len(cols)]
         for t in self.results[cols[0]]:
             lines.append(f"| {t} | " + " | ".join(f"{self.results[c][t]:.3f}" for c in cols) + " |")
-        return f"\nExact match on {self.num_examples} held-out examples per task (greedy):\n" + "\n".join(lines)
+        return f"\nExact match on {self.num_examples} held-out examples per task (greedy):\n" + "\n".join(lines + self.low_score_notes())
+
+    def low_score_notes(self) -> list[str]:
+        """One line per task whose score after training is below `low_score`: why it may still be low."""
+        reasons = {task.name: task.learning_note for task in map(build_task, self.tasks)}
+        return [f"{name} is still below {self.low_score:g}: {reasons.get(name) or GENERAL_REASON}"
+                for name, score in self.results.get("after", {}).items() if score < self.low_score]

@@ -58,6 +58,9 @@ class Arithmetic(Task):
 
     name = "arithmetic"
     domain = "math"
+    learning_note = ("exact match needs every digit, written most significant first, so the model must resolve "
+                     "all carries and borrows before its first digit; a model trained from scratch learns this "
+                     "much later than copying words: train longer (--trainer.max_steps)")
 
     def __init__(self, max_digits: int = 3, ops: str = "+-", think: bool = False) -> None:
         self.max_digits = max_digits
