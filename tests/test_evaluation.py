@@ -122,8 +122,8 @@ def test_rollout_token_ids_match_text(trained):
 
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-def test_shared_prefix_rollout_equals_generate_with_copies(tokenizer, monkeypatch, model_type):
+@pytest.mark.parametrize("model_type, cache", [("llama", "static"), ("llama", "dynamic"), ("qwen2", "static")])
+def test_shared_prefix_rollout_equals_generate_with_copies(tokenizer, monkeypatch, model_type, cache):
     """Prompts run once with their KV cache copied to the G samples give the same greedy
     completions, token for token, as ``generate(num_return_sequences=G)``, for prompts of
     different lengths in one left-padded batch; with one seed, the same samples too."""
@@ -144,11 +144,11 @@ def test_shared_prefix_rollout_equals_generate_with_copies(tokenizer, monkeypatc
     convs = [[{"role": "user", "content": " ".join(words[:n])}] for n in (1, 7, 3, 12)]
     gen = importlib.import_module("esft.evaluation.generate")  # the module, not the function of that name
     prefill, calls = gen.prefill_shared, []
-    monkeypatch.setattr(gen, "prefill_shared", lambda m, enc, g: calls.append(enc["input_ids"].shape[0]) or prefill(m, enc, g))
+    monkeypatch.setattr(gen, "prefill_shared", lambda m, enc, *a: calls.append(enc["input_ids"].shape[0]) or prefill(m, enc, *a))
 
     def ids(share: bool, conversations=convs, num_samples=3, **sampling) -> list[list[int]]:
         torch.manual_seed(1)
-        outs = rollout(model, tokenizer, conversations, 12, num_samples=num_samples, share_prefix=share, **sampling)
+        outs = rollout(model, tokenizer, conversations, 12, num_samples=num_samples, share_prefix=share, cache=cache, **sampling)
         return [r.prompt_ids + r.completion_ids for r in outs]
 
     # greedy ``generate`` refuses num_return_sequences > 1: the plain path gets each prompt 3 times

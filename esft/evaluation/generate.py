@@ -12,11 +12,11 @@ import inspect
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from esft.data.tasks import get_task
 from esft.evaluation.metrics import summarize
@@ -47,22 +47,46 @@ def _cache_argument(model: PreTrainedModel) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def prefill_shared(model: PreTrainedModel, enc: dict[str, torch.Tensor], num_samples: int) -> dict[str, Any]:
+CacheKind = Literal["dynamic", "static"]
+
+
+def _repeat_rows(cache: DynamicCache | StaticCache, repeats: int) -> None:
+    """Each row of the cache `repeats` times, consecutive. A static layer has no
+    ``batch_repeat_interleave``: its preallocated tensors are repeated and marked static again."""
+    if isinstance(cache, DynamicCache):
+        cache.batch_repeat_interleave(repeats)
+        return
+    for layer in cache.layers:
+        layer.keys = layer.keys.repeat_interleave(repeats, dim=0)
+        layer.values = layer.values.repeat_interleave(repeats, dim=0)
+        layer.batch_size = layer.keys.shape[0]
+        torch._dynamo.mark_static_address(layer.keys)
+        torch._dynamo.mark_static_address(layer.values)
+
+
+def prefill_shared(model: PreTrainedModel, enc: dict[str, torch.Tensor], num_samples: int, max_new_tokens: int,
+                   cache: CacheKind = "static") -> dict[str, Any]:
     """Run the left-padded prompts ``enc`` once, all but their last token, and copy the KV cache
     to ``num_samples`` rows per prompt (consecutive, as ``num_return_sequences``). Returns the
     keyword arguments under which ``model.generate`` continues: the prompts repeated and the cache;
     ``generate`` runs only the last prompt token of each row, so its first sampled token comes
     from the same logits as without the shared cache, through the same logits processors.
-    Position ids count real tokens only, as ``generate`` derives them from the attention mask."""
+    Position ids count real tokens only, as ``generate`` derives them from the attention mask.
+
+    ``static`` preallocates the cache for ``max_new_tokens`` more tokens: a dynamic cache grows by
+    concatenation, copying every layer's keys and values at every step (61% of a shared-prefix
+    rollout's time on CPU, 16 prompts of 195 tokens x 8 samples); on CUDA ``generate`` also
+    compiles its decoding step for a static cache."""
     mask = enc["attention_mask"]
     position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cache = DynamicCache(config=model.config)
+    width = enc["input_ids"].shape[1]
+    kv = StaticCache(config=model.config, max_cache_len=width + max_new_tokens) if cache == "static" else DynamicCache(config=model.config)
     name = _cache_argument(model)
     model(input_ids=enc["input_ids"][:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
-          use_cache=True, logits_to_keep=1, **{name: cache})
-    cache.batch_repeat_interleave(num_samples)
+          use_cache=True, logits_to_keep=1, **{name: kv})
+    _repeat_rows(kv, num_samples)
     return {"input_ids": enc["input_ids"].repeat_interleave(num_samples, 0),
-            "attention_mask": mask.repeat_interleave(num_samples, 0), name: cache}
+            "attention_mask": mask.repeat_interleave(num_samples, 0), name: kv}
 
 
 @dataclass
@@ -85,6 +109,7 @@ def rollout(
     num_samples: int = 1,
     progress: bool = False,
     share_prefix: bool = True,
+    cache: CacheKind = "static",
     **sampling: Any,
 ) -> list[Rollout]:
     """Complete each conversation with an assistant turn; greedy unless ``do_sample=True``
@@ -113,7 +138,7 @@ def rollout(
                 idx = order[lo : lo + batch_size]
                 enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 shared = share_prefix and num_samples > 1 and enc["input_ids"].shape[1] > 1 and sampling.get("num_beams", 1) == 1
-                inputs = prefill_shared(model, enc, num_samples) if shared else enc
+                inputs = prefill_shared(model, enc, num_samples, max_new_tokens, cache) if shared else enc
                 out = model.generate(
                     **inputs,
                     max_new_tokens=max_new_tokens,
