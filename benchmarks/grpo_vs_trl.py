@@ -1,6 +1,7 @@
 """GRPO step throughput side by side with TRL's GRPOTrainer: rollout tokens/s and update tokens/s.
 
     python benchmarks/grpo_vs_trl.py --out benchmarks/results/grpo_vs_trl_cpu.json          # CPU, tiny model
+    python benchmarks/grpo_vs_trl.py --system --sides esft esft-plain trl   # 195-token prompts
     python benchmarks/grpo_vs_trl.py --device cuda --model-size 0.5b --prompts 32 --max-completion-length 256
 
 Both sides: the same random-init model config and seed, the built-in tokenizer and chat template,
@@ -14,7 +15,8 @@ so esft's skipping of zero-advantage rows is turned off here: both sides update 
 Rollout tokens/s = completion tokens / generation time; update tokens/s = real (non-pad) prompt +
 completion tokens / (step time - generation time), so the update includes rewards, advantages and
 the log-prob forward/backward on both sides. Medians over the timed steps after `--warmup` steps;
-each side runs in a fresh process. TRL is an optional dependency of this benchmark only:
+each side runs in a fresh process. ``--system`` puts an R1-style system prompt before every
+prompt (195 tokens each); side ``esft-plain`` is esft without shared-prefix sampling. TRL is an optional dependency of this benchmark only:
 ``pip install trl``.
 """
 
@@ -39,10 +41,16 @@ SIZES = {
 TASK = {"name": "arithmetic", "max_digits": 2, "think": True}
 
 
-def prompts(n: int, seed: int = 0) -> list[dict]:
+def prompts(n: int, seed: int = 0, system: bool = False) -> list[dict]:
     from esft.data.tasks import build_task
 
-    return build_task(TASK).generate(n, seed, "train")
+    return [with_system(r) if system else r for r in build_task(TASK).generate(n, seed, "train")]
+
+
+def with_system(record: dict) -> dict:
+    from rollout_speed import SYSTEM
+
+    return {**record, "messages": [{"role": "system", "content": SYSTEM}, *record["messages"]]}
 
 
 def median_rates(rows: list[dict], warmup: int) -> dict:
@@ -63,12 +71,20 @@ def run_esft(args) -> dict:
     from esft.data import PromptDataModule
     from esft.objectives import GRPOModule
 
+    class Data(PromptDataModule):
+        def setup(self, stage: str | None = None) -> None:
+            fresh = not self.train_records
+            super().setup(stage)
+            if fresh and args.system:
+                self.train_records = [with_system(r) for r in self.train_records]
+
     L.seed_everything(0)
     module = GRPOModule(model_config=SIZES[args.model_size], tokenizer="builtin", num_generations=args.generations,
+                        share_prefix=args.side != "esft-plain",
                         max_completion_length=args.max_completion_length, rewards={"accuracy": 1.0},
                         generation_batch_size=args.prompts, max_grad_norm=None, dtype=args.dtype,
                         optim={"lr": 1e-5}, skip_zero_advantage=False)
-    data = PromptDataModule(tasks=[TASK], num_train_per_task=args.prompts * (args.steps + 1), num_val_per_task=0,
+    data = Data(tasks=[TASK], num_train_per_task=args.prompts * (args.steps + 1), num_val_per_task=0,
                             batch_size=args.prompts)
     rows: list[dict] = []
 
@@ -83,7 +99,8 @@ def run_esft(args) -> dict:
     trainer = L.Trainer(accelerator=args.device, devices=1, max_steps=args.steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Record()])
     trainer.fit(module, datamodule=data)
-    return {"setup": "esft GRPOModule", **median_rates(rows, args.warmup)}
+    name = "esft GRPOModule" + (", no shared prefix" if args.side == "esft-plain" else "")
+    return {"setup": name, **median_rates(rows, args.warmup)}
 
 
 def run_trl(args) -> dict:
@@ -101,7 +118,7 @@ def run_trl(args) -> dict:
                                   eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **cfg)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
-    records = prompts(args.prompts * (args.steps + 1))
+    records = prompts(args.prompts * (args.steps + 1), system=args.system)
     dataset = Dataset.from_list([{"prompt": r["messages"][:-1], "answer": r["answer"]} for r in records])
 
     def reward(completions, answer, **kwargs):
@@ -152,8 +169,12 @@ def run_trl(args) -> dict:
 
 
 def _run(side: str, args) -> dict:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
     torch.set_num_threads(args.threads)
-    return (run_esft if side == "esft" else run_trl)(args)
+    args.side = side
+    return (run_trl if side == "trl" else run_esft)(args)
 
 
 def main() -> None:
@@ -167,7 +188,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--sides", nargs="+", default=["esft", "trl"], choices=["esft", "trl"])
+    p.add_argument("--sides", nargs="+", default=["esft", "trl"], choices=["esft", "esft-plain", "trl"])
+    p.add_argument("--system", action="store_true", help="an R1-style system prompt before every prompt")
     p.add_argument("--tmp", default="/tmp/grpo_vs_trl")
     p.add_argument("--out")
     args = p.parse_args()
@@ -177,10 +199,11 @@ def main() -> None:
         with ProcessPoolExecutor(1, mp_context=ctx) as pool:
             results.append(pool.submit(_run, side, args).result())
         print(json.dumps(results[-1]))
-    if len(results) == 2:
+    if "trl" in args.sides and len(results) > 1:
+        trl = results[args.sides.index("trl")]
         for r in results:
-            r["rollout_vs_trl"] = round(r["rollout_tokens_per_s"] / results[1]["rollout_tokens_per_s"], 2)
-            r["update_vs_trl"] = round(r["update_tokens_per_s"] / results[1]["update_tokens_per_s"], 2)
+            r["rollout_vs_trl"] = round(r["rollout_tokens_per_s"] / trl["rollout_tokens_per_s"], 2)
+            r["update_vs_trl"] = round(r["update_tokens_per_s"] / trl["update_tokens_per_s"], 2)
     report = {"config": vars(args), "results": results}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -137,3 +137,44 @@ def test_rollout_token_ids_match_text(trained):
         assert 1 <= len(r.completion_ids) <= 5
         assert r.truncated == (tok.eos_token_id not in r.completion_ids)
         assert r.text == tok.decode(r.completion_ids, skip_special_tokens=True).strip()
+
+
+
+@pytest.mark.parametrize("model_type, cache", [("llama", "static"), ("llama", "dynamic"), ("qwen2", "static")])
+def test_shared_prefix_rollout_equals_generate_with_copies(tokenizer, monkeypatch, model_type, cache):
+    """Prompts run once with their KV cache copied to the G samples give the same greedy
+    completions, token for token, as ``generate(num_return_sequences=G)``, for prompts of
+    different lengths in one left-padded batch; with one seed, the same samples too."""
+    import importlib
+
+    from esft.evaluation import rollout
+    from esft.models import build_model
+
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    model = build_model(tokenizer, None, dict(TINY[model_type]), "float32", "sdpa")
+    with torch.no_grad():  # sharp attention: at init it is near uniform and blind to positions
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(30)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    convs = [[{"role": "user", "content": " ".join(words[:n])}] for n in (1, 7, 3, 12)]
+    gen = importlib.import_module("esft.evaluation.generate")  # the module, not the function of that name
+    prefill, calls = gen.prefill_shared, []
+    monkeypatch.setattr(gen, "prefill_shared", lambda m, enc, *a: calls.append(enc["input_ids"].shape[0]) or prefill(m, enc, *a))
+
+    def ids(share: bool, conversations=convs, num_samples=3, **sampling) -> list[list[int]]:
+        torch.manual_seed(1)
+        outs = rollout(model, tokenizer, conversations, 12, num_samples=num_samples, share_prefix=share, cache=cache, **sampling)
+        return [r.prompt_ids + r.completion_ids for r in outs]
+
+    # greedy ``generate`` refuses num_return_sequences > 1: the plain path gets each prompt 3 times
+    plain = ids(False, [c for c in convs for _ in range(3)], num_samples=1)
+    assert not calls
+    assert ids(True, do_sample=False) == plain
+    assert calls == [4]  # the prompts ran once, not 3 times
+    assert len({tuple(x) for x in plain}) == 4  # the prompts lead to different completions
+    sampled = ids(True, do_sample=True, top_k=0)
+    assert sampled == ids(False, do_sample=True, top_k=0)
+    assert len({tuple(x) for x in sampled}) == 12

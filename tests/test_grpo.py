@@ -158,3 +158,71 @@ def test_skipping_zero_advantage_rows_leaves_the_update_unchanged(tmp_path, monk
     # AdamW turns rounding in gradients near 0 into moves of a few 1e-6 on a few entries
     for a, b in zip(weights[False], weights[True]):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_reference_refresh_copies_the_policy_every_n_steps(tmp_path, monkeypatch):
+    """With ``ref_refresh_steps`` 2 the reference is the starting policy after step 1, the policy
+    itself after step 2, and still the step-2 policy after step 3."""
+    from esft.objectives import GRPOModule
+
+    with pytest.raises(ValueError, match="ref_refresh_steps=2 needs .* beta > 0"):
+        GRPOModule(model_config=TINY["llama"], ref_refresh_steps=2)
+    seen = []  # per step: (reference == policy, reference == the policy after step 2)
+    policies = {}
+
+    def record(self, outputs, batch, batch_idx):
+        policy = [p.detach().clone() for p in self.model.parameters()]
+        policies[self.global_step] = policy
+        ref = list(self._reference[0].parameters())
+        same = lambda a: all(torch.equal(x, y) for x, y in zip(ref, a))
+        seen.append((same(policy), 2 in policies and same(policies[2])))
+
+    monkeypatch.setattr(GRPOModule, "on_train_batch_end", record, raising=False)
+    from esft.rewards import REWARDS
+
+    monkeypatch.setitem(REWARDS, "digits", lambda s: sum(c.isdigit() for c in s.text) / max(len(s.text), 1))
+    cfg = grpo_config(tmp_path, beta=0.04, ref_refresh_steps=2, rewards={"digits": 1.0}, reward_options={})
+    cli = main(["fit", "--config", str(cfg), "--trainer.max_steps", "3", "--trainer.val_check_interval", "100"])
+    assert cli.trainer.global_step == 3
+    assert seen == [(False, False), (True, True), (False, True)]
+
+
+@pytest.mark.parametrize("informative", ["odd", "none"])
+def test_dynamic_sampling_refills_the_batch_with_informative_groups(tmp_path, monkeypatch, informative):
+    """DAPO's dynamic sampling: the update sees only groups whose rewards differ, refill rounds run
+    while the batch is short and stop at the cap, and the logged statistics count them. A stub
+    reward makes a prompt's group informative exactly when its answer is odd (its samples score
+    0, 1, 0, 1, ...), or never."""
+    from esft.objectives import GRPOModule
+    from esft.rewards import REWARDS
+
+    odd = lambda r: informative == "odd" and int(r["answer"].rsplit(maxsplit=1)[-1]) % 2 == 1
+    counter = iter(range(10**6))
+    monkeypatch.setitem(REWARDS, "stub", lambda s: float(next(counter) % 2) if odd(s.record) else 0.5)
+    calls, updates = [], []
+    generate, update = GRPOModule.generate, GRPOModule._update
+    monkeypatch.setattr(GRPOModule, "generate", lambda self, records: calls.append(records) or generate(self, records))
+    monkeypatch.setattr(GRPOModule, "_update", lambda self, batch, mask, adv: updates.append((len(calls), adv.clone()))
+                        or update(self, batch, mask, adv))
+    cfg = grpo_config(tmp_path, rewards={"stub": 1.0}, reward_options={}, dynamic_sampling=True, max_refill_rounds=2)
+    main(["fit", "--config", str(cfg), "--trainer.max_steps", "3", "--trainer.val_check_interval", "100",
+          "--data.init_args.batch_size", "4"])
+    logs, start = scalars(tmp_path), 0
+    assert len(updates) == 3
+    for step, (end, advantages) in enumerate(updates):
+        rounds = calls[start:end]
+        flags = [[odd(r) for r in records] for records in rounds]
+        assert all(len(records) == 4 for records in rounds)
+        # another round only while fewer than 4 informative groups are kept, at most 2 more
+        assert len(rounds) == min(3, 1 + next((i for i in range(3) if sum(map(sum, flags[: i + 1])) >= 4), 2))
+        found = sum(map(sum, flags))
+        groups = advantages.view(-1, 4)
+        if found:
+            assert len(groups) == min(4, found) and (groups != 0).any(1).all()  # informative groups only
+            assert logs["train/groups_refilled"][step] == min(4, found) - min(4, sum(flags[0]))
+        else:
+            assert len(groups) == 4 and (groups == 0).all()  # nothing informative: the step's own batch
+            assert logs["train/groups_refilled"][step] == 0
+        assert logs["train/informative_groups"][step] == pytest.approx(found / (4 * len(rounds)))
+        assert logs["train/refill_rounds"][step] == len(rounds) - 1
+        start = end

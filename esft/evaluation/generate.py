@@ -1,15 +1,22 @@
-"""Batched generation with a KV cache, and per-task scoring with the tasks' verifiers."""
+"""Batched generation with a KV cache, and per-task scoring with the tasks' verifiers.
+
+Several samples per prompt (`rollout` with ``num_samples`` G > 1, as GRPO, rejection sampling and
+on-policy distillation ask) share the prompt's KV cache: ``generate(num_return_sequences=G)``
+copies every prompt G times before its first forward and so runs the prompt G times; here the
+prompts run once and their cache is copied G times (`prefill_shared`).
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from esft.data.tasks import get_task
 from esft.evaluation.metrics import summarize
@@ -33,6 +40,55 @@ def generation_mode(model: PreTrainedModel):
         model.train(was_training)
 
 
+def _cache_argument(model: PreTrainedModel) -> str:
+    """The keyword under which ``forward`` and ``generate`` take a cache: ``cache`` from
+    transformers 5.24 (``past_key_values`` still accepted, with a deprecation warning), before that
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+CacheKind = Literal["dynamic", "static"]
+
+
+def _repeat_rows(cache: DynamicCache | StaticCache, repeats: int) -> None:
+    """Each row of the cache `repeats` times, consecutive. A static layer has no
+    ``batch_repeat_interleave``: its preallocated tensors are repeated and marked static again."""
+    if isinstance(cache, DynamicCache):
+        cache.batch_repeat_interleave(repeats)
+        return
+    for layer in cache.layers:
+        layer.keys = layer.keys.repeat_interleave(repeats, dim=0)
+        layer.values = layer.values.repeat_interleave(repeats, dim=0)
+        layer.batch_size = layer.keys.shape[0]
+        torch._dynamo.mark_static_address(layer.keys)
+        torch._dynamo.mark_static_address(layer.values)
+
+
+def prefill_shared(model: PreTrainedModel, enc: dict[str, torch.Tensor], num_samples: int, max_new_tokens: int,
+                   cache: CacheKind = "static") -> dict[str, Any]:
+    """Run the left-padded prompts ``enc`` once, all but their last token, and copy the KV cache
+    to ``num_samples`` rows per prompt (consecutive, as ``num_return_sequences``). Returns the
+    keyword arguments under which ``model.generate`` continues: the prompts repeated and the cache;
+    ``generate`` runs only the last prompt token of each row, so its first sampled token comes
+    from the same logits as without the shared cache, through the same logits processors.
+    Position ids count real tokens only, as ``generate`` derives them from the attention mask.
+
+    ``static`` preallocates the cache for ``max_new_tokens`` more tokens: a dynamic cache grows by
+    concatenation, copying every layer's keys and values at every step (61% of a shared-prefix
+    rollout's time on CPU, 16 prompts of 195 tokens x 8 samples); on CUDA ``generate`` also
+    compiles its decoding step for a static cache."""
+    mask = enc["attention_mask"]
+    position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    width = enc["input_ids"].shape[1]
+    kv = StaticCache(config=model.config, max_cache_len=width + max_new_tokens) if cache == "static" else DynamicCache(config=model.config)
+    name = _cache_argument(model)
+    model(input_ids=enc["input_ids"][:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
+          use_cache=True, logits_to_keep=1, **{name: kv})
+    _repeat_rows(kv, num_samples)
+    return {"input_ids": enc["input_ids"].repeat_interleave(num_samples, 0),
+            "attention_mask": mask.repeat_interleave(num_samples, 0), name: kv}
+
+
 @dataclass
 class Rollout:
     """One sampled completion, as token ids: what RL and on-policy distillation train on."""
@@ -52,6 +108,8 @@ def rollout(
     batch_size: int = 64,
     num_samples: int = 1,
     progress: bool = False,
+    share_prefix: bool = True,
+    cache: CacheKind = "static",
     **sampling: Any,
 ) -> list[Rollout]:
     """Complete each conversation with an assistant turn; greedy unless ``do_sample=True``
@@ -59,8 +117,11 @@ def rollout(
 
     Returns ``len(conversations) * num_samples`` rollouts, the samples of a conversation
     consecutive. Prompts are sorted by length before batching (less left padding) and the
-    results put back in order. A sharded model (FSDP2, ZeRO-3) generates in lockstep across
-    ranks (``synced_gpus``); every rank must then pass the same number of conversations.
+    results put back in order. With ``num_samples`` > 1 and `share_prefix`, each prompt runs
+    once and its KV cache is copied to its samples (`prefill_shared`; beam search always runs
+    through ``generate`` alone); greedy completions are the same token for token either way. A
+    sharded model (FSDP2, ZeRO-3) generates in lockstep across ranks (``synced_gpus``); every rank
+    must then pass the same number of conversations.
     """
     device = next(model.parameters()).device
     sampling.setdefault("do_sample", num_samples > 1)
@@ -76,10 +137,12 @@ def rollout(
             for lo in range(0, len(order), batch_size):
                 idx = order[lo : lo + batch_size]
                 enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                shared = share_prefix and num_samples > 1 and enc["input_ids"].shape[1] > 1 and sampling.get("num_beams", 1) == 1
+                inputs = prefill_shared(model, enc, num_samples, max_new_tokens, cache) if shared else enc
                 out = model.generate(
-                    **enc,
+                    **inputs,
                     max_new_tokens=max_new_tokens,
-                    num_return_sequences=num_samples,
+                    num_return_sequences=1 if shared else num_samples,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=eos,
                     **sampling,

@@ -3,26 +3,39 @@
     esft fit --config configs/grpo/arithmetic_tiny.yaml
 
 One training step: sample ``num_generations`` completions for each prompt of the batch with the
-KV-cache generator (`esft.evaluation.rollout`), reward them (`esft.rewards.RewardSet`), turn the
+KV-cache generator (`esft.evaluation.rollout`; each prompt runs once and its cache is copied to
+its G samples), reward them (`esft.rewards.RewardSet`), turn the
 rewards into group-relative advantages, then take ``num_iterations * num_minibatches`` optimizer
 steps on the clipped surrogate (`esft.losses.grpo_loss`) against the log-probs stored before the
 first update. The reference model (for the k3 KL term) is a frozen copy of the starting policy,
 made only when ``beta > 0`` (`CausalLMModule.frozen_reference`: with LoRA the policy with its
 adapters disabled); under FSDP2 it is sharded like the policy. Validation is greedy pass@1 and format rate on held-out prompts.
 
-Departures: the reference is never refreshed (R1 keeps it fixed within a stage; the pipeline's
-next stage starts from the new policy); it is not stored in checkpoints but rebuilt from the
-starting model (`model_name_or_path`) when a run resumes; rollouts run on the training device in eval mode through
-``model.generate`` (no separate inference engine).
+DAPO's dynamic sampling (arXiv 2503.14476, ``dynamic_sampling``): a group whose G samples all
+score the same has advantage 0 and no signal; such groups are dropped and more prompts sampled,
+up to ``max_refill_rounds`` extra rounds of a batch's worth of prompts each, until the batch holds
+as many informative groups as it had prompts (extra ones are dropped).
+
+Departures: the reference is fixed by default (R1 keeps it fixed within a stage; the pipeline's
+next stage starts from the new policy); ``ref_refresh_steps`` copies the policy into it every N
+optimizer steps instead. It is not stored in checkpoints but rebuilt from the starting model
+(`model_name_or_path`) when a run resumes (with ``ref_refresh_steps``, from the resumed policy
+when a refresh was due before the resume step). Rollouts run on the training device in eval mode
+through ``model.generate`` (no separate inference engine). Dynamic sampling draws its extra prompts
+at random from the training prompts (each rank with its own seed), not from the next batches of the
+epoch; a step whose extra rounds find no informative group at all trains on its own batch.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from torch.utils.data import DataLoader, RandomSampler
 
 from esft.data.packing import collate_padded
 from esft.data.prompts import prompt_messages
@@ -31,8 +44,8 @@ from esft.evaluation import Rollout, rollout
 from esft.losses.ce import IGNORE_INDEX, next_token_targets
 from esft.losses.grpo import LossType, ScaleRewards, group_advantages, grpo_loss
 from esft.models.forward import target_logprobs
-from esft.models.sharding import call_model, is_sharded
 from esft.models.frozen import FrozenModel
+from esft.models.sharding import call_model, gathered, is_sharded
 from esft.objectives.base import CausalLMModule
 from esft.rewards import RewardSet, Sample
 from esft.rewards.evaluate import evaluate_reasoning, reasoning_metrics
@@ -64,6 +77,10 @@ class GRPOModule(CausalLMModule):
         max_grad_norm: float | None = 1.0,
         generation_batch_size: int = 256,
         skip_zero_advantage: bool = True,
+        share_prefix: bool = True,
+        dynamic_sampling: bool = False,
+        max_refill_rounds: int = 3,
+        ref_refresh_steps: int | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -87,13 +104,49 @@ class GRPOModule(CausalLMModule):
             generation_batch_size: prompts generated together.
             skip_zero_advantage: with ``beta`` 0, run the update only on sequences whose advantage
                 is not 0 (the others add nothing to the loss or gradient; `_update`).
+            share_prefix: run each prompt once and copy its KV cache to its G samples (the same
+                samples as ``generate(num_return_sequences=G)``, without its G prefills).
+            dynamic_sampling: DAPO's dynamic sampling: keep only groups whose rewards differ, and
+                generate for more prompts until the batch is full again (`_sample`).
+            max_refill_rounds: the cap on extra generation rounds per step with `dynamic_sampling`.
+            ref_refresh_steps: copy the policy into the reference every this many optimizer steps
+                (needs ``beta > 0``); None keeps the starting policy.
             **kwargs: the model, tokenizer and optimizer arguments of `CausalLMModule`.
         """
+        if ref_refresh_steps is not None and (ref_refresh_steps < 1 or beta <= 0):
+            raise ValueError(f"GRPOModule: ref_refresh_steps={ref_refresh_steps} needs an integer >= 1 and beta > 0 "
+                             f"(got beta={beta}: without the KL term there is no reference)")
+        if max_refill_rounds < 0:
+            raise ValueError(f"GRPOModule: max_refill_rounds must be >= 0, got {max_refill_rounds}")
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.rewards = RewardSet(rewards or {"accuracy": 1.0, "format": 0.5}, reward_options)
         self.reference: FrozenModel | None = None  # outside the module's parameters and checkpoint
+        self._reference_step: int | None = None  # the optimizer step whose policy the reference holds
+        self._refill: Iterator[list[dict[str, Any]]] | None = None
+
+    @torch.no_grad()
+    def _refresh_reference(self) -> None:
+        """With ``ref_refresh_steps`` N: after every N-th optimizer step, copy the policy into the
+        reference; on the first step of a run resumed past a due refresh, too (the reference is not
+        checkpointed). Both are whole, or sharded alike (FSDP2); ZeRO-3 gathers the policy."""
+        n = self.hparams.ref_refresh_steps
+        if not n or self.reference is None:
+            return
+        step = self.global_step
+        due = step % n == 0 if self._reference_step is not None else step >= n
+        if self._reference_step is None:
+            self._reference_step = 0
+        if not due or step == self._reference_step:
+            return
+        ref, policy = self.reference.model, self.model
+        with gathered(list(policy.parameters())):
+            for r, p in zip(ref.parameters(), policy.parameters(), strict=True):
+                r.copy_(p)
+        for r, b in zip(ref.buffers(), policy.buffers(), strict=True):
+            r.copy_(b)
+        self._reference_step = step
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -108,6 +161,9 @@ class GRPOModule(CausalLMModule):
         the policy under FSDP2, whole on every rank otherwise (DDP, DeepSpeed)."""
         if self.hparams.beta > 0 and self.reference is None and not is_sharded(self.model):
             self.reference = self.frozen_reference()
+            if self.hparams.ref_refresh_steps and self.reference.base_of_adapter:
+                raise ValueError("GRPOModule: ref_refresh_steps needs a copied reference; with LoRA the reference is the "
+                                 "base model under the adapters, which training does not change")
         super().configure_model()
 
     def on_fit_start(self) -> None:
@@ -119,8 +175,8 @@ class GRPOModule(CausalLMModule):
     def generate(self, records: list[dict[str, Any]]) -> tuple[list[Rollout], list[Sample]]:
         hp = self.hparams
         outs = rollout(self.model, self.tokenizer, [prompt_messages(r) for r in records], hp.max_completion_length,
-                       hp.generation_batch_size, hp.num_generations, do_sample=True, temperature=hp.temperature,
-                       top_p=hp.top_p, top_k=0)
+                       hp.generation_batch_size, hp.num_generations, share_prefix=hp.share_prefix, do_sample=True,
+                       temperature=hp.temperature, top_p=hp.top_p, top_k=0)
         records_g = [r for r in records for _ in range(hp.num_generations)]
         return outs, [Sample(r, o.text, len(o.completion_ids), o.truncated) for r, o in zip(records_g, outs)]
 
@@ -128,12 +184,75 @@ class GRPOModule(CausalLMModule):
         logp, entropy, _ = call_model(model, target_logprobs, batch, self.hparams.loss_chunk_size, self.hparams.temperature)
         return logp, entropy
 
+    def _refill_records(self, n: int) -> list[dict[str, Any]]:
+        """``n`` training prompts drawn at random (dynamic sampling's extra rounds): an endless
+        shuffled pass over the training set, seeded per rank."""
+        if self._refill is None:
+            dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+            if dataset is None:
+                raise ValueError("GRPOModule: dynamic_sampling draws extra prompts from the training DataLoader's "
+                                 "dataset, and this train_dataloader has none")
+            generator = torch.Generator().manual_seed(torch.initial_seed() + 1 + self.global_rank)
+            loader = DataLoader(dataset, batch_size=n, sampler=RandomSampler(dataset, generator=generator),
+                                drop_last=len(dataset) >= n, collate_fn=list)
+            self._refill = itertools.chain.from_iterable(itertools.repeat(loader))
+        return next(self._refill)
+
+    def _sample(self, records: list[dict[str, Any]]) -> tuple[list[Rollout], list[float], dict[str, Any]]:
+        """Rollouts and their rewards for a batch of prompts.
+
+        With ``dynamic_sampling``, groups whose G rewards are all equal are dropped and a batch's
+        worth of prompts drawn again (`_refill_records`) while fewer informative groups than prompts
+        are kept, for at most ``max_refill_rounds`` rounds; every rank takes the same number of
+        rounds (sharded generation is collective). The first informative groups fill the batch; if
+        none was found, the step trains on its own batch. Returns the kept rollouts, their total
+        rewards, and the step's statistics: every generated sample and its reward parts (what the
+        policy did), generation seconds, and with dynamic sampling ``groups_refilled`` (kept groups
+        from extra rounds), ``informative_groups`` (their share of all groups generated) and
+        ``refill_rounds``.
+        """
+        hp = self.hparams
+        size = hp.num_generations
+        info: dict[str, Any] = {"samples": [], "rewards": [], "parts": {}, "generation_s": 0.0}
+        kept: list[tuple[list[Rollout], list[float], int]] = []  # (rollouts, rewards, round) per group
+        first: list[tuple[list[Rollout], list[float], int]] = []
+        prompts, rounds, groups, informative = records, 0, 0, 0
+        while True:
+            t0 = time.perf_counter()
+            outs, samples = self.generate(prompts)
+            info["generation_s"] += time.perf_counter() - t0
+            total, parts = self.rewards(samples)
+            info["samples"] += samples
+            info["rewards"] += total
+            for name, values in parts.items():
+                info["parts"].setdefault(name, []).extend(values)
+            for lo in range(0, len(outs), size):
+                group = (outs[lo : lo + size], total[lo : lo + size], rounds)
+                first += [group] if rounds == 0 else []
+                if not hp.dynamic_sampling or max(group[1]) > min(group[1]):
+                    kept.append(group)
+                    informative += 1
+                groups += 1
+            if not hp.dynamic_sampling or not self._any_rank(len(kept) < len(records)) or rounds == hp.max_refill_rounds:
+                break
+            rounds += 1
+            prompts = self._refill_records(len(records))
+        kept = kept[: len(records)] or first
+        if hp.dynamic_sampling:
+            info.update(groups_refilled=sum(g[2] > 0 for g in kept), informative_groups=informative / groups,
+                        refill_rounds=rounds)
+        return [o for g in kept for o in g[0]], [r for g in kept for r in g[1]], info
+
+    def _any_rank(self, flag: bool) -> bool:
+        return bool(self.trainer.strategy.reduce(torch.tensor(float(flag), device=self.device), reduce_op="sum") > 0)
+
     def training_step(self, records: list[dict[str, Any]], batch_idx: int) -> None:
         hp = self.hparams
+        self._refresh_reference()  # a run resumed past a due refresh
         t0 = time.perf_counter()
-        outs, samples = self.generate(records)
-        t_gen = time.perf_counter() - t0
-        total, parts = self.rewards(samples)
+        outs, total, info = self._sample(records)
+        t_gen = info["generation_s"]
+        t_sample = time.perf_counter() - t0
         rewards = torch.tensor(total, device=self.device)
         advantages = group_advantages(rewards, hp.num_generations, hp.scale_rewards)
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v
@@ -142,8 +261,12 @@ class GRPOModule(CausalLMModule):
         if hp.mask_truncated_completions:
             mask = mask * torch.tensor([not o.truncated for o in outs], device=self.device, dtype=mask.dtype)[:, None]
         stats, update_tokens = self._update(batch, mask, advantages)
-        t_update = time.perf_counter() - t0 - t_gen
-        self._log_step(samples, parts, rewards, stats, t_gen, t_update, int(mask.sum()), update_tokens)
+        t_update = time.perf_counter() - t0 - t_sample
+        for key in ("groups_refilled", "informative_groups", "refill_rounds"):
+            if key in info:
+                stats[key] = float(info[key])
+        generated = sum(s.num_tokens for s in info["samples"])
+        self._log_step(info["samples"], info["parts"], torch.tensor(info["rewards"]), stats, t_gen, t_update, generated, update_tokens)
 
     def _update(self, batch: dict[str, Any], mask: torch.Tensor, advantages: torch.Tensor) -> tuple[dict[str, float], int]:
         """``num_iterations`` passes of ``num_minibatches`` optimizer steps over the rollouts.
@@ -196,6 +319,7 @@ class GRPOModule(CausalLMModule):
                     self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
                 optimizer.step()
                 scheduler.step()
+                self._refresh_reference()
                 m = mask[lo:hi]
                 stats["entropy"] = (entropy * m).sum() / m.sum().clamp(min=1)
                 for k, v in {"loss": loss.detach(), **stats}.items():
@@ -207,6 +331,8 @@ class GRPOModule(CausalLMModule):
         return stats, int(batch["attention_mask"].sum())
 
     def _log_step(self, samples, parts, rewards, stats, t_gen, t_update, completion_tokens, update_tokens) -> None:
+        """Rewards, pass@1, lengths and rollout tokens/s are over every sample generated in the step
+        (with dynamic sampling, the dropped groups too); the update's statistics over the batch trained."""
         hp = self.hparams
         logs = {f"train/{k}": v for k, v in stats.items()}
         logs["train/reward"] = float(rewards.mean())
