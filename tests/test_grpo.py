@@ -173,7 +173,7 @@ def test_reference_refresh_copies_the_policy_every_n_steps(tmp_path, monkeypatch
     def record(self, outputs, batch, batch_idx):
         policy = [p.detach().clone() for p in self.model.parameters()]
         policies[self.global_step] = policy
-        ref = list(self._reference[0].parameters())
+        ref = list(self.reference.model.parameters())
         same = lambda a: all(torch.equal(x, y) for x, y in zip(ref, a))
         seen.append((same(policy), 2 in policies and same(policies[2])))
 
