@@ -57,8 +57,10 @@ def single(tmp_path_factory) -> dict[str, torch.Tensor]:
     return load_file(root / "hf" / "model.safetensors")
 
 
-# ZeRO-2 runs under -m slow: ZeRO-3 covers DeepSpeed's wiring in the default suite (and more of it)
+# Some DeepSpeed variants run under -m slow to keep the default suite short: there, ZeRO-3 SFT
+# covers DeepSpeed's wiring (and more of it than ZeRO-2)
 ZERO2_SLOW = pytest.param(2, marks=pytest.mark.slow)
+ZERO3_SLOW = pytest.param(3, marks=pytest.mark.slow)
 
 FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
          "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1, "save_distributed_checkpoint": False}}
@@ -174,7 +176,7 @@ def esft_single(tmp_path_factory):
     return root / "base", experts, _esft_fit(root / "single", root / "base", experts, devices=1, accumulate_grad_batches=2)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", FSDP2, ZERO2_SLOW, 3], ids=["ddp", "fsdp2", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2, ZERO2_SLOW, ZERO3_SLOW], ids=["ddp", "fsdp2", "zero2", "zero3"])
 def test_esft_under_two_processes(tmp_path, esft_single, strategy):
     """Expert-specialized fine-tuning on 2 ranks: the same weights as one process with the same
     global batch, every frozen tensor and frozen expert slice bit-identical to the base, the
@@ -219,7 +221,7 @@ def distill_single(tmp_path_factory) -> dict[str, torch.Tensor]:
     return load_file(root / "hf" / "model.safetensors")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", FSDP2, ZERO2_SLOW, 3], ids=["ddp", "fsdp2", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2, ZERO2_SLOW, ZERO3_SLOW], ids=["ddp", "fsdp2", "zero2", "zero3"])
 def test_distillation_under_two_processes_matches_one_process(tmp_path, distill_single, strategy):
     """Logit KD with a frozen teacher (sharded under FSDP2, whole on every rank otherwise): the
     student ends where one process with the same global batch ends."""
@@ -255,6 +257,7 @@ def grpo_fit(root: Path, model: dict, data: dict, **trainer) -> dict[str, torch.
     return load_file(root / "hf" / "model.safetensors")
 
 
+@pytest.mark.slow  # 80 s: the reference under DDP, FSDP2 and ZeRO; one-process GRPO with a reference is in test_grpo.py
 def test_grpo_with_a_reference_model_under_every_strategy(tmp_path):
     """GRPO on 2 ranks (rollouts on each rank, the k3 KL to a frozen reference): DDP (policy and
     reference replicated), FSDP2 (both sharded, rollouts in lockstep) and DeepSpeed ZeRO-2 / ZeRO-3
