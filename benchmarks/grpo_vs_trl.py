@@ -39,6 +39,10 @@ SIZES = {
                  num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True),
 }
 TASK = {"name": "arithmetic", "max_digits": 2, "think": True}
+SYSTEM = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+          "The Assistant first thinks about the reasoning process in the mind and then provides the user with "
+          "the answer. The reasoning process is enclosed within <think> </think> tags, followed by the answer, "
+          "i.e., <think> reasoning process here </think> answer here.")
 
 
 def prompts(n: int, seed: int = 0, system: bool = False) -> list[dict]:
@@ -48,8 +52,6 @@ def prompts(n: int, seed: int = 0, system: bool = False) -> list[dict]:
 
 
 def with_system(record: dict) -> dict:
-    from rollout_speed import SYSTEM
-
     return {**record, "messages": [{"role": "system", "content": SYSTEM}, *record["messages"]]}
 
 

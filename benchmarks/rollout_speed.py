@@ -30,17 +30,13 @@ from pathlib import Path
 
 import torch
 
+from grpo_vs_trl import SIZES as GRPO_SIZES, SYSTEM, TASK  # the GRPO benchmark's model, task and prompts
+
 SIZES = {
     "small": dict(model_type="llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=8, max_position_embeddings=1024, tie_word_embeddings=True),
-    "0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True),
+    "0.5b": GRPO_SIZES["0.5b"],
 }
-TASK = {"name": "arithmetic", "max_digits": 2, "think": True}
-SYSTEM = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-          "The Assistant first thinks about the reasoning process in the mind and then provides the user with "
-          "the answer. The reasoning process is enclosed within <think> </think> tags, followed by the answer, "
-          "i.e., <think> reasoning process here </think> answer here.")
 
 
 def conversations(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
