@@ -97,16 +97,16 @@ class NonFiniteGuard(L.Callback):
             grads = []  # fp16 loss scaling: inf gradients are overflow, and the scaler skips those steps itself
         local_ok = self._loss_finite and all(bool(torch.isfinite(g).all()) for g in grads)
         ok = trainer.strategy.reduce_boolean_decision(local_ok, all=True)
-        loss_finite = trainer.strategy.reduce_boolean_decision(self._loss_finite, all=True)
         spike = self._spike(trainer) if ok else None
-        self._loss_finite, self._step_loss = True, 0.0
+        loss_finite, self._loss_finite, self._step_loss = self._loss_finite, True, 0.0
         if ok and spike is None:
             self.skipped_in_a_row = 0
             return
         step = trainer.global_step + 1
         if spike is not None:
             what = f"loss spike ({spike:.4g} > {self.spike_factor} x the median {statistics.median(self.history):.4g} of the last {self.spike_window} steps)"
-        else:
+        else:  # every rank is here (`ok` is agreed): which of loss or gradient, agreed too, only on this path
+            loss_finite = trainer.strategy.reduce_boolean_decision(loss_finite, all=True)
             what = "non-finite " + ("gradient" if loss_finite else "loss")
         if self.action == "skip" and self.skipped_in_a_row < self.max_skips:
             self.skipped_in_a_row += 1
