@@ -5,7 +5,6 @@ import ast
 from pathlib import Path
 
 import pytest
-import torch
 
 from esft.cli import PROJECT_COMMANDS
 
