@@ -1,7 +1,10 @@
+import atexit
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -9,6 +12,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# prepared data sources (`esft.data.store`) go to a fresh directory, also for the runs tests start
+os.environ["ESFT_DATA_CACHE"] = tempfile.mkdtemp(prefix="esft-data-cache-")
+atexit.register(shutil.rmtree, os.environ["ESFT_DATA_CACHE"], ignore_errors=True)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TINY = {

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
@@ -28,11 +31,14 @@ from esft.data.packing import (
     collate_fixed,
     collate_packed,
     collate_padded,
+    example_lengths,
+    example_trained_tokens,
     max_segments,
-    trained_tokens,
     with_step_tokens,
 )
+from esft.data.mixture import MixBy, Source, mix, parse_sources
 from esft.data.records import DataFormatError, Format, LoadStats, OnBadRecord, load_records
+from esft.data.store import ExampleStore, ExampleView, StoreOptions, prepare_store, record_examples
 from esft.data.tasks import TaskSpec, build_task
 from esft.data.tokenize import MultiTurn, TokenizeStats, TrainOn, Truncation, tokenize_records
 from esft.models.attention import packed_layout
@@ -41,6 +47,10 @@ from esft.models.tokenizer import BUILTIN, load_tokenizer
 
 
 class SFTDataModule(L.LightningDataModule):
+    CACHEABLE = True
+    """Whether file and hub sources go through the prepared-example cache (`esft.data.store`);
+    a subclass that annotates examples in memory turns it off."""
+
     def __init__(
         self,
         path: str = BUILTIN,
@@ -70,6 +80,11 @@ class SFTDataModule(L.LightningDataModule):
         curation: list[dict[str, Any]] | None = None,
         curriculum: dict[str, Any] | None = None,
         extra_paths: list[str] | None = None,
+        sources: list[str | dict[str, Any]] | None = None,
+        mix_by: MixBy = "tokens",
+        cache: bool = True,
+        cache_dir: str | None = None,
+        num_proc: int | None = None,
     ) -> None:
         """
         Args:
@@ -123,12 +138,33 @@ class SFTDataModule(L.LightningDataModule):
             extra_paths: more training sources (files, directories or hub ids, read with
                 `format` and `split`) added to `path`'s training records, e.g. rejection-sampled
                 data beside the built-in tasks; validation still comes from `path` / `val_path`.
+            sources: a weighted mixture instead of `path`: a list of paths, or of mappings with a
+                ``path`` and optionally ``weight`` (share of the trained tokens, or examples with
+                `mix_by`), ``epochs`` (passes, when no source has a weight), ``max_examples``,
+                ``format``, ``name``, ``split``, ``val_path``, ``val_split``, ``val_fraction``
+                and ``label`` (see `esft.data.mixture`). Each source's held-out loss is logged as
+                ``val/<label>/loss`` beside the overall ``val/loss``; the report shows each
+                source's realised share.
+            mix_by: what mixture weights are shares of: ``tokens`` (trained tokens) or ``examples``.
+            cache: tokenize file and hub sources once into the cache directory and memory-map them
+                (`esft.data.store`: keyed by the source files, tokenizer, template and the options
+                above, so a changed option prepares again and an unchanged one starts at once).
+                Built-in tasks, curation and curricula keep their examples in memory.
+            cache_dir: where prepared sources live (default ``$ESFT_DATA_CACHE``, else
+                ``~/.cache/esft/data``).
+            num_proc: worker processes that prepare a source (default: the CPU cores available).
         """
         super().__init__()
         if packing and max_length > max_tokens:
             raise ValueError(f"max_length ({max_length}) must not exceed max_tokens ({max_tokens}) when packing")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.sources = parse_sources(sources) if sources else None
+        if self.sources and (path != BUILTIN or extra_paths or val_path):
+            raise ValueError("data.sources replaces data.path, extra_paths and val_path: set one or the other")
+        if self.sources and (not cache or not self.CACHEABLE or curation or curriculum):
+            raise ValueError(f"data.sources needs the example cache (cache: true, not {type(self).__name__} "
+                             "if it keeps examples in memory) and neither curation nor curriculum")
         self.save_hyperparameters()
         self.hp = self.hparams
         self.tasks = tasks if tasks is not None else ["arithmetic", "reverse_words"]
@@ -137,6 +173,8 @@ class SFTDataModule(L.LightningDataModule):
         self.val_records: list[dict[str, Any]] = []  # untokenized, for generation (`predict`)
         self._tokenizer = None
         self.data_report: dict[str, Any] = {"sources": []}  # also written to the run directory
+        self._val_groups: list[tuple[str, int]] | None = None  # (source label, val examples) of a mixture
+        self._stores: dict[tuple[str, str, str, str | None], ExampleStore] = {}
 
     @property
     def tokenizer(self):
@@ -155,9 +193,9 @@ class SFTDataModule(L.LightningDataModule):
         self._report_load(source, stats)
         return records
 
-    def _report_load(self, source: str, stats: LoadStats) -> None:
+    def _report_load(self, source: str, stats: LoadStats, note: str = "") -> None:
         formats = ", ".join(f"{k}: {v}" for k, v in stats.formats.items())
-        msg = f"[data] {source}: {stats.read} rows read ({formats})"
+        msg = f"[data] {source}: {stats.read} rows read ({formats}{'; ' + note if note else ''})"
         if stats.num_skipped:
             reasons = "; ".join(f"{n} x {r}" for r, n in stats.skipped.most_common())
             msg += f", {stats.num_skipped} skipped under on_bad_record=skip ({reasons}); e.g. " + " | ".join(stats.examples[:3])
@@ -209,8 +247,154 @@ class SFTDataModule(L.LightningDataModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.data_report, indent=2) + "\n", encoding="utf-8")
 
+    # ---- prepared sources (`esft.data.store`) ----------------------------------------------
+    def _uses_store(self) -> bool:
+        hp = self.hp
+        return (self.CACHEABLE and hp.cache and (self.sources is not None or hp.path != BUILTIN)
+                and not (hp.curation or hp.curriculum))
+
+    def _source_list(self) -> list[Source]:
+        """The training sources: `sources`, or `path` (with its validation options) and `extra_paths`."""
+        if self.sources:
+            return self.sources
+        hp = self.hp
+        common = dict(format=hp.format, name=hp.name, split=hp.split)
+        main = Source(path=hp.path, label="train", val_path=hp.val_path, val_split=hp.val_split,
+                      val_fraction=hp.val_fraction, **common)
+        return [main, *(Source(path=p, label=f"extra{i}", val_fraction=0.0, **common) for i, p in enumerate(hp.extra_paths or []))]
+
+    @staticmethod
+    def _val_source(source: Source) -> tuple[str, str] | None:
+        """The ``(path, split)`` of a source's own validation data, if it has any."""
+        if source.val_path or source.val_split:
+            return source.val_path or source.path, source.val_split or source.split
+        return None
+
+    def _store(self, source: Source, path: str, split: str) -> ExampleStore:
+        key = (path, split, source.format, source.name)
+        if key not in self._stores:
+            hp = self.hp
+            options = StoreOptions(format=source.format, on_bad_record=hp.on_bad_record, max_length=hp.max_length,
+                                   train_on=hp.train_on, multiturn=hp.multiturn, truncation=hp.truncation,
+                                   name=source.name, split=split)
+            show = self.trainer is None or self.trainer.is_global_zero
+            self._stores[key] = store = prepare_store(path, self.tokenizer, options, hp.cache_dir, hp.num_proc, progress=show)
+            meta = store.meta
+            load = meta["load"]
+            self._report_load(path, LoadStats(read=load["read"], skipped=Counter(load["skip_reasons"]),
+                                              formats=Counter(load["formats"]), examples=load["skip_examples"]),
+                              f"prepared in {meta['seconds']} s by {meta['num_proc']} processes, cached in {store.directory}")
+        return self._stores[key]
+
+    def prepare_data(self) -> None:
+        """Prepare (tokenize and cache) every file and hub source, once per node (Lightning calls
+        this on one process per node before `setup`; the other ranks wait, then map the entries)."""
+        if self._uses_store():
+            for source in self._source_list():
+                self._store(source, source.path, source.split)
+                if (val := self._val_source(source)) is not None:
+                    self._store(source, *val)
+
+    def _split(self, source: Source) -> tuple[ExampleStore, np.ndarray, ExampleStore | None, np.ndarray]:
+        """A source's store and training example indices, and its validation store and indices:
+        its own validation data, or `val_fraction` of its records held out by the same seeded
+        shuffle as in-memory data (the same split, so cached and uncached runs see the same data)."""
+        store = self._store(source, source.path, source.split)
+        if (val := self._val_source(source)) is not None:
+            val_store = self._store(source, *val)
+            return store, np.arange(len(store)), val_store, np.arange(len(val_store))
+        fraction = source.val_fraction if source.val_fraction is not None else self.hp.val_fraction
+        if fraction <= 0:
+            return store, np.arange(len(store)), None, np.zeros(0, np.int64)
+        order = list(range(store.num_records))
+        random.Random(self.hp.seed).shuffle(order)
+        k = max(1, round(len(order) * fraction))
+        return store, record_examples(store, order[k:]), store, record_examples(store, order[:k])
+
+    def _setup_stores(self) -> None:
+        hp = self.hp
+        sources = self._source_list()
+        train, val, amounts = [], [], []
+        for i, source in enumerate(sources):
+            store, train_index, val_store, val_index = self._split(source)
+            if source.max_examples is not None and len(train_index) > source.max_examples:
+                keep = np.random.default_rng([hp.seed, i]).choice(len(train_index), source.max_examples, replace=False)
+                train_index = train_index[np.sort(keep)]
+            train.append((store, train_index))
+            amounts.append(store.trained_tokens[train_index].astype(np.float64) if hp.mix_by == "tokens"
+                           else np.ones(len(train_index)))
+            if val_store is not None and len(val_index):
+                val.append((source.label, val_store, val_index))
+        if self.sources:
+            chosen = mix(amounts, sources, hp.seed)
+            train = [(store, index[c]) for (store, index), c in zip(train, chosen)]
+            self._report_mixture(sources, train, [float(a.sum()) for a in amounts])
+        self.train_examples = ExampleView(train)
+        self.val_examples = ExampleView([(store, index) for _, store, index in val]) if val else []
+        self._val_groups = [(label, len(index)) for label, _, index in val] if self.sources and val else None
+        self._report_tokenize("train", self._view_stats(train, sources))
+        if not len(self.train_examples):
+            raise DataFormatError(f"{sources[0].path}: no training examples left after tokenization (see the report above)")
+        if val:
+            self._report_tokenize("val", self._view_stats([(st, ix) for _, st, ix in val], []))
+
+    def _view_stats(self, parts: list[tuple[ExampleStore, np.ndarray]], sources: list[Source]) -> TokenizeStats:
+        """The tokenize counts of the examples `parts` (truncated and dropped: those of `sources`)."""
+        stats = TokenizeStats()
+        for store, index in parts:
+            stats.examples += len(index)
+            stats.tokens += int(store.lengths[index].sum())
+            # labels: the next-token targets plus each example's first token where it is trained
+            stats.trained_tokens += int(store.trained_tokens[index].sum()) + int(store.trained[store.offsets[index]].sum())
+        for source in sources:
+            meta = self._store(source, source.path, source.split).meta["tokenize"]
+            stats.truncated += meta["truncated"]
+            stats.dropped += Counter(meta["dropped"])
+            stats.system_not_rendered += meta["system_not_rendered"]
+        return stats
+
+    def _report_mixture(self, sources: list[Source], parts: list[tuple[ExampleStore, np.ndarray]],
+                        available: list[float]) -> None:
+        """Each source's realised share of the mixture (of `mix_by`), printed, logged and reported."""
+        counts = [float(st.trained_tokens[ix].sum()) if self.hp.mix_by == "tokens" else float(len(ix)) for st, ix in parts]
+        total = sum(counts) or 1.0
+        weights = [s.weight for s in sources]
+        rows = []
+        for source, (store, index), count, have, weight in zip(sources, parts, counts, available, weights):
+            rows.append({"label": source.label, "path": source.path, "weight": weight, "epochs_given": source.epochs,
+                         "target_share": weight / sum(weights) if weight is not None else None,
+                         "share": count / total, "examples": len(index), self.hp.mix_by: count,
+                         "epochs": count / have if have else 0.0})
+        self.data_report["mixture"] = {"mix_by": self.hp.mix_by, "sources": rows}
+        lines = [f"[data] mixture by {self.hp.mix_by}:"] + [
+            f"  {r['label']}: {r['share']:.1%} of the mixture"
+            + (f" (weight {r['target_share']:.1%})" if r["target_share"] is not None else "")
+            + f", {r['examples']} examples, {r['epochs']:.2f} passes" for r in rows]
+        rank_zero_info("\n".join(lines))
+        self._write_report()
+        for logger in self.trainer.loggers if self.trainer else []:
+            logger.log_metrics({f"data/mixture/{r['label']}/share": r["share"] for r in rows}, step=0)
+
+    def _val_records_of_stores(self) -> list[dict[str, Any]]:
+        """The validation records of the prepared sources (read again; for ``esft predict``)."""
+        records = []
+        for source in self._source_list():
+            if (val := self._val_source(source)) is not None:
+                records += self._load(val[0], val[1])
+                continue
+            fraction = source.val_fraction if source.val_fraction is not None else self.hp.val_fraction
+            if fraction > 0:
+                rows = self._load(source.path, source.split)
+                order = list(range(len(rows)))
+                random.Random(self.hp.seed).shuffle(order)
+                records += [rows[i] for i in order[: max(1, round(len(order) * fraction))]]
+        return records
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples or self.val_examples:
+            return
+        if self._uses_store():
+            self._setup_stores()
             return
         hp = self.hp
         if hp.path == BUILTIN:
@@ -243,14 +427,28 @@ class SFTDataModule(L.LightningDataModule):
         """Packed rows of <= max_length tokens, grouped max_tokens // max_length to a micro-batch;
         or single examples, batch_size to a micro-batch."""
         if self.hp.packing:
-            lengths = [e["length"] for e in examples]
+            lengths = example_lengths(examples)
+            per_batch = self.hp.max_tokens // self.hp.max_length
             if self.hp.curriculum and examples is self.train_examples:
                 from esft.curation import ordered_rows
 
-                return ordered_rows(lengths, self.hp.max_length), self.hp.max_tokens // self.hp.max_length
-            rows = best_fit_decreasing(lengths, self.hp.max_length)
-            return rows, self.hp.max_tokens // self.hp.max_length
+                return ordered_rows(lengths.tolist(), self.hp.max_length), per_batch
+            if examples is self.val_examples and self._val_groups:  # each source packed alone
+                rows, start = [], 0
+                for _, n in self._val_groups:
+                    rows += [[start + i for i in row] for row in best_fit_decreasing(lengths[start : start + n], self.hp.max_length)]
+                    start += n
+                return rows, per_batch
+            return best_fit_decreasing(lengths, self.hp.max_length), per_batch
         return [[i] for i in range(len(examples))], self.hp.batch_size
+
+    def _unit_groups(self, examples: Sequence[dict[str, Any]], units: list[list[int]]) -> list[tuple[str, int]] | None:
+        """``(source label, units)`` runs of the validation units of a mixture, else None."""
+        if examples is not self.val_examples or not self._val_groups:
+            return None
+        ends = np.cumsum([n for _, n in self._val_groups])
+        source = np.searchsorted(ends, [unit[0] for unit in units], side="right")
+        return [(label, int((source == g).sum())) for g, (label, _) in enumerate(self._val_groups)]
 
     def _layout(self) -> Layout:
         if self.hp.layout != "auto":
@@ -288,7 +486,7 @@ class SFTDataModule(L.LightningDataModule):
 
     def _unit_tokens(self, examples: list[dict[str, Any]], units: list[list[int]]) -> list[int]:
         """What each unit adds to its optimizer step's loss denominator: its trained tokens."""
-        tokens = [trained_tokens(e) for e in examples]
+        tokens = example_trained_tokens(examples).tolist()
         return [sum(tokens[i] for i in unit) for unit in units]
 
     def _loader(self, examples: list[dict[str, Any]], train: bool) -> DataLoader:
@@ -305,9 +503,10 @@ class SFTDataModule(L.LightningDataModule):
             # step's token mean over all micro-batches and ranks (`esft.objectives.base`)
             unit_tokens=self._unit_tokens(examples, units) if train else None,
             accumulate=trainer.accumulate_grad_batches if trainer else 1,
+            groups=self._unit_groups(examples, units),
         )
         if train and self.hp.packing:
-            total = sum(e["length"] for e in examples)
+            total = int(example_lengths(examples).sum())
             rank_zero_info(
                 f"[data] packed {len(examples)} examples into {len(units)} rows of <= {self._row_length()} tokens "
                 f"({total / (len(units) * self._row_length()):.1%} full), {per_batch} rows per micro-batch "
@@ -331,6 +530,8 @@ class SFTDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """Validation records in batches of `batch_size`, for ``esft predict`` (generation)."""
+        if not self.val_records and self._uses_store():
+            self.val_records = self._val_records_of_stores()
         if not self.val_records:
             raise ValueError("esft predict generates for the validation records: set data.val_path, val_fraction or use builtin tasks")
         return DataLoader(self.val_records, batch_size=self.hp.batch_size, collate_fn=list)

@@ -45,6 +45,8 @@ def packed_prompts(batch: dict[str, Any]) -> list[list[int]]:
 
 
 class DistillDataModule(SFTDataModule):
+    CACHEABLE = False  # examples are annotated with their teacher-cache index, records kept for prompts
+
     def __init__(self, teacher_cache: str | None = None, **kwargs: Any) -> None:
         """
         Args:

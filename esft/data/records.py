@@ -28,7 +28,7 @@ import io
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -74,6 +74,13 @@ class LoadStats:
     skipped: Counter = field(default_factory=Counter)
     formats: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)  # first few skip messages, for the report
+
+    def merge(self, other: "LoadStats") -> None:
+        """Add the counts of `other` (the same source read in parts)."""
+        self.read += other.read
+        self.skipped += other.skipped
+        self.formats += other.formats
+        self.examples += other.examples[: max(0, 5 - len(self.examples))]
 
     def skip(self, error: DataFormatError) -> None:
         reason = str(error).split(": ", 1)[-1]
@@ -191,17 +198,24 @@ def _decode(path: Path) -> str:
     return _utf8(path.read_bytes(), path, 1)
 
 
+def jsonl_rows(path: Path, lines: list[bytes], first_line: int) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` of raw JSON Lines `lines` of `path`, the first being line `first_line`;
+    blank lines are skipped, a malformed one raises naming its line."""
+    for lineno, raw in enumerate(lines, first_line):
+        line = _utf8(raw, path, lineno, first=lineno == 1)
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFormatError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
-            line = _utf8(raw, path, lineno, first=lineno == 1)
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            yield from jsonl_rows(path, [raw], lineno)
 
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
@@ -229,17 +243,22 @@ def _read_csv(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}:line {i + 2}", {k: None if isinstance(v, float) else v for k, v in row.items()}
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
-    from datasets import load_dataset
+def _read_parquet(path: Path, batch_size: int = 4096) -> Iterator[tuple[str, Any]]:
+    """Row groups are read a batch at a time, so a file larger than memory streams."""
+    import pyarrow.parquet as pq
 
-    for i, row in enumerate(load_dataset("parquet", data_files=str(path), split="train")):
-        yield f"{path}:row {i}", row
+    i = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+        for row in batch.to_pylist():
+            yield f"{path}:row {i}", row
+            i += 1
 
 
 READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
 
 
-def _files(path: Path) -> list[Path]:
+def files_of(path: Path) -> list[Path]:
+    """The data files of a local source: the file itself, or a directory's files in sorted order."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
         if not files:
@@ -254,7 +273,7 @@ def read_rows(source: str, split: str = "train", name: str | None = None) -> Ite
     """Yield ``(where, row)`` from a file, a directory of files, or a HF dataset id."""
     path = Path(source).expanduser()
     if path.exists():
-        for file in _files(path):
+        for file in files_of(path):
             yield from READERS[SUFFIXES[file.suffix]](file)
         return
     if looks_local(source, PATH_SUFFIXES):
@@ -277,8 +296,19 @@ def load_records(
     A malformed file (JSON that does not parse) always raises: skipping cannot recover its rows.
     """
     stats = LoadStats()
+    records = to_records(read_rows(source, split=split, name=name), source, fmt, on_bad_record, stats)
+    if not records:
+        raise DataFormatError(f"{source}: no usable records ({stats.read} read, {stats.num_skipped} skipped)")
+    return records, stats
+
+
+def to_records(
+    rows: Iterable[tuple[str, Any]], source: str, fmt: Format, on_bad_record: OnBadRecord, stats: LoadStats,
+) -> list[Record]:
+    """Normalise ``(where, row)`` pairs into `Record`s, counting into `stats`; a bad row raises,
+    or under ``skip`` is counted. Records without a ``source`` get `source`."""
     records = []
-    for where, row in read_rows(source, split=split, name=name):
+    for where, row in rows:
         stats.read += 1
         try:
             record = to_record(row, fmt, where)
@@ -290,6 +320,4 @@ def load_records(
         stats.formats[fmt if fmt != "auto" else detect_format(row)] += 1
         record.setdefault("source", source)
         records.append(Record(record, origin=where))
-    if not records:
-        raise DataFormatError(f"{source}: no usable records ({stats.read} read, {stats.num_skipped} skipped)")
-    return records, stats
+    return records

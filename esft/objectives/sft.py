@@ -22,8 +22,12 @@ class SFTModule(CausalLMModule):
 
     def _eval_loss(self, batch: dict[str, Any], name: str) -> None:
         loss_sum, count = self.token_loss(batch)
+        loss = loss_sum / count.clamp(min=1)
         # weighting by the token count makes the epoch value the exact mean over the split's tokens
-        self.log(name, loss_sum / count.clamp(min=1), prog_bar=True, batch_size=int(count), sync_dist=True)
+        self.log(name, loss, prog_bar=True, batch_size=int(count), sync_dist=True)
+        if "source" in batch:  # a mixture's validation batches hold one source each: val/<source>/loss
+            split, metric = name.split("/", 1)
+            self.log(f"{split}/{batch['source']}/{metric}", loss, batch_size=int(count), sync_dist=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_loss(batch, "val/loss")
