@@ -1,9 +1,13 @@
 """Exact resume over several epochs: every epoch draws a fresh order, and a run interrupted
 anywhere (epoch 0, a later epoch, exactly on an epoch boundary) and resumed from its last
 checkpoint ends with the same weights, bit for bit, as the run that was never interrupted; for
-SFT, distillation and a curriculum order, through Lightning's own loops."""
+SFT, distillation, a curriculum order and a weighted mixture of cached sources, through
+Lightning's own loops."""
 
+import json
+import tempfile
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -45,7 +49,23 @@ def module(kind: str):
     return SFTModule(**common)
 
 
+def mixture_sources() -> list[dict]:
+    """Two small JSONL sources (built-in tasks) for a weighted mixture, written once."""
+    from esft.data.tasks import get_task
+
+    root = Path(tempfile.mkdtemp(prefix="esft-mixture-"))
+    for name in ("reverse_words", "arithmetic"):
+        with (root / f"{name}.jsonl").open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in get_task(name).generate(12, seed=0))
+    return [{"path": str(root / "reverse_words.jsonl"), "weight": 0.7}, {"path": str(root / "arithmetic.jsonl"), "weight": 0.3}]
+
+
+MIXTURE = mixture_sources()
+
+
 def data(kind: str) -> SFTDataModule:
+    if kind == "mixture":
+        return SFTDataModule(sources=MIXTURE, max_length=64, max_tokens=128)
     curriculum = {"name": "length", "unit": "tokens"} if kind == "curriculum" else None
     return SFTDataModule(tasks=["reverse_words"], num_train_per_task=16, num_val_per_task=0, max_length=64,
                          max_tokens=128, curriculum=curriculum)
@@ -70,7 +90,7 @@ def fit(root, kind: str, stop_at: int | None = None, ckpt_path: str | None = Non
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     runs = {}
-    for kind in ("sft", "distill", "curriculum"):
+    for kind in ("sft", "distill", "curriculum", "mixture"):
         trainer, lm, recorder = fit(tmp_path_factory.mktemp(kind), kind)
         assert trainer.global_step == MAX_STEPS
         runs[kind] = ({k: v.clone() for k, v in lm.model.state_dict().items()}, recorder.epochs)
@@ -92,8 +112,8 @@ def test_a_curriculum_keeps_its_order_every_epoch(full):
 
 @pytest.mark.parametrize(
     "kind,stop_at",
-    [("sft", 2), ("sft", STEPS_PER_EPOCH), ("sft", 5), ("distill", 5), ("curriculum", 5)],
-    ids=["sft-epoch0", "sft-epoch-boundary", "sft-epoch1", "distill-epoch1", "curriculum-epoch1"],
+    [("sft", 2), ("sft", STEPS_PER_EPOCH), ("sft", 5), ("distill", 5), ("curriculum", 5), ("mixture", 5)],
+    ids=["sft-epoch0", "sft-epoch-boundary", "sft-epoch1", "distill-epoch1", "curriculum-epoch1", "mixture-epoch1"],
 )
 def test_interrupted_run_resumes_bit_identical(tmp_path, full, kind, stop_at):
     fit(tmp_path, kind, stop_at=stop_at)
