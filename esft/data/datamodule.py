@@ -278,13 +278,17 @@ class SFTDataModule(L.LightningDataModule):
                                    train_on=hp.train_on, multiturn=hp.multiturn, truncation=hp.truncation,
                                    name=source.name, split=split)
             show = self.trainer is None or self.trainer.is_global_zero
-            self._stores[key] = store = prepare_store(path, self.tokenizer, options, hp.cache_dir, hp.num_proc, progress=show)
-            meta = store.meta
-            load = meta["load"]
-            self._report_load(path, LoadStats(read=load["read"], skipped=Counter(load["skip_reasons"]),
-                                              formats=Counter(load["formats"]), examples=load["skip_examples"]),
-                              f"prepared in {meta['seconds']} s by {meta['num_proc']} processes, cached in {store.directory}")
+            self._stores[key] = prepare_store(path, self.tokenizer, options, hp.cache_dir, hp.num_proc, progress=show)
         return self._stores[key]
+
+    def _report_store(self, store: ExampleStore) -> None:
+        """The load report of a prepared source (every rank calls it: the report file asks the
+        trainer for the run directory, a collective)."""
+        meta, load = store.meta, store.meta["load"]
+        stats = LoadStats(read=load["read"], skipped=Counter(load["skip_reasons"]), formats=Counter(load["formats"]),
+                          examples=load["skip_examples"])
+        self._report_load(meta["source"], stats, f"prepared in {meta['seconds']} s by {meta['num_proc']} "
+                                                  f"processes, cached in {store.directory}")
 
     def prepare_data(self) -> None:
         """Prepare (tokenize and cache) every file and hub source, once per node (Lightning calls
@@ -317,6 +321,8 @@ class SFTDataModule(L.LightningDataModule):
         train, val, amounts = [], [], []
         for i, source in enumerate(sources):
             store, train_index, val_store, val_index = self._split(source)
+            for used in {store.directory: store, **({val_store.directory: val_store} if val_store else {})}.values():
+                self._report_store(used)
             if source.max_examples is not None and len(train_index) > source.max_examples:
                 keep = np.random.default_rng([hp.seed, i]).choice(len(train_index), source.max_examples, replace=False)
                 train_index = train_index[np.sort(keep)]
