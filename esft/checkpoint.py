@@ -149,7 +149,7 @@ def resolve_last(dirs: list[str]) -> str | None:
 
 
 # options that do not change what a resumed run computes
-RESUME_FREE = {"num_workers", "max_new_tokens", "cache", "cache_dir", "num_proc"}  # change no trained data
+RESUME_FREE = {"num_workers", "max_new_tokens", "cache", "cache_dir", "num_proc"}
 
 
 def _plain(value: Any) -> Any:
