@@ -37,3 +37,36 @@ def test_lora_trains_only_adapters_and_exports_merged_weights(tmp_path):
 def test_lora_and_experts_together_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="'experts' and 'lora' cannot be combined"):
         SFTModule(model_config=TINY["qwen2_moe"], experts=str(tmp_path / "e.json"), lora={"r": 4})
+
+
+@pytest.mark.parametrize("variant", [{}, {"use_dora": True}, {"use_rslora": True}], ids=["lora", "dora", "rslora"])
+def test_the_adapter_is_exported_in_peft_format_beside_the_merged_model(tmp_path, variant):
+    import copy
+
+    import lightning as L
+    from peft import PeftModel
+
+    from esft.callbacks import ExportHF
+    from esft.data import SFTDataModule
+
+    module = SFTModule(model_config=TINY["llama"], lora={"r": 4, "alpha": 8.0, **variant}, loss_chunk_size=16,
+                       optim={"lr": 5e-2, "warmup_steps": 0})
+    config = module.model.peft_config["default"]
+    assert (config.use_dora, config.use_rslora) == (variant.get("use_dora", False), variant.get("use_rslora", False))
+    layer = module.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(8.0 / 2 if variant.get("use_rslora") else 8.0 / 4)
+    data = SFTDataModule(tasks=["reverse_words"], num_train_per_task=16, num_val_per_task=0, max_length=64, max_tokens=128)
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[ExportHF(str(tmp_path / "hf"))])
+    trainer.fit(module, data)
+    trained = module.model.eval()
+    base = copy.deepcopy(trained).unload()  # the frozen base weights, without the adapter
+    ids = torch.randint(3, 500, (2, 24))
+    with torch.no_grad():
+        assert not torch.allclose(trained(ids).logits, base(ids).logits, atol=1e-4)  # the adapter moved
+    adapter = PeftModel.from_pretrained(base, tmp_path / "hf" / "adapter").eval()  # adds it to `base`
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(ids).logits, trained(ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(merged(ids).logits, trained(ids).logits, atol=1e-4, rtol=0)

@@ -195,7 +195,7 @@ def test_a_mixture_logs_each_sources_validation_loss_and_its_realised_share(tmp_
     metrics = Metrics()
     trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, callbacks=[metrics],
-                        num_sanity_val_steps=0, val_check_interval=1)
+                        num_sanity_val_steps=0, val_check_interval=1, default_root_dir=str(tmp_path))
     trainer.fit(SFTModule(model_config=TINY["llama"], loss_chunk_size=16), dm)
     shares = {r["label"]: r["share"] for r in dm.data_report["mixture"]["sources"]}
     assert shares["reverse_words"] == pytest.approx(0.75, abs=0.03) and shares["arithmetic"] == pytest.approx(0.25, abs=0.03)

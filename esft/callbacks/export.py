@@ -2,7 +2,8 @@
 
 An export directory holds a marker file (`MARKER`); an existing `dirpath` is replaced only when
 it holds that marker, i.e. when an earlier export wrote it: a directory with other files, or a
-base model, is never deleted. Non-finite weights are never exported.
+base model, is never deleted. Non-finite weights are never exported. With LoRA the export is the
+merged model plus the adapter alone in peft's format under ``adapter/``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule
 
 from esft.callbacks.guards import NonFiniteError, non_finite
+from esft.models.lora import is_lora
 from esft.models.sharding import gathered
 
 MARKER = ".esft-export"
@@ -62,6 +64,7 @@ class ExportHF(L.Callback):
         for path in (target, tmp, old):
             check_replaceable(path)
         shutil.rmtree(tmp, ignore_errors=True)
+        full_state = state_dict  # the gathered state of a sharded model (peft picks the adapter's keys)
         # LoRA and trained expert slices are merged: the export is a plain transformers model
         model = pl_module.export_model() if hasattr(pl_module, "export_model") else pl_module.model
         if hasattr(pl_module, "export_state_dict"):
@@ -71,6 +74,8 @@ class ExportHF(L.Callback):
             raise NonFiniteError(f"non-finite weights ({bad}): not exported; {target} left as it was")
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         pl_module.tokenizer.save_pretrained(tmp)
+        if is_lora(pl_module.model):  # the adapter alone too, in peft's format (`PeftModel.from_pretrained`)
+            pl_module.model.save_pretrained(tmp / "adapter", safe_serialization=True, state_dict=full_state)
         (tmp / MARKER).write_text("written by esft.callbacks.ExportHF; replaced by the next export\n")
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)

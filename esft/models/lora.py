@@ -2,10 +2,12 @@
 
     model:
       init_args:
-        lora: {r: 8, alpha: 16, dropout: 0.0, target_modules: all-linear}
+        lora: {r: 8, alpha: 16, dropout: 0.0, target_modules: all-linear, use_dora: false, use_rslora: false}
 
-The base weights are frozen and only the low-rank factors train; the HF export merges them
-(`merged_copy`), so ``<run>/hf`` stays a plain transformers checkpoint.
+The base weights are frozen and only the low-rank factors train. The HF export merges them
+(`merged_copy`), so ``<run>/hf`` stays a plain transformers checkpoint, and also writes the adapter
+alone in peft's format to ``<run>/hf/adapter`` (`ExportHF`), loadable on the base model with
+``PeftModel.from_pretrained(base, "<run>/hf/adapter")``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class LoraOptions:
     """Dropout on the adapter's input."""
     target_modules: list[str] | str = "all-linear"
     """Module-name suffixes to adapt, or ``all-linear`` (every linear layer but the LM head)."""
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024, arXiv 2402.09353): the update is split into a magnitude and a direction."""
+    use_rslora: bool = False
+    """rsLoRA (Kalajdzievski 2023, arXiv 2312.03732): scale by ``alpha / sqrt(r)`` instead of ``alpha / r``."""
 
 
 def apply_lora(model: nn.Module, opts: LoraOptions | dict) -> nn.Module:
@@ -38,7 +44,8 @@ def apply_lora(model: nn.Module, opts: LoraOptions | dict) -> nn.Module:
     if opts.r <= 0:
         raise ValueError(f"lora.r must be positive, got {opts.r}")
     config = LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
-                        target_modules=opts.target_modules, task_type="CAUSAL_LM")
+                        target_modules=opts.target_modules, use_dora=opts.use_dora, use_rslora=opts.use_rslora,
+                        task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
