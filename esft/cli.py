@@ -124,22 +124,39 @@ def main(args: list[str] | None = None) -> ESFTCLI:
 
 # Project commands beside LightningCLI's subcommands: `esft <name> ...` runs `<module>.main(argv)`.
 PROJECT_COMMANDS = {
-    "eval": "esft.evaluation.run",
-    "sweep": "esft.sweep",
-    "export": "esft.data.tasks.export",
-    "bench": "esft.bench",
-    "distill-data": "esft.distill_data",
-    "tune": "esft.tune",
-    "rejection-sample": "esft.rejection",
-    "pipeline": "esft.pipeline",
-    "experts": "esft.experts.cli",
-    "curate": "esft.curation.command",
+    "eval": ("esft.evaluation.run", "generation-based evaluation of a model on tasks or a data file"),
+    "sweep": ("esft.sweep", "an ablation grid x seeds over a base config, with a results table"),
+    "tune": ("esft.tune", "hyperparameter search with Optuna (or a learning-rate range test)"),
+    "pipeline": ("esft.pipeline", "a multi-stage run (SFT -> RL -> rejection sampling -> ...)"),
+    "bench": ("esft.bench", "the throughput and memory suite beside TRL's SFTTrainer"),
+    "experts": ("esft.experts.cli", "expert-specialized fine-tuning: score, select, save, merge experts"),
+    "curate": ("esft.curation.command", "data curation (filters, dedup, scored selection) with a report"),
+    "distill-data": ("esft.distill_data", "teacher responses or a teacher top-k cache for distillation"),
+    "rejection-sample": ("esft.rejection", "sample k answers per prompt and keep the verified ones"),
+    "export": ("esft.data.tasks.export", "write built-in tasks as JSON Lines"),
+}
+LIGHTNING_COMMANDS = {
+    "fit": "train an objective on a DataModule (LightningCLI; --config, --print_config)",
+    "validate": "the validation loss of a checkpoint",
+    "test": "the test loss of a checkpoint",
+    "predict": "generations for the validation records",
 }
 
 
+def usage() -> str:
+    """The overview ``esft``, ``esft -h`` and ``esft --help`` print: every command, one line each."""
+    width = max(map(len, [*PROJECT_COMMANDS, *LIGHTNING_COMMANDS])) + 2
+    lines = ["usage: esft <command> [options]   (esft <command> --help for a command's options)", "",
+             "training (LightningCLI subcommands):"]
+    lines += [f"  {name:<{width}}{text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "project commands:"]
+    lines += [f"  {name:<{width}}{text}" for name, (_, text) in PROJECT_COMMANDS.items()]
+    return "\n".join(lines)
+
+
 def _project_command(name: str):
-    module = PROJECT_COMMANDS.get(name)
-    return None if module is None else importlib.import_module(module).main
+    entry = PROJECT_COMMANDS.get(name)
+    return None if entry is None else importlib.import_module(entry[0]).main
 
 
 # OS errors that are the environment's, not the program's: one line naming the path, status 2
@@ -160,7 +177,10 @@ def run() -> None:
     or a refused permission ends the run with its one-line message (naming the file) and status 2;
     a non-finite loss or gradient (`NonFiniteGuard`) with status 1."""
     argv = sys.argv[1:]
-    command = _project_command(argv[0]) if argv else None
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        sys.exit(0 if argv else 2)
+    command = _project_command(argv[0])
     try:
         if command is not None:
             command(argv[1:])

@@ -154,7 +154,7 @@ def test_pipeline_resumes_at_interrupted_stage(tmp_path, monkeypatch):
 def test_pipeline_cli_runs_stages_in_subprocesses(tmp_path):
     from esft.cli import PROJECT_COMMANDS
 
-    assert PROJECT_COMMANDS["pipeline"] == "esft.pipeline"
+    assert PROJECT_COMMANDS["pipeline"][0] == "esft.pipeline"
     cfg = {"out": str(tmp_path / "run"), "stages": [{"name": "sft", "fit": str(tiny_sft(tmp_path / "sft.yaml"))}],
            "eval": {"tasks": [{"name": "arithmetic", "max_digits": 1, "think": True}], "num_examples": 4, "max_new_tokens": 6}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))

@@ -25,7 +25,23 @@ def imported_modules(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("package", ["objectives", "models", "losses", "data"])
 def test_libraries_import_no_command(package):
-    commands = {"esft.cli", *PROJECT_COMMANDS.values()}
+    commands = {"esft.cli", *(module for module, _ in PROJECT_COMMANDS.values())}
     for path in sorted((ROOT / "esft" / package).rglob("*.py")):
         hits = imported_modules(path) & commands
         assert not hits, f"{path.relative_to(ROOT)} imports the command module(s) {sorted(hits)}"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"]])
+def test_esft_help_lists_every_command(argv, monkeypatch, capsys):
+    import importlib
+
+    from esft.cli import LIGHTNING_COMMANDS, run
+
+    monkeypatch.setattr("sys.argv", ["esft", *argv])
+    with pytest.raises(SystemExit) as e:
+        run()
+    assert e.value.code == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert listed == [*LIGHTNING_COMMANDS, *PROJECT_COMMANDS]
+    for module, _ in PROJECT_COMMANDS.values():  # every listed command runs `module.main`
+        assert callable(importlib.import_module(module).main), module

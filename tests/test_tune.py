@@ -179,7 +179,7 @@ def test_lr_find_writes_a_suggestion(tmp_path):
 def test_cli_table_has_tune():
     from esft.cli import PROJECT_COMMANDS, _project_command
 
-    assert PROJECT_COMMANDS["tune"] == "esft.tune" and _project_command("tune") is tune.main
+    assert PROJECT_COMMANDS["tune"][0] == "esft.tune" and _project_command("tune") is tune.main
 
 
 def test_objective_value_reads_task_scores_and_logged_metrics():
