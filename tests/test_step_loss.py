@@ -88,3 +88,30 @@ def test_train_loss_is_the_token_mean_of_the_step(uneven):
     with torch.no_grad():
         loss_sum, count = module.token_loss(batch)
     assert recorder.losses[-1] == pytest.approx(float(loss_sum / count), rel=1e-5)
+
+
+class GradNorm(L.Callback):
+    """Computes the gradient norm by hand at the point the module logs it (callbacks run first)."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[float, float]] = []
+        self.expected: float | None = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad.flatten() for p in pl_module.parameters() if p.grad is not None]
+        self.expected = float(torch.cat(grads).norm())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.pairs.append((float(trainer.callback_metrics["train/grad_norm"]), self.expected))
+
+
+def test_the_gradient_norm_before_clipping_is_logged_every_step(tmp_path):
+    norms = GradNorm()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1e-3,
+                        default_root_dir=str(tmp_path), callbacks=[norms])
+    data = SFTDataModule(tasks=["reverse_words"], num_train_per_task=16, num_val_per_task=0, max_length=64, max_tokens=128)
+    trainer.fit(SFTModule(model_config=TINY["llama"], loss_chunk_size=16), data)
+    assert len(norms.pairs) == 3
+    for logged, expected in norms.pairs:
+        assert logged == pytest.approx(expected, rel=1e-4) and logged > 1e-3  # the norm before clipping

@@ -30,6 +30,16 @@ from esft.precision import Float8Recipe, convert_torchao_fp8
 from esft.regularization import apply_regularization
 
 
+def grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+    """The L2 norm of all gradients the optimizer will apply (all ranks' shards of a sharded
+    model), or None where the gradients are not on the parameters (DeepSpeed keeps its own)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor over the shards
+
+
 class CausalLMModule(L.LightningModule):
     def __init__(
         self,
@@ -177,6 +187,9 @@ class CausalLMModule(L.LightningModule):
             self._step_sums[name] = self._step_sums.get(name, 0.0) + value.detach().float()
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        norm = grad_norm(optimizer)
+        if norm is not None:  # before clipping, after unscaling (Lightning calls this hook there)
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
         if not self._step_sums:
             return
         names = list(self._step_sums)
