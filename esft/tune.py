@@ -64,6 +64,7 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateFinder
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from esft.extras import require
 from esft.optim import OptimConfig
 from esft.runs import RunDirBusy, lock_dir
 from esft.sweep import SweepError, _atomic_write, _short_keys, build_config, load_yaml
@@ -529,6 +530,8 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(base, dict):
             raise SweepError(f"{args.config}: expected a mapping (a LightningCLI config)")
         space = None if args.lr_find else load_space(args.space, args.n_trials)
+        if space is not None:
+            require("optuna", "tune", "esft tune")
         if space is not None:  # every key must be settable before any trial runs
             probe = {k: s["choices"][0] if "choices" in s else s["low"] for k, s in space.params.items()}
             trial_config(base, space, probe, Path(args.out or "runs/tune") / "probe")

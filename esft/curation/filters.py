@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from esft.curation.base import field_text, normalise, response_text, token_lengths
+from esft.extras import require
 
 Field = Literal["prompt", "response", "all"]
 
@@ -240,7 +241,8 @@ class MinHashDedup(Filter):
         self.field, self.seed, self.progress = field, seed, progress
 
     def __call__(self, records):
-        from datasketch import MinHash, MinHashLSH
+        datasketch = require("datasketch", "curation", "MinHash dedup")
+        MinHash, MinHashLSH = datasketch.MinHash, datasketch.MinHashLSH
 
         lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
         kept: dict[int, Any] = {}

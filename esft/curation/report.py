@@ -11,6 +11,7 @@ import torch
 
 from esft.curation.base import prompt_text, response_text
 from esft.curation.pipeline import Report
+from esft.extras import require
 
 
 def _short(record: dict[str, Any], limit: int = 120) -> str:
@@ -23,8 +24,7 @@ def _slug(name: str) -> str:
 
 
 def histogram_png(path: Path, title: str, scores: torch.Tensor, kept: torch.Tensor) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plots", "curation histograms")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from esft.extras import require
 from esft.models.moe import moe_adapter
 
 
@@ -123,8 +124,7 @@ def load_scores(path: str | Path) -> dict:
 
 def plot_heatmap(scores: dict, path: str | Path, title: str = "") -> None:
     """Layers x experts heatmaps of the gate and token scores, side by side (PNG)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plots", "expert score heatmaps")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

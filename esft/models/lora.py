@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from esft.extras import require
+
 
 @dataclass
 class LoraOptions:
@@ -38,15 +40,15 @@ class LoraOptions:
 
 def apply_lora(model: nn.Module, opts: LoraOptions | dict) -> nn.Module:
     """`model` wrapped by peft with LoRA adapters; only the adapters require gradients."""
-    from peft import LoraConfig, get_peft_model
+    peft = require("peft", "lora", "LoRA (model.init_args.lora)")
 
     opts = opts if isinstance(opts, LoraOptions) else LoraOptions(**opts)
     if opts.r <= 0:
         raise ValueError(f"lora.r must be positive, got {opts.r}")
-    config = LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
+    config = peft.LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
                         target_modules=opts.target_modules, use_dora=opts.use_dora, use_rslora=opts.use_rslora,
                         task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    return peft.get_peft_model(model, config)
 
 
 def is_lora(model: nn.Module) -> bool:
