@@ -1,0 +1,109 @@
+"""Bradley–Terry reward model: the loss by hand, rewards on packed pairs equal to the exported HF
+model's own forward, LoRA, and a CLI run that learns a held-out preference."""
+
+import math
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForSequenceClassification
+
+from esft.cli import main
+from esft.data import PreferenceDataModule
+from esft.data.packing import collate_padded
+from esft.losses import bradley_terry_loss
+from esft.objectives import RewardModule
+from esft.objectives.reward import pair_rewards
+
+from conftest import TINY
+from test_preference import BUILTIN, dpo_config, write_rows
+
+
+def hf_pair_rewards(model, batch) -> torch.Tensor:
+    """The HF model's own forward on the documents of a packed pair batch, cut out and right-padded
+    one to a row: ``[P, 2]`` in the batch's pair order."""
+    ids, cu = batch["input_ids"].reshape(-1), batch["cu_seqlens"]
+    docs = [{"input_ids": ids[cu[d] : cu[d + 1]].tolist(), "labels": [0], "length": int(cu[d + 1] - cu[d])}
+            for d in batch["doc_index"]]
+    padded = collate_padded([[e] for e in docs], model.config.pad_token_id)
+    with torch.no_grad():
+        return model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits.view(-1, 2)
+
+
+def test_bradley_terry_loss_by_hand():
+    chosen, rejected = torch.tensor([1.0, 0.0, 3.0]), torch.tensor([0.0, 2.0, 3.0])
+    nll = lambda x: math.log1p(math.exp(-x))  # noqa: E731  -log sigmoid(x)
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected), torch.tensor([nll(1.0), nll(-2.0), math.log(2)]))
+    margin = torch.tensor([0.5, 0.5, -1.0])
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected, margin), torch.tensor([nll(0.5), nll(-2.5), nll(1.0)]))
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected, center_coef=0.1),
+                               torch.tensor([nll(1.0) + 0.1, nll(-2.0) + 0.4, math.log(2) + 3.6]))
+    # the loss sees differences only: shifting both rewards changes nothing; swapping adds the difference
+    torch.testing.assert_close(bradley_terry_loss(chosen + 7, rejected + 7), bradley_terry_loss(chosen, rejected))
+    torch.testing.assert_close(bradley_terry_loss(rejected, chosen) - bradley_terry_loss(chosen, rejected), chosen - rejected)
+    with pytest.raises(ValueError, match="chosen .* and rejected .* differ"):
+        bradley_terry_loss(chosen, rejected[:2])
+
+
+@pytest.mark.parametrize("layout", ["flat", "rows"])
+def test_packed_pair_rewards_equal_the_exported_model_on_padded_rows(tmp_path, layout):
+    dm = PreferenceDataModule(**BUILTIN, layout=layout)
+    dm.setup("fit")
+    module = RewardModule(model_config=TINY["llama"]).eval()
+    torch.nn.init.normal_(module.model.score.weight, std=1.0)  # rewards far apart
+    module.model.save_pretrained(tmp_path)
+    module.tokenizer.save_pretrained(tmp_path)
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert exported.config.num_labels == 1 and exported.config.pad_token_id == module.tokenizer.pad_token_id
+    pairs = 0
+    for batch in dm.train_dataloader():
+        rewards = pair_rewards(module.model, batch).detach()
+        torch.testing.assert_close(rewards, hf_pair_rewards(exported, batch), atol=1e-4, rtol=1e-4)
+        assert rewards.std() > 0.1
+        pairs += rewards.shape[0]
+    assert 2 * pairs == len(dm.train_examples)
+
+
+def test_lora_trains_the_head_in_full_and_exports_a_plain_model():
+    module = RewardModule(model_config=TINY["llama"], lora={"r": 4})
+    trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trained) and any("lora_A" in n for n in trained)
+    assert not any("embed_tokens" in n or ("q_proj.base_layer" in n) for n in trained)
+    exported = module.export_model()
+    assert type(exported).__name__ == "LlamaForSequenceClassification"
+    assert "score.weight" in exported.state_dict() and not any("lora" in k for k in exported.state_dict())
+
+
+def test_reward_model_through_the_cli_learns_a_heldout_preference(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = dpo_config(tmp_path, steps=5)
+    good, bad = ["yes", "sure", "fine", "right"], ["no", "never", "wrong", "nope"]
+    for name, n, seed in (("train", 96, 0), ("val", 24, 1)):  # chosen answers end in a word of `good`
+        rows = []
+        for i in range(n):
+            a, b = (i * 37 + seed * 11) % 100, (i * 53 + seed * 7) % 100
+            rows.append({"prompt": f"What is {a} + {b}?", "chosen": f"{a + b} {good[(i + seed) % 4]}",
+                         "rejected": f"{a + b} {bad[(i * 3 + seed) % 4]}"})
+        write_rows(tmp_path / f"{name}.jsonl", rows)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["model"] = {"class_path": "esft.objectives.RewardModule",
+                    "init_args": {"model_config": TINY["llama"], "optim": {"lr": 1e-2, "warmup_steps": 0}}}
+    cfg["trainer"]["callbacks"].append({"class_path": "esft.callbacks.ExportHF", "init_args": {"dirpath": str(tmp_path / "hf")}})
+    path.write_text(yaml.safe_dump(cfg))
+    before = float(main(["validate", "--config", str(path)]).trainer.callback_metrics["val/accuracy"])
+    cli = main(["fit", "--config", str(path)])
+    after = cli.trainer.callback_metrics
+    assert before < 0.7 and float(after["val/accuracy"]) >= 0.9, (before, float(after["val/accuracy"]))
+    assert after["val/rewards/margins"] > 0
+    tags = set(EventAccumulator(str(tmp_path)).Reload().Tags()["scalars"])
+    assert {"train/loss", "train/accuracy", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
+            "val/accuracy"} <= tags
+    # the export scores the held-out pairs as the trained module does, through the HF forward
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    batches = list(cli.datamodule.val_dataloader())
+    hf = torch.cat([hf_pair_rewards(exported, b) for b in batches])
+    with torch.no_grad():
+        ours = torch.cat([pair_rewards(cli.model.model.eval(), b) for b in batches])
+    torch.testing.assert_close(hf, ours, atol=1e-4, rtol=1e-4)
+    assert (hf[:, 0] > hf[:, 1]).float().mean() == pytest.approx(float(after["val/accuracy"]))
