@@ -14,6 +14,8 @@ from esft.data.packing import collate_padded
 from esft.losses import bradley_terry_loss
 from esft.objectives import RewardModule
 from esft.objectives.reward import pair_rewards
+from esft.checkpoint import CheckpointError
+from esft.rewards import ModelReward, RewardSet, Sample
 
 from conftest import TINY
 from test_preference import BUILTIN, dpo_config, write_rows
@@ -28,6 +30,20 @@ def hf_pair_rewards(model, batch) -> torch.Tensor:
     padded = collate_padded([[e] for e in docs], model.config.pad_token_id)
     with torch.no_grad():
         return model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits.view(-1, 2)
+
+
+def export_tiny_reward_model(path, seed: int = 0):
+    """A random tiny reward model whose rewards spread out, exported to `path`."""
+    torch.manual_seed(seed)
+    module = RewardModule(model_config=TINY["llama"])
+    torch.nn.init.normal_(module.model.score.weight, std=1.0)
+    module.model.save_pretrained(path)
+    module.tokenizer.save_pretrained(path)
+    return path
+
+
+def prompt_record(a: int, b: int) -> dict:
+    return {"task": "arithmetic", "answer": str(a + b), "messages": [{"role": "user", "content": f"What is {a} + {b}?"}]}
 
 
 def test_bradley_terry_loss_by_hand():
@@ -49,10 +65,8 @@ def test_bradley_terry_loss_by_hand():
 def test_packed_pair_rewards_equal_the_exported_model_on_padded_rows(tmp_path, layout):
     dm = PreferenceDataModule(**BUILTIN, layout=layout)
     dm.setup("fit")
-    module = RewardModule(model_config=TINY["llama"]).eval()
-    torch.nn.init.normal_(module.model.score.weight, std=1.0)  # rewards far apart
-    module.model.save_pretrained(tmp_path)
-    module.tokenizer.save_pretrained(tmp_path)
+    export_tiny_reward_model(tmp_path)
+    module = RewardModule(model_name_or_path=str(tmp_path)).eval()
     exported = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     assert exported.config.num_labels == 1 and exported.config.pad_token_id == module.tokenizer.pad_token_id
     pairs = 0
@@ -107,3 +121,29 @@ def test_reward_model_through_the_cli_learns_a_heldout_preference(tmp_path):
         ours = torch.cat([pair_rewards(cli.model.model.eval(), b) for b in batches])
     torch.testing.assert_close(hf, ours, atol=1e-4, rtol=1e-4)
     assert (hf[:, 0] > hf[:, 1]).float().mean() == pytest.approx(float(after["val/accuracy"]))
+
+
+def test_model_reward_scores_as_the_exported_model_reads_its_training_pairs(tmp_path):
+    path = str(export_tiny_reward_model(tmp_path / "rm"))
+    records = [prompt_record(a, b) for a, b in ((2, 3), (40, 9), (7, 7))]
+    texts = ["5", "<think>40+9=49</think>\n49", "fourteen, I think", "14", "13"]
+    samples = [Sample(records[i % 3], t) for i, t in enumerate(texts)]
+    reward = ModelReward(path, batch_size=2)  # three packed batches
+    scores = reward(samples)
+    exported = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    ids = reward.encode(samples)
+    with torch.no_grad():  # one completion at a time through the HF forward
+        expected = [float(exported(input_ids=torch.tensor([x])).logits) for x in ids]
+    assert scores == pytest.approx(expected, abs=1e-4) and torch.tensor(scores).std() > 0.1
+    # the text scored is the pair document the reward model was trained on
+    rows = [{"prompt": r["messages"], "chosen": t, "rejected": t + "?"} for r, t in zip(records, texts)]
+    write_rows(tmp_path / "pairs.jsonl", rows)
+    dm = PreferenceDataModule(path=str(tmp_path / "pairs.jsonl"), tokenizer_name=path, max_length=64, max_tokens=128)
+    dm.setup("fit")
+    assert [e["input_ids"] for e in dm.train_examples[::2]] == ids[:3]
+    total, parts = RewardSet({"accuracy": 1.0, "model": 0.5}, {"model": {"path": path, "batch_size": 2}})(samples)
+    assert parts["model"] == pytest.approx(scores, abs=1e-5)
+    assert total == pytest.approx([a + 0.5 * m for a, m in zip(parts["accuracy"], scores)])
+    assert parts["accuracy"] == [1.0, 1.0, 0.0, 0.0, 0.0]
+    with pytest.raises(CheckpointError, match="no such model directory"):
+        ModelReward(str(tmp_path / "missing"))(samples)
