@@ -88,23 +88,32 @@ def test_lora_trains_the_head_in_full_and_exports_a_plain_model():
     assert "score.weight" in exported.state_dict() and not any("lora" in k for k in exported.state_dict())
 
 
-def test_reward_model_through_the_cli_learns_a_heldout_preference(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    path = dpo_config(tmp_path, steps=5)
+def reward_config(root, steps: int, export: bool = True):
+    """A RewardModule run on held-out pairs whose chosen answers end in a word of one set and the
+    rejected ones in a word of another: learnable in a few steps from random init, and at chance
+    before (the words' random rewards do not line up with the sets)."""
+    path = dpo_config(root, steps=steps)
     good, bad = ["yes", "sure", "fine", "right"], ["no", "never", "wrong", "nope"]
-    for name, n, seed in (("train", 96, 0), ("val", 24, 1)):  # chosen answers end in a word of `good`
+    for name, n, seed in (("train", 96, 0), ("val", 24, 1)):
         rows = []
         for i in range(n):
             a, b = (i * 37 + seed * 11) % 100, (i * 53 + seed * 7) % 100
             rows.append({"prompt": f"What is {a} + {b}?", "chosen": f"{a + b} {good[(i + seed) % 4]}",
                          "rejected": f"{a + b} {bad[(i * 3 + seed) % 4]}"})
-        write_rows(tmp_path / f"{name}.jsonl", rows)
+        write_rows(root / f"{name}.jsonl", rows)
     cfg = yaml.safe_load(path.read_text())
     cfg["model"] = {"class_path": "esft.objectives.RewardModule",
                     "init_args": {"model_config": TINY["llama"], "optim": {"lr": 1e-2, "warmup_steps": 0}}}
-    cfg["trainer"]["callbacks"].append({"class_path": "esft.callbacks.ExportHF", "init_args": {"dirpath": str(tmp_path / "hf")}})
+    if export:
+        cfg["trainer"]["callbacks"].append({"class_path": "esft.callbacks.ExportHF", "init_args": {"dirpath": str(root / "hf")}})
     path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_reward_model_through_the_cli_learns_a_heldout_preference(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = reward_config(tmp_path, steps=5)
     before = float(main(["validate", "--config", str(path)]).trainer.callback_metrics["val/accuracy"])
     cli = main(["fit", "--config", str(path)])
     after = cli.trainer.callback_metrics
