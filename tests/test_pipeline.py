@@ -147,7 +147,7 @@ def test_pipeline_resumes_at_interrupted_stage(tmp_path, monkeypatch):
     assert [line.split(" | ")[0][2:] for line in lines[2:]] == ["sft", "rs", "rl"]
     result = json.loads((run / "rl" / "result.json").read_text())
     assert 0.0 <= result["pass@1"] <= 1.0 and 0.0 <= result["format"] <= 1.0 and result["n"] == 4
-    assert (run / "summary.csv").read_text().splitlines()[0] == "stage,kind,pass@1,format,length,kept,wall_s"
+    assert (run / "summary.csv").read_text().splitlines()[0] == "stage,kind,pass@1,format,length,pref_accuracy,kept,wall_s"
 
 
 @pytest.mark.slow
