@@ -67,7 +67,8 @@ def _zero3_call(model: torch.nn.Module, fn: Callable[..., Any], *args: Any, **kw
     import deepspeed
 
     if not getattr(model, "_esft_zero3_head", False):
-        for p in model.get_output_embeddings().parameters():
+        head = model.get_output_embeddings()  # None for a reward model: its score head runs its own forward
+        for p in [] if head is None else head.parameters():
             deepspeed.zero.register_external_parameter(model, p)
         model._esft_zero3_head = True
     model.forward = partial(fn, model)  # shadows the class's forward for this one call

@@ -115,6 +115,8 @@ class RewardPool:
 
     def map(self, calls: Sequence[tuple[str, Callable[[Any], float], Any]]) -> tuple[list[float], PoolStats]:
         """``(name, fn, sample)`` calls -> their values (0.0 for a failed call) and the failures."""
+        if not calls:
+            return [], PoolStats()
         pool, stats = self._start(), PoolStats()
         submitted = time.monotonic()
         pending = [pool.apply_async(_call, (fn, sample, self.timeout)) for _, fn, sample in calls]
