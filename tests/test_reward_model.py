@@ -78,6 +78,20 @@ def test_packed_pair_rewards_equal_the_exported_model_on_padded_rows(tmp_path, l
     assert 2 * pairs == len(dm.train_examples)
 
 
+def test_a_reward_model_from_a_causal_lm_takes_its_decoder(tmp_path):
+    from esft.objectives import SFTModule
+
+    lm = SFTModule(model_config=TINY["llama"])
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    module = RewardModule(model_name_or_path=str(tmp_path))
+    decoder = module.model.get_decoder().state_dict()
+    assert decoder.keys() == lm.model.get_decoder().state_dict().keys()
+    assert all(torch.equal(v, decoder[k]) for k, v in lm.model.get_decoder().state_dict().items())
+    assert module.model.score.weight.shape == (1, TINY["llama"]["hidden_size"])
+    assert module.model.config.pad_token_id == module.tokenizer.pad_token_id
+
+
 def test_lora_trains_the_head_in_full_and_exports_a_plain_model():
     module = RewardModule(model_config=TINY["llama"], lora={"r": 4})
     trained = {n for n, p in module.model.named_parameters() if p.requires_grad}
