@@ -178,6 +178,9 @@ class GRPOModule(CausalLMModule):
         if self.reference is not None:
             self.reference.to(self.device)
 
+    def on_fit_end(self) -> None:
+        self.rewards.close()  # reward worker processes, if any
+
     # ---- one step --------------------------------------------------------------------------
     def generate(self, records: list[dict[str, Any]]) -> tuple[list[Rollout], list[Sample]]:
         hp = self.hparams
