@@ -33,7 +33,8 @@ def shard_fsdp2(model: torch.nn.Module, mesh, compile: bool = False) -> None:
     fully_shard(model, mesh=mesh)
     model.esft_apply = partial(_apply, model)
     register_fsdp_forward_method(model, "esft_apply")
-    register_fsdp_forward_method(model, "generate")  # evaluation, RL rollouts, on-policy distillation
+    if hasattr(model, "generate"):  # not a reward model (a sequence classifier)
+        register_fsdp_forward_method(model, "generate")  # evaluation, RL rollouts, on-policy distillation
     if compile:
         for layer in layers:
             layer.compile()

@@ -1,5 +1,8 @@
 """Per-sample rewards in worker processes, with a time limit per reward call.
 
+    model: {init_args: {reward_workers: 4, reward_timeout: 10.0}}      # GRPO (esft.objectives.GRPOModule)
+    RewardSet({"accuracy": 1.0, "my_checks:run_tests": 1.0}, workers=4, timeout=10.0)
+
 A slow reward (a code runner, a symbolic checker, a remote judge) would stall a GRPO step in the
 training process, and one that hangs or raises would end the run. `RewardPool` runs each call
 ``fn(sample)`` in a process pool instead:
