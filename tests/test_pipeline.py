@@ -289,6 +289,7 @@ def test_sft_then_dpo_pipeline(tmp_path, monkeypatch):
     assert 0.0 <= result["pass@1"] <= 1.0  # a policy: evaluated by generation too
 
 
+@pytest.mark.slow  # 9 to 35 s on the loaded 2-core machine (load average 11 to 13)
 def test_sft_then_reward_model_pipeline(tmp_path, monkeypatch):
     run, result, _ = preference_pipeline(tmp_path, monkeypatch, "rm")
     assert "pass@1" not in result  # a reward model does not generate
