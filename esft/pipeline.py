@@ -15,15 +15,23 @@ A pipeline YAML::
       - {name: rl, fit: configs/grpo/arithmetic_tiny.yaml, init_from: cold_start}
       - {name: rs, rejection_sample: {task: [...], k: 8}, model_from: rl}
       - {name: rs_sft, fit: configs/sft/r1_cold_start.yaml, data_from: rs, data_mode: add}
+      - {name: rm, preference: configs/preference/reward_tiny.yaml, init_from: rs_sft}
+      - {name: rl2, fit: configs/grpo/arithmetic_tiny.yaml, init_from: rs_sft, reward_from: rm}
+      - {name: dpo, preference: configs/preference/dpo_tiny.yaml, init_from: rl2}
 
 Stage kinds: ``fit`` (an ``esft fit`` config; `overrides` sets dotted keys of it, `init_from`
 starts the model from that stage's exported ``hf/`` model, `data_from` trains on that stage's
 ``data.jsonl``: instead of the config's data with ``data_mode: replace`` (the default), beside it
-with ``data_mode: add``), ``rejection_sample`` (arguments of ``esft rejection-sample``; the model comes
-from `model_from`). Each stage runs in its own process; a finished stage leaves ``DONE`` and
+with ``data_mode: add``; `reward_from` points a GRPO stage's ``model`` reward at that stage's reward
+model: the config's ``rewards`` must weigh ``model``), ``preference`` (a fit stage whose config trains
+`esft.objectives.PreferenceModule` or `esft.objectives.RewardModule` on preference pairs: DPO and kin
+start from `init_from`'s model, which is also their reference; a reward model takes its decoder),
+``rejection_sample`` (arguments of ``esft rejection-sample``; the model comes from `model_from`). Each stage runs in its own process; a finished stage leaves ``DONE`` and
 ``result.json`` and is skipped on the next run, so an interrupted pipeline resumes at the stage it
 stopped in (a fit stage continues from its ``last.ckpt``). After every stage the stage's model is
-evaluated greedily on held-out prompts (pass@1, format rate, completion length) and
+evaluated greedily on held-out prompts (pass@1, format rate, completion length; not a reward model,
+which does not generate), a preference stage's model also on its config's held-out pairs
+(``pref_accuracy``: the share whose chosen completion it ranks higher, by reward or by log-prob), and
 ``<out>/summary.md`` / ``summary.csv`` are rewritten with one row per finished stage.
 
 A stage name is one safe directory name (letters, digits and ``._=,+-``; no ``/`` or ``..``).
@@ -48,7 +56,8 @@ import yaml
 
 from esft.runs import SAFE_NAME_RULE, RunDirBusy, claim, is_safe_name, lock_dir, run_child
 
-KINDS = ("fit", "rejection_sample")
+KINDS = ("fit", "preference", "rejection_sample")
+PREFERENCE_MODULES = ("esft.objectives.PreferenceModule", "esft.objectives.RewardModule")
 
 
 class PipelineError(ValueError):
@@ -79,13 +88,15 @@ def check_pipeline(cfg: Any, path: str = "pipeline") -> dict[str, Any]:
         kinds = [k for k in KINDS if k in stage]
         if len(kinds) != 1:
             raise PipelineError(f"{where}: give exactly one of {', '.join(KINDS)}")
-        for ref in ("init_from", "data_from", "model_from"):
+        for ref in ("init_from", "data_from", "model_from", "reward_from"):
             if stage.get(ref) is not None and stage[ref] not in names:
                 raise PipelineError(f"{where}: {ref}={stage[ref]!r} is not an earlier stage ({', '.join(names) or 'none'})")
         if stage.get("data_mode", "replace") not in ("replace", "add"):
             raise PipelineError(f"{where}: data_mode must be 'replace' or 'add', got {stage['data_mode']!r}")
         if "rejection_sample" in stage and not stage.get("model_from"):
             raise PipelineError(f"{where}: a rejection_sample stage needs model_from")
+        if stage.get("reward_from") is not None and "rejection_sample" in stage:
+            raise PipelineError(f"{where}: reward_from applies to fit stages (GRPO's model reward)")
         names.append(stage["name"])
     return cfg
 
@@ -129,6 +140,14 @@ def fit_config(base: dict[str, Any], stage: dict[str, Any], out: Path, seed: int
         model_args["model_name_or_path"] = str(out.parent / stage["init_from"] / "hf")
         model_args["model_config"] = None
         model_args["tokenizer"] = None
+    if stage.get("reward_from"):
+        if "model" not in (model_args.get("rewards") or {}):
+            raise PipelineError(f"stage {stage['name']!r}: reward_from={stage['reward_from']!r} needs a 'model' weight in "
+                                f"model.init_args.rewards (e.g. overrides: {{model.init_args.rewards: "
+                                f"{{accuracy: 1.0, model: 0.5}}}}), got {model_args.get('rewards')}")
+        options = dict(model_args.get("reward_options") or {})
+        options["model"] = {**(options.get("model") or {}), "path": str(out.parent / stage["reward_from"] / "hf")}
+        model_args["reward_options"] = options
     if stage.get("data_from"):
         data_args = cfg.setdefault("data", {}).setdefault("init_args", {})
         source = str(out.parent / stage["data_from"] / "data.jsonl")
@@ -180,6 +199,44 @@ def evaluate_stage(model_dir: Path, eval_cfg: dict[str, Any]) -> dict[str, float
     return evaluate_reasoning(model, tokenizer, records, eval_cfg.get("max_new_tokens", 64), eval_cfg.get("batch_size", 200))
 
 
+def preference_accuracy(model_dir: Path, fit_cfg: dict[str, Any]) -> float | None:
+    """The share of the stage config's held-out pairs whose chosen completion the exported model
+    ranks higher: by reward (a reward model) or by summed completion log-prob (a policy, as
+    `PreferenceModule`'s ``val/accuracy``). None when the config holds out no pairs."""
+    import importlib
+
+    import torch
+
+    from esft.models.forward import document_logprobs
+    from esft.objectives.reward import pair_rewards
+
+    module_name, _, name = fit_cfg["data"]["class_path"].rpartition(".")
+    data = getattr(importlib.import_module(module_name), name)(**{**fit_cfg["data"].get("init_args", {}),
+                                                                 "tokenizer_name": str(model_dir)})
+    data.setup("fit")
+    if not data.val_examples:
+        return None
+    reward_model = fit_cfg["model"]["class_path"].endswith("RewardModule")
+    if reward_model:
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    else:
+        from esft.objectives.loading import load_model
+
+        model = load_model(str(model_dir), torch.device("cpu"), "float32")[0]
+    right = total = 0
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            if reward_model:
+                scores = pair_rewards(model, batch)
+            else:
+                scores = document_logprobs(model, batch)[0][batch["doc_index"]].view(-1, 2)
+            right += int((scores[:, 0] > scores[:, 1]).sum())
+            total += scores.shape[0]
+    return right / total
+
+
 def write_summary(out: Path, stages: list[dict[str, Any]]) -> str:
     """Rewrite ``summary.md`` and ``summary.csv`` from the finished stages' ``result.json``."""
     rows = []
@@ -187,7 +244,7 @@ def write_summary(out: Path, stages: list[dict[str, Any]]) -> str:
         path = out / stage["name"] / "result.json"
         if path.exists():
             rows.append(json.loads(path.read_text()))
-    cols = ["stage", "kind", "pass@1", "format", "length", "kept", "wall_s"]
+    cols = ["stage", "kind", "pass@1", "format", "length", "pref_accuracy", "kept", "wall_s"]
     with (out / "summary.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -223,15 +280,23 @@ def _run_stage(cfg: dict[str, Any], stage: dict[str, Any], out: Path, seed: int)
     print(f"[pipeline] {stage['name']}: running (log: {d / 'stage.log'})", flush=True)
     result: dict[str, Any] = {"stage": stage["name"]}
     eval_cfg = cfg.get("eval") or {}
-    if "fit" in stage:
-        result["kind"] = "fit"
-        fit_cfg = fit_config(yaml.safe_load(Path(stage["fit"]).read_text()), stage, d, seed)
+    kind = next(k for k in KINDS if k in stage)
+    if kind in ("fit", "preference"):
+        result["kind"] = kind
+        fit_cfg = fit_config(yaml.safe_load(Path(stage[kind]).read_text()), stage, d, seed)
+        model_class = (fit_cfg.get("model") or {}).get("class_path")
+        if kind == "preference" and model_class not in PREFERENCE_MODULES:
+            raise PipelineError(f"stage {stage['name']!r}: a preference stage trains one of {', '.join(PREFERENCE_MODULES)}; "
+                                f"{stage[kind]} has model.class_path {model_class!r} (use a fit stage)")
         (d / "stage.yaml").write_text(yaml.safe_dump(fit_cfg, sort_keys=False))
         argv = ["fit", "--config", str(d / "stage.yaml")]
         if (d / "checkpoints" / "last.ckpt").exists():
             argv += ["--ckpt_path", str(d / "checkpoints" / "last.ckpt")]
         _run(argv, d / "stage.log")
-        result.update(evaluate_stage(d / "hf", eval_cfg) if eval_cfg.get("tasks") else {})
+        generates = not model_class or not model_class.endswith("RewardModule")
+        result.update(evaluate_stage(d / "hf", eval_cfg) if eval_cfg.get("tasks") and generates else {})
+        if kind == "preference":
+            result["pref_accuracy"] = preference_accuracy(d / "hf", fit_cfg)
     else:
         result["kind"] = "rejection_sample"
         _run(["rejection-sample", *rejection_args(stage, d, seed)], d / "stage.log")

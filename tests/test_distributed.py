@@ -349,3 +349,30 @@ def test_dpo_on_two_ranks_matches_one_process(tmp_path):
     for other in ("ddp", "fsdp2"):
         for name in runs["single"]:
             torch.testing.assert_close(runs[other][name], runs["single"][name], atol=2e-5, rtol=1e-4, msg=f"{other}: {name}")
+
+
+@pytest.mark.slow
+def test_reward_model_on_two_ranks_matches_one_process(tmp_path):
+    """The Bradley–Terry reward model (a score head beside the decoder, no LM head) under DDP and
+    FSDP2 on two ranks ends where one process taking the same pairs ends (exactly, as measured).
+    Under ZeRO-3 the run completes but ends up to 9.4e-5 away from it (atol here: 2e-5): not
+    covered."""
+    pairs = {"class_path": "esft.data.PreferenceDataModule",
+             "init_args": {"tasks": [{"name": "arithmetic", "max_digits": 2}], "num_train_per_task": 48,
+                           "num_val_per_task": 0, "max_length": 32, "max_tokens": 128, "layout": "rows"}}
+    runs = {}
+    for name, trainer in {"single": {"devices": 1, "accumulate_grad_batches": 2}, "ddp": {"devices": 2, "strategy": "ddp"},
+                          "fsdp2": {"devices": 2, "strategy": FSDP2}}.items():
+        export = [{"class_path": "esft.callbacks.ExportHF", "init_args": {"dirpath": str(tmp_path / name / "hf")}}]
+        config = write_config(tmp_path / name, max_steps=3, callbacks=export, **trainer)
+        cfg = yaml.safe_load(config.read_text())
+        cfg["model"] = {"class_path": "esft.objectives.RewardModule",
+                        "init_args": {"model_config": TINY["llama"], "center_coef": 0.01, "optim": {"lr": 1e-2, "warmup_steps": 0}}}
+        cfg["data"] = pairs
+        config.write_text(yaml.safe_dump(cfg))
+        fit(config)
+        runs[name] = load_file(tmp_path / name / "hf" / "model.safetensors")
+    assert "score.weight" in runs["single"] and "lm_head.weight" not in runs["single"]
+    for other in ("ddp", "fsdp2"):
+        for name in runs["single"]:
+            torch.testing.assert_close(runs[other][name], runs["single"][name], atol=2e-5, rtol=1e-4, msg=f"{other}: {name}")

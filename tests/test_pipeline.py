@@ -147,7 +147,7 @@ def test_pipeline_resumes_at_interrupted_stage(tmp_path, monkeypatch):
     assert [line.split(" | ")[0][2:] for line in lines[2:]] == ["sft", "rs", "rl"]
     result = json.loads((run / "rl" / "result.json").read_text())
     assert 0.0 <= result["pass@1"] <= 1.0 and 0.0 <= result["format"] <= 1.0 and result["n"] == 4
-    assert (run / "summary.csv").read_text().splitlines()[0] == "stage,kind,pass@1,format,length,kept,wall_s"
+    assert (run / "summary.csv").read_text().splitlines()[0] == "stage,kind,pass@1,format,length,pref_accuracy,kept,wall_s"
 
 
 @pytest.mark.slow
@@ -228,3 +228,76 @@ def test_a_restart_refuses_a_stage_dir_an_earlier_stage_process_still_writes(tmp
     monkeypatch.setattr(pipeline, "_run", lambda argv, log: (_ for _ in ()).throw(RuntimeError("ran")))
     with pytest.raises(RuntimeError, match="ran"):  # once it has ended, the stage runs again
         run_pipeline(cfg, out=tmp_path / "out")
+
+
+def test_r1_preference_tiny_stage_configs_parse(tmp_path, capsys):
+    """Every fit and preference stage of the preference pipeline gives a config `esft fit` accepts,
+    and `reward_from` points GRPO's model reward at the reward-model stage's export."""
+    from esft.cli import main
+
+    cfg = load_pipeline(ROOT / "configs/pipelines/r1_preference_tiny.yaml")
+    kinds = []
+    for stage in cfg["stages"]:
+        kind = "fit" if "fit" in stage else "preference"
+        kinds.append(kind)
+        fc = fit_config(yaml.safe_load((ROOT / stage[kind]).read_text()), stage, tmp_path / stage["name"], 0)
+        path = tmp_path / f"{stage['name']}.yaml"
+        path.write_text(yaml.safe_dump(fc))
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(path), "--print_config"])
+        model = yaml.safe_load(capsys.readouterr().out)["model"]
+        assert (kind == "preference") == (model["class_path"] in pipeline.PREFERENCE_MODULES)
+        if stage.get("reward_from"):
+            assert model["init_args"]["reward_options"]["model"]["path"] == str(tmp_path / stage["reward_from"] / "hf")
+            assert model["init_args"]["rewards"]["model"] == 0.5
+    assert kinds == ["fit", "preference", "fit", "preference"]
+    stage = {"name": "rl", "fit": "x", "reward_from": "rm"}  # no model weight: a clear error
+    with pytest.raises(PipelineError, match="stage 'rl': reward_from='rm' needs a 'model' weight"):
+        fit_config({"model": {"init_args": {"rewards": {"accuracy": 1.0}}}}, stage, tmp_path / "rl", 0)
+
+
+def preference_pipeline(tmp_path, monkeypatch, kind: str):
+    """Run SFT -> a preference stage (``dpo`` or ``rm``) in process; returns the run directory and
+    the stage's result, after checking that the stage started from the SFT export and that its
+    held-out preference accuracy (computed from the export) is the one its run logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from test_preference import dpo_config
+    from test_reward_model import reward_config
+
+    monkeypatch.setattr(pipeline, "_run", in_process)
+    (tmp_path / "data").mkdir()
+    config = dpo_config(tmp_path / "data", steps=6) if kind == "dpo" else reward_config(tmp_path / "data", 5, export=False)
+    stages = [{"name": "sft", "fit": str(tiny_sft(tmp_path / "sft.yaml"))},
+              {"name": kind, "preference": str(config), "init_from": "sft"}]
+    cfg = {"out": str(tmp_path / "run"), "stages": stages,
+           "eval": {"tasks": [{"name": "arithmetic", "max_digits": 1, "think": True}], "num_examples": 4, "max_new_tokens": 6}}
+    table = run_pipeline(cfg)
+    run = tmp_path / "run"
+    stage_cfg = yaml.safe_load((run / kind / "stage.yaml").read_text())
+    assert stage_cfg["model"]["init_args"]["model_name_or_path"] == str(run / "sft" / "hf")
+    result = json.loads((run / kind / "result.json").read_text())
+    logged = EventAccumulator(str(run / kind)).Reload().Scalars("val/accuracy")[-1].value
+    assert result["kind"] == "preference" and result["pref_accuracy"] == pytest.approx(logged) and logged >= 0.9
+    assert f"| {kind} | preference |" in table and "pref_accuracy" in table.splitlines()[0]
+    return run, result, cfg
+
+
+@pytest.mark.slow  # 16 to 56 s on the loaded 2-core machine (load average 8 to 13)
+def test_sft_then_dpo_pipeline(tmp_path, monkeypatch):
+    run, result, cfg = preference_pipeline(tmp_path, monkeypatch, "dpo")
+    assert 0.0 <= result["pass@1"] <= 1.0  # a policy: evaluated by generation too
+
+
+@pytest.mark.slow  # 9 to 35 s on the loaded 2-core machine (load average 11 to 13)
+def test_sft_then_reward_model_pipeline(tmp_path, monkeypatch):
+    run, result, _ = preference_pipeline(tmp_path, monkeypatch, "rm")
+    assert "pass@1" not in result  # a reward model does not generate
+    assert json.loads((run / "rm" / "hf" / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+
+
+def test_a_preference_stage_needs_a_preference_config(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "_run", lambda argv, log: pytest.fail("a stage ran"))
+    bad = {"name": "bad", "preference": str(tiny_sft(tmp_path / "sft.yaml"))}
+    with pytest.raises(PipelineError, match="stage 'bad': a preference stage trains one of .*SFTModule"):
+        run_pipeline({"stages": [bad]}, out=tmp_path / "run")

@@ -82,7 +82,9 @@ class ExportHF(L.Callback):
             target.rename(old)
         tmp.rename(target)
         shutil.rmtree(old, ignore_errors=True)
-        rank_zero_info(f"[export] model and tokenizer saved to {target} (load with AutoModelForCausalLM.from_pretrained)")
+        auto = "AutoModelForSequenceClassification" if type(model).__name__.endswith("ForSequenceClassification") \
+            else "AutoModelForCausalLM"  # a reward model (`esft.objectives.RewardModule`) or an LM
+        rank_zero_info(f"[export] model and tokenizer saved to {target} (load with {auto}.from_pretrained)")
 
 
 def check_replaceable(path: Path) -> None:

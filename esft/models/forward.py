@@ -136,3 +136,23 @@ def document_logprobs(
         cu = batch["cu_seqlens"]
         return segment_sums(logp, cu), segment_sums(trained, cu)
     return logp.sum(-1), trained.sum(-1)
+
+
+def document_ends(batch: dict[str, Any]) -> torch.Tensor:
+    """The flat index (into ``input_ids.reshape(-1)``) of every document's last token: the
+    ``cu_seqlens`` segments of a packed batch (fillers included), the rows of a padded one."""
+    if "cu_seqlens" in batch and "attention_mask" not in batch:
+        return batch["cu_seqlens"][1:].long() - 1
+    mask = batch["attention_mask"]
+    return torch.arange(mask.shape[0], device=mask.device) * mask.shape[1] + mask.sum(1) - 1
+
+
+def sequence_rewards(model: PreTrainedModel, batch: dict[str, Any]) -> torch.Tensor:
+    """The scalar reward of every document of a batch (packed or padded), ``[D]`` float32: the
+    reward model's ``score`` head (`esft.models.build_model` with ``head="score"``, or
+    ``AutoModelForSequenceClassification`` with one label) on the last hidden state of each
+    document's last token, the token that the HF model's own forward pools at. The head runs on
+    those D states only."""
+    hidden = model.get_decoder()(**forward_kwargs(model, batch)).last_hidden_state
+    ends = document_ends(batch).to(hidden.device)
+    return model.score(hidden.reshape(-1, hidden.shape[-1])[ends]).squeeze(-1).float()

@@ -41,13 +41,14 @@ class LoraOptions:
 def apply_lora(model: nn.Module, opts: LoraOptions | dict) -> nn.Module:
     """`model` wrapped by peft with LoRA adapters; only the adapters require gradients."""
     peft = require("peft", "lora", "LoRA (model.init_args.lora)")
-
     opts = opts if isinstance(opts, LoraOptions) else LoraOptions(**opts)
     if opts.r <= 0:
         raise ValueError(f"lora.r must be positive, got {opts.r}")
+    # a reward model (`esft.models.build_model(head="score")`): peft trains its new scalar head in full
+    task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
     config = peft.LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout,
-                        target_modules=opts.target_modules, use_dora=opts.use_dora, use_rslora=opts.use_rslora,
-                        task_type="CAUSAL_LM")
+                             target_modules=opts.target_modules, use_dora=opts.use_dora, use_rslora=opts.use_rslora,
+                             task_type=task)
     return peft.get_peft_model(model, config)
 
 

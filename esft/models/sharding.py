@@ -33,7 +33,8 @@ def shard_fsdp2(model: torch.nn.Module, mesh, compile: bool = False) -> None:
     fully_shard(model, mesh=mesh)
     model.esft_apply = partial(_apply, model)
     register_fsdp_forward_method(model, "esft_apply")
-    register_fsdp_forward_method(model, "generate")  # evaluation, RL rollouts, on-policy distillation
+    if hasattr(model, "generate"):  # not a reward model (a sequence classifier)
+        register_fsdp_forward_method(model, "generate")  # evaluation, RL rollouts, on-policy distillation
     if compile:
         for layer in layers:
             layer.compile()
@@ -67,7 +68,8 @@ def _zero3_call(model: torch.nn.Module, fn: Callable[..., Any], *args: Any, **kw
     import deepspeed
 
     if not getattr(model, "_esft_zero3_head", False):
-        for p in model.get_output_embeddings().parameters():
+        head = model.get_output_embeddings()  # None for a reward model: its score head runs its own forward
+        for p in [] if head is None else head.parameters():
             deepspeed.zero.register_external_parameter(model, p)
         model._esft_zero3_head = True
     model.forward = partial(fn, model)  # shadows the class's forward for this one call

@@ -5,5 +5,6 @@ from esft.objectives.grpo import GRPOModule
 from esft.objectives.sft import SFTModule
 from esft.objectives.distill import DistillModule
 from esft.objectives.preference import PreferenceModule
+from esft.objectives.reward import RewardModule
 
-__all__ = ["CausalLMModule", "DistillModule", "GRPOModule", "PreferenceModule", "SFTModule"]
+__all__ = ["CausalLMModule", "DistillModule", "GRPOModule", "PreferenceModule", "RewardModule", "SFTModule"]

@@ -18,7 +18,7 @@ from esft.data.tasks import TASKS, get_task
 from esft.evaluation import generate
 from esft.experts.config import ExpertConfig
 from esft.experts.trainable import apply_expert_config, merged_state_dict
-from esft.models import DType, build_model, load_tokenizer
+from esft.models import DType, Head, build_model, load_tokenizer
 from esft.models.attention import AttnImplementation, resolve_attn_implementation
 from esft.models.forward import LossImpl, token_loss
 from esft.models.frozen import FrozenModel
@@ -41,6 +41,8 @@ def grad_norm(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
 
 
 class CausalLMModule(L.LightningModule):
+    head: Head = "lm"  # the model's output head (`esft.models.build_model`); a reward model's is "score"
+
     def __init__(
         self,
         model_name_or_path: str | None = None,
@@ -89,7 +91,7 @@ class CausalLMModule(L.LightningModule):
         self.tokenizer = load_tokenizer(resolve_tokenizer_name(tokenizer, model_name_or_path))
         # "auto" starts on SDPA; `setup` moves to varlen once the device is known to be CUDA.
         first = "sdpa" if attn_implementation == "auto" else attn_implementation
-        self.model = build_model(self.tokenizer, model_name_or_path, model_config, dtype, first)
+        self.model = build_model(self.tokenizer, model_name_or_path, model_config, dtype, first, head=self.head)
         apply_regularization(self.model, self.optim.dropout, self.optim.neftune_alpha)  # dropout override, NEFTune
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

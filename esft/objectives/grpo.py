@@ -81,6 +81,8 @@ class GRPOModule(CausalLMModule):
         dynamic_sampling: bool = False,
         max_refill_rounds: int = 3,
         ref_refresh_steps: int | None = None,
+        reward_workers: int = 0,
+        reward_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -89,8 +91,10 @@ class GRPOModule(CausalLMModule):
             max_completion_length: generation limit in tokens (and the ``dr_grpo`` normaliser).
             temperature: sampling temperature (the log-probs are computed at it too).
             top_p: nucleus sampling.
-            rewards: reward name -> weight (`esft.rewards.REWARDS`); default accuracy 1, format 0.5.
-            reward_options: reward name -> options, e.g. ``{overlong: {max_tokens: 64, cache: 16}}``.
+            rewards: reward name -> weight (`esft.rewards.REWARDS`, ``model`` for a trained reward
+                model, or ``module:function``); default accuracy 1, format 0.5.
+            reward_options: reward name -> options, e.g. ``{overlong: {max_tokens: 64, cache: 16}}``,
+                ``{model: {path: runs/reward_tiny/hf}}``.
             scale_rewards: advantage scaling: ``group`` std (GRPO), ``batch`` std, ``none`` (Dr. GRPO).
             loss_type: token aggregation: ``grpo`` (per sequence), ``dr_grpo`` (constant), ``dapo`` (per
                 token of an optimizer step's batch over all ranks), ``bnpo`` (per token of this rank's).
@@ -111,6 +115,9 @@ class GRPOModule(CausalLMModule):
             max_refill_rounds: the cap on extra generation rounds per step with `dynamic_sampling`.
             ref_refresh_steps: copy the policy into the reference every this many optimizer steps
                 (needs ``beta > 0``); None keeps the starting policy.
+            reward_workers: compute the per-sample rewards in this many worker processes (0: here).
+            reward_timeout: with workers, seconds per reward call; a call that times out or raises
+                scores 0 and is counted (``train/reward_failures``, `esft.rewards.workers`).
             **kwargs: the model, tokenizer and optimizer arguments of `CausalLMModule`.
         """
         if ref_refresh_steps is not None and (ref_refresh_steps < 1 or beta <= 0):
@@ -121,7 +128,7 @@ class GRPOModule(CausalLMModule):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.automatic_optimization = False
-        self.rewards = RewardSet(rewards or {"accuracy": 1.0, "format": 0.5}, reward_options)
+        self.rewards = RewardSet(rewards or {"accuracy": 1.0, "format": 0.5}, reward_options, reward_workers, reward_timeout)
         self.reference: FrozenModel | None = None  # outside the module's parameters and checkpoint
         self._reference_step: int | None = None  # the optimizer step whose policy the reference holds
         self._refill: Iterator[list[dict[str, Any]]] | None = None
@@ -171,6 +178,9 @@ class GRPOModule(CausalLMModule):
         if self.reference is not None:
             self.reference.to(self.device)
 
+    def on_fit_end(self) -> None:
+        self.rewards.close()  # reward worker processes, if any
+
     # ---- one step --------------------------------------------------------------------------
     def generate(self, records: list[dict[str, Any]]) -> tuple[list[Rollout], list[Sample]]:
         hp = self.hparams
@@ -213,7 +223,7 @@ class GRPOModule(CausalLMModule):
         """
         hp = self.hparams
         size = hp.num_generations
-        info: dict[str, Any] = {"samples": [], "rewards": [], "parts": {}, "generation_s": 0.0}
+        info: dict[str, Any] = {"samples": [], "rewards": [], "parts": {}, "generation_s": 0.0, "reward_failures": 0}
         kept: list[tuple[list[Rollout], list[float], int]] = []  # (rollouts, rewards, round) per group
         first: list[tuple[list[Rollout], list[float], int]] = []
         prompts, rounds, groups, informative = records, 0, 0, 0
@@ -222,6 +232,7 @@ class GRPOModule(CausalLMModule):
             outs, samples = self.generate(prompts)
             info["generation_s"] += time.perf_counter() - t0
             total, parts = self.rewards(samples)
+            info["reward_failures"] += self.rewards.last_stats.failures  # calls that raised or timed out, scored 0
             info["samples"] += samples
             info["rewards"] += total
             for name, values in parts.items():
@@ -262,7 +273,7 @@ class GRPOModule(CausalLMModule):
             mask = mask * torch.tensor([not o.truncated for o in outs], device=self.device, dtype=mask.dtype)[:, None]
         stats, update_tokens = self._update(batch, mask, advantages)
         t_update = time.perf_counter() - t0 - t_sample
-        for key in ("groups_refilled", "informative_groups", "refill_rounds"):
+        for key in ("groups_refilled", "informative_groups", "refill_rounds", "reward_failures"):
             if key in info:
                 stats[key] = float(info[key])
         generated = sum(s.num_tokens for s in info["samples"])
