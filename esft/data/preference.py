@@ -141,6 +141,8 @@ def collate_pairs(rows, collate, layout: Layout | None) -> dict[str, Any]:
 
 
 class PreferenceDataModule(SFTDataModule):
+    CACHEABLE = False  # pairs are read and tokenized here (`setup`), not through the example cache
+
     def __init__(self, num_edits: int = 1, **kwargs: Any) -> None:
         """
         Args:
