@@ -222,3 +222,72 @@ def test_dpo_with_an_expert_config_trains_only_the_selected_experts(tmp_path):
     graded = {name for name, p in module.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert graded == {f"model.layers.{i}.mlp.experts.esft_{w}" for i in (0, 1) for w in ("gate_up_proj", "down_proj")}
     assert all(p.grad is None for p in module.reference.model.parameters())
+
+
+def kto_rows(n: int = 6) -> list[dict]:
+    return [{"prompt": f"What is {i} + {i}?", "completion": f"{2 * i}." if i % 2 else f"{2 * i + 1}!",
+             "label": bool(i % 2)} for i in range(n)]
+
+
+def test_kto_rows_load_as_example_and_mismatched_document(tmp_path):
+    path = write_rows(tmp_path / "kto.jsonl", kto_rows())
+    dm = PreferenceDataModule(path=str(path), max_length=32, max_tokens=64, layout="flat")
+    dm.setup("fit")
+    examples, tok = dm.train_examples, dm.tokenizer
+    assert dm.unpaired and len(examples) == 12
+    for i in range(6):  # the example, then its prompt with the next example's completion
+        own, kl = tok.decode(examples[2 * i]["input_ids"]), tok.decode(examples[2 * i + 1]["input_ids"])
+        assert f"What is {i} + {i}?" in own and f"What is {i} + {i}?" in kl
+        nxt = kto_rows()[(i + 1) % 6]["completion"]
+        assert kto_rows()[i]["completion"] in own and nxt in kl and nxt not in own
+    batch = next(iter(dm.train_dataloader()))
+    first = [tok.decode(ex["input_ids"]) for ex in examples[::2]]
+    order = [next(j for j, text in enumerate(first) if f"{2 * k if k % 2 else 2 * k + 1}" in text) for k in range(6)]
+    assert batch["desirable"].dtype == torch.bool and batch["desirable"].numel() == batch["doc_index"].numel() // 2
+    assert order == list(range(6))
+    cases = [({"prompt": "Hi?", "completion": "Yo."}, "field 'label' must be true (desirable) or false, got None"),
+             ({"prompt": "Hi?", "completion": "Yo.", "label": "yes"}, "field 'label' must be true (desirable) or false"),
+             ({"prompt": "Hi?", "label": True}, "field 'completion' is missing"),
+             ({"prompt": "Hi?", "completion": 3, "label": True}, "'completion' must be a string or a list of turns"),
+             ({"prompt": "Hi?", "chosen": "a", "rejected": "b"}, "a preference row among kto rows")]
+    for i, (bad, message) in enumerate(cases):
+        path = write_rows(tmp_path / f"bad{i}.jsonl", [*kto_rows(2), bad])
+        with pytest.raises(DataFormatError, match=rf"bad{i}\.jsonl:3: .*") as e:
+            PreferenceDataModule(path=str(path), max_length=32, max_tokens=64).setup("fit")
+        assert message in str(e.value)
+
+
+def test_kto_loss_through_the_module_equals_hand_values(tmp_path):
+    """KTO in `PreferenceModule`: per example ``lambda (1 - sigmoid(beta (r - z0)))`` for desirable
+    and ``lambda (1 - sigmoid(beta (z0 - r)))`` for undesirable ones, r the policy / reference
+    log-ratio, z0 the batch mean log-ratio of the mismatched documents clamped at 0; computed here
+    by hand from each document's log-probs under the two models."""
+    import math
+
+    path = write_rows(tmp_path / "kto.jsonl", kto_rows())
+    dm = PreferenceDataModule(path=str(path), max_length=32, max_tokens=512, layout="flat")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    beta, wd, wu = 0.5, 1.3, 0.7
+    module = PreferenceModule(model_config=TINY["llama"], loss_chunk_size=16, loss_type="kto", beta=beta,
+                              desirable_weight=wd, undesirable_weight=wu)
+    module.configure_model()
+    torch.manual_seed(1)
+    for p in module.model.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    losses, stats = module.pair_terms(batch)
+    policy = module._pair_logps(lambda fn, *a: fn(module.model, *a), batch)[0].tolist()
+    ref = module._pair_logps(module.reference, batch)[0].tolist()
+    ratios = [[pol - r for pol, r in zip(pp, rr)] for pp, rr in zip(policy, ref)]
+    z0 = max(0.0, sum(r[1] for r in ratios) / len(ratios))
+    assert z0 > 0  # the perturbed policy moved the mismatched documents' log-probs up on average
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    want = [wd * (1 - sig(beta * (r[0] - z0))) if d else wu * (1 - sig(beta * (z0 - r[0])))
+            for r, d in zip(ratios, batch["desirable"].tolist())]
+    assert set(batch["desirable"].tolist()) == {True, False}
+    torch.testing.assert_close(losses, torch.tensor(want), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats["z0"], torch.full((6,), z0), atol=1e-5, rtol=1e-5)
+    losses.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.parameters())
+    with pytest.raises(ValueError, match="loss_type 'sigmoid' got KTO rows"):
+        PreferenceModule(model_config=TINY["llama"], loss_type="sigmoid").pair_terms(batch)

@@ -23,8 +23,15 @@ share of held-out pairs whose chosen completion has the higher log-probability u
 With ``precompute_reference`` the reference's log-probs of every document are computed once when
 fitting starts (an offline pass; resuming recomputes it) and the reference is freed.
 
-Departures: the precomputed log-probs live in memory, not in a file; KTO's loss exists
-(`esft.losses.preference.kto_loss`) but has no data path here.
+KTO (``loss_type: kto``, Ethayarajh et al. 2024, arXiv 2402.01306) trains on unpaired desirable /
+undesirable examples; the data module pairs each with a mismatched document (its prompt, another
+example's completion) whose log-ratio, averaged over the micro-batch and detached, is the reference
+point z0. Logged: ``rewards``, ``z0``, ``logps``, ``kl`` and ``accuracy`` (the share of examples whose
+implicit reward has the sign of its label). Departures: z0 is the micro-batch's mean (not gathered
+over ranks), and the mismatched documents run in the policy's training forward (no gradient
+reaches the loss from them, but the backward pass covers their tokens).
+
+Departure: the precomputed log-probs live in memory, not in a file.
 """
 
 from __future__ import annotations
@@ -33,13 +40,13 @@ from typing import Any, Callable, Literal
 
 import torch
 
-from esft.losses.preference import dpo_loss, ipo_loss, orpo_loss, simpo_loss
+from esft.losses.preference import dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
 from esft.models.forward import document_logprobs
 from esft.models.frozen import FrozenModel
 from esft.models.sharding import call_model, is_sharded
 from esft.objectives.base import CausalLMModule
 
-LossType = Literal["sigmoid", "ipo", "simpo", "orpo"]
+LossType = Literal["sigmoid", "ipo", "simpo", "orpo", "kto"]
 REFERENCE_FREE = ("simpo", "orpo")
 
 # loss_type -> (hparams, pair log-probs) -> (loss [P], chosen reward [P], rejected reward [P])
@@ -59,15 +66,19 @@ class PreferenceModule(CausalLMModule):
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         simpo_gamma: float = 0.5,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
         precompute_reference: bool = False,
         **kwargs: Any,
     ) -> None:
         """
         Args:
-            loss_type: ``sigmoid`` (DPO), ``ipo``, ``simpo`` or ``orpo`` (`esft.losses.preference`).
-            beta: DPO's beta, IPO's tau, SimPO's reward scale, ORPO's lambda.
+            loss_type: ``sigmoid`` (DPO), ``ipo``, ``simpo``, ``orpo`` or ``kto`` (`esft.losses.preference`;
+                ``kto`` takes KTO's unpaired rows, the others pairs).
+            beta: DPO's and KTO's beta, IPO's tau, SimPO's reward scale, ORPO's lambda.
             label_smoothing: conservative DPO / SimPO: probability that a preference label is flipped.
             simpo_gamma: SimPO's target reward margin.
+            desirable_weight, undesirable_weight: KTO's lambda_D and lambda_U.
             precompute_reference: compute the reference's log-probs of every training and held-out
                 document once when fitting starts, then free the reference (no reference forward
                 in the steps); else the reference runs online in every step.
@@ -122,6 +133,9 @@ class PreferenceModule(CausalLMModule):
         means = sums / counts.clamp(min=1)
         p = {"chosen": sums[:, 0], "rejected": sums[:, 1], "chosen_mean": means[:, 0], "rejected_mean": means[:, 1]}
         stats: dict[str, torch.Tensor] = {}
+        if ("desirable" in batch) != (hp.loss_type == "kto"):
+            raise ValueError(f"loss_type {hp.loss_type!r} got {'KTO rows' if 'desirable' in batch else 'preference pairs'}"
+                             ": kto takes rows of prompt, completion, label; the other losses chosen / rejected pairs")
         if hp.loss_type not in REFERENCE_FREE:
             if "ref_logps" in batch:  # precomputed
                 ref = batch["ref_logps"].to(sums.device).view(-1, 2)  # in example order, like `sums`
@@ -131,6 +145,13 @@ class PreferenceModule(CausalLMModule):
                 ref = self._pair_logps(self.reference.to(sums.device), batch)[0]
             p.update(ref_chosen=ref[:, 0], ref_rejected=ref[:, 1])
             stats["kl"] = ((sums - ref).sum(1) / counts.sum(1).clamp(min=1)).detach()
+        if hp.loss_type == "kto":  # pairs of (example, mismatched document): KTO's reference point z0 is
+            # the mean log-ratio of the mismatched documents of the micro-batch, detached (arXiv 2402.01306, sec. 4)
+            desirable, z0 = batch["desirable"].to(sums.device), (sums[:, 1] - ref[:, 1]).mean()
+            loss, reward = kto_loss(sums[:, 0], ref[:, 0], desirable, z0, hp.beta, hp.desirable_weight,
+                                    hp.undesirable_weight)
+            return loss, {**stats, "rewards": reward, "z0": z0.detach().clamp(min=0).expand_as(loss),
+                          "logps": p["chosen"].detach(), "accuracy": ((reward > 0) == desirable).float()}
         loss, chosen_reward, rejected_reward = PAIR_LOSSES[hp.loss_type](hp, p)
         if hp.loss_type == "orpo":
             loss = loss - means[:, 0]  # ORPO's SFT term: the chosen completion's mean token NLL
