@@ -291,3 +291,48 @@ def test_kto_loss_through_the_module_equals_hand_values(tmp_path):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.parameters())
     with pytest.raises(ValueError, match="loss_type 'sigmoid' got KTO rows"):
         PreferenceModule(model_config=TINY["llama"], loss_type="sigmoid").pair_terms(batch)
+
+
+def test_reference_cache_resumes_and_is_keyed_by_model_and_document(tmp_path):
+    from esft.data.reference_cache import model_key, reference_logps
+    from esft.models.forward import document_logprobs
+
+    dm = PreferenceDataModule(**BUILTIN, layout="rows")
+    dm.setup("fit")
+    examples = dm.train_examples
+    module = PreferenceModule(model_config=TINY["llama"], loss_chunk_size=16, reference_cache=str(tmp_path / "ref"))
+    module.configure_model()
+    key, calls = model_key(module.reference.model), []
+
+    def run(batch, fail_after=None):
+        calls.append(batch["input_ids"].shape[0])
+        if fail_after is not None and len(calls) > fail_after:
+            raise KeyboardInterrupt  # the pass is killed
+        return module.reference(document_logprobs, batch, 16)[0]
+
+    fresh = [dict(e) for e in examples]
+    assert reference_logps(run, fresh, module.device) == len(examples)  # no cache: all computed
+    start = len(calls)
+    with pytest.raises(KeyboardInterrupt):  # killed after 3 batches of 2: one part of 4 written
+        reference_logps(lambda b: run(b, fail_after=start + 3), [dict(e) for e in examples], module.device,
+                        tmp_path / "ref", key, per_batch=2, part_size=4)
+    resumed = [dict(e) for e in examples]
+    assert reference_logps(run, resumed, module.device, tmp_path / "ref", key, part_size=4) == len(examples) - 4
+    assert [e["ref_logp"] for e in resumed] == pytest.approx([e["ref_logp"] for e in fresh], abs=1e-5)
+    again = [dict(e) for e in examples]
+    assert reference_logps(run, again, module.device, tmp_path / "ref", key) == 0  # all from disk
+    assert [e["ref_logp"] for e in again] == pytest.approx([e["ref_logp"] for e in fresh], abs=1e-5)
+    assert reference_logps(run, [dict(e) for e in examples], module.device, tmp_path / "ref", "other") == len(examples)
+    changed = [dict(e) for e in examples[:2]]
+    first = next(i for i, label in enumerate(changed[0]["labels"]) if label != -100)
+    changed[0]["labels"] = changed[0]["labels"][:first] + [-100] + changed[0]["labels"][first + 1:]  # another document
+    assert reference_logps(run, changed, module.device, tmp_path / "ref", key) == 1
+    # through the module: the files are keyed by the reference's weights
+    module.cache_reference_logps([dict(e) for e in examples])
+    torch.manual_seed(5)
+    other = PreferenceModule(model_config=TINY["llama"], loss_chunk_size=16, reference_cache=str(tmp_path / "ref"))
+    other.configure_model()
+    assert model_key(other.reference.model) != key == model_key(module.reference.model)
+    other.cache_reference_logps([dict(e) for e in examples])
+    names = {p.name.split("-")[1] for p in (tmp_path / "ref").glob("ref-*.safetensors")}
+    assert names == {key, "other", model_key(other.reference.model)}

@@ -1,37 +1,30 @@
-"""Preference optimisation on chosen / rejected pairs: DPO, IPO, SimPO and ORPO.
+"""Preference optimisation: DPO, IPO, SimPO and ORPO on chosen / rejected pairs, KTO on unpaired rows.
 
     esft fit --config configs/preference/dpo_tiny.yaml
 
 Each micro-batch holds whole pairs (`esft.data.preference.PreferenceDataModule`): one packed
 forward gives every document's summed completion log-prob (`esft.models.forward.document_logprobs`,
-chunked like the cross-entropy), and the pure losses of `esft.losses.preference` turn them into
-per-pair losses. The loss of an optimizer step is the mean over its pairs (every micro-batch, every
-rank: `step_denominator` with the data module's pair counts).
+chunked like the cross-entropy); the pure losses of `esft.losses.preference` turn them into
+per-pair losses. A step's loss is the mean over its pairs (all micro-batches and ranks).
 
-The reference of ``sigmoid`` (DPO) and ``ipo`` is the starting policy, frozen
+The reference of ``sigmoid`` (DPO), ``ipo`` and ``kto`` is the starting policy, frozen
 (`CausalLMModule.frozen_reference`: a copy sharded like the policy under FSDP2, or with LoRA the
-policy with its adapters disabled), run online under ``no_grad`` in every step; it is not stored in
-checkpoints and is rebuilt from the starting model on resume. ``simpo`` and ``orpo`` are
-reference-free and load none. ORPO adds its SFT term, the chosen completion's mean token NLL.
+policy with its adapters disabled), run under ``no_grad`` in every step, or once before training
+(``precompute_reference``; on disk, resumable, with ``reference_cache``: `esft.data.reference_cache`).
+It is not checkpointed; resuming rebuilds it from the starting model. ``simpo`` and ``orpo`` load
+none; ORPO adds its SFT term, the chosen completion's mean token NLL.
 
-Logged per step (``train/``) and on held-out pairs (``val/``): ``loss``, ``rewards/chosen``,
-``rewards/rejected``, ``rewards/margins``, ``rewards/accuracy``, ``logps/chosen``, ``logps/rejected``
-and, with a reference, ``kl`` (the mean per-token log-ratio policy / reference on the pairs'
-completions, a KL estimate on the data rather than on policy samples); ``val/accuracy`` is the
-share of held-out pairs whose chosen completion has the higher log-probability under the policy.
+Logged (``train/``, ``val/``): ``loss``, ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+``rewards/accuracy``, ``logps/chosen``, ``logps/rejected``, with a reference ``kl`` (the mean
+per-token log-ratio policy / reference on the completions: on the data, not on policy samples), and
+``accuracy``: the share of pairs whose chosen completion has the higher log-probability.
 
-With ``precompute_reference`` the reference's log-probs of every document are computed once when
-fitting starts (an offline pass; resuming recomputes it) and the reference is freed.
-
-KTO (``loss_type: kto``, Ethayarajh et al. 2024, arXiv 2402.01306) trains on unpaired desirable /
-undesirable examples; the data module pairs each with a mismatched document (its prompt, another
-example's completion) whose log-ratio, averaged over the micro-batch and detached, is the reference
-point z0. Logged: ``rewards``, ``z0``, ``logps``, ``kl`` and ``accuracy`` (the share of examples whose
-implicit reward has the sign of its label). Departures: z0 is the micro-batch's mean (not gathered
-over ranks), and the mismatched documents run in the policy's training forward (no gradient
-reaches the loss from them, but the backward pass covers their tokens).
-
-Departure: the precomputed log-probs live in memory, not in a file.
+KTO (Ethayarajh et al. 2024, arXiv 2402.01306): the data module pairs each example with a
+mismatched document (its prompt, another example's completion); their mean log-ratio over the
+micro-batch, detached and clamped at 0, is the reference point z0. Logged: ``rewards``, ``z0``,
+``logps``, ``kl``, ``accuracy`` (examples whose implicit reward has the sign of their label).
+Departures: z0 is not gathered over ranks, and the mismatched documents share the policy's training
+forward (no gradient reaches the loss from them, but the backward pass covers their tokens).
 """
 
 from __future__ import annotations
@@ -40,6 +33,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
+from esft.data.reference_cache import model_key, reference_logps
 from esft.losses.preference import dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
 from esft.models.forward import document_logprobs
 from esft.models.frozen import FrozenModel
@@ -69,6 +63,7 @@ class PreferenceModule(CausalLMModule):
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
         precompute_reference: bool = False,
+        reference_cache: str | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -82,6 +77,8 @@ class PreferenceModule(CausalLMModule):
             precompute_reference: compute the reference's log-probs of every training and held-out
                 document once when fitting starts, then free the reference (no reference forward
                 in the steps); else the reference runs online in every step.
+            reference_cache: a directory: precompute the reference log-probs through this on-disk
+                cache (resumable, keyed by reference weights and documents; implies precompute).
             **kwargs: the model, tokenizer and optimizer arguments of `CausalLMModule`.
         """
         super().__init__(**kwargs)
@@ -99,25 +96,18 @@ class PreferenceModule(CausalLMModule):
             return
         self.reference.to(self.device).match_attention(self.model)
         datamodule = getattr(self.trainer, "datamodule", None)
-        if self.hparams.precompute_reference and datamodule is not None:
-            for examples in (datamodule.train_examples, datamodule.val_examples):
-                self.cache_reference_logps(examples)
+        if (self.hparams.precompute_reference or self.hparams.reference_cache) and datamodule is not None:
+            self.cache_reference_logps(datamodule.train_examples + datamodule.val_examples)
             self.reference = None  # the cached log-probs replace it
 
-    @torch.no_grad()
-    def cache_reference_logps(self, examples: list[dict[str, Any]], per_batch: int = 64) -> None:
-        """Store the reference's completion log-prob in every example (``ref_logp``); batches then
-        carry them (`esft.data.preference.collate_pairs`). Every rank computes all of them, so a
-        sharded reference runs the same forwards on every rank; a resumed run recomputes them."""
-        from esft.data.packing import collate_packed
-        from esft.data.preference import pair_documents
-
-        for lo in range(0, len(examples), per_batch):
-            rows = [[e] for e in examples[lo : lo + per_batch]]
-            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in collate_packed(rows, "rows").items()}
-            sums = self.reference(document_logprobs, batch, self.hparams.loss_chunk_size)[0]
-            for e, value in zip(examples[lo : lo + per_batch], sums[pair_documents(rows, batch, "rows").to(sums.device)].tolist()):
-                e["ref_logp"] = value
+    def cache_reference_logps(self, examples: list[dict[str, Any]]) -> None:
+        """Store the reference's completion log-prob in every example (``ref_logp``; batches then
+        carry them), read from and written to ``reference_cache`` when set (`esft.data.reference_cache`;
+        rank 0 writes). Every rank computes what is missing: a sharded reference runs on every rank."""
+        cache, trainer = self.hparams.reference_cache, getattr(self, "_trainer", None)
+        reference_logps(lambda batch: self.reference(document_logprobs, batch, self.hparams.loss_chunk_size)[0],
+                        examples, self.device, cache, model_key(self.reference.model) if cache else "",
+                        write=trainer is None or trainer.is_global_zero)
 
     # ---- the loss --------------------------------------------------------------------------
     def _pair_logps(self, run: Callable[..., Any], batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
