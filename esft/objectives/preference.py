@@ -75,8 +75,7 @@ class PreferenceModule(CausalLMModule):
             simpo_gamma: SimPO's target reward margin.
             desirable_weight, undesirable_weight: KTO's lambda_D and lambda_U.
             precompute_reference: compute the reference's log-probs of every training and held-out
-                document once when fitting starts, then free the reference (no reference forward
-                in the steps); else the reference runs online in every step.
+                document once when fitting starts, then free it; else it runs in every step.
             reference_cache: a directory: precompute the reference log-probs through this on-disk
                 cache (resumable, keyed by reference weights and documents; implies precompute).
             **kwargs: the model, tokenizer and optimizer arguments of `CausalLMModule`.
@@ -135,8 +134,7 @@ class PreferenceModule(CausalLMModule):
                 ref = self._pair_logps(self.reference.to(sums.device), batch)[0]
             p.update(ref_chosen=ref[:, 0], ref_rejected=ref[:, 1])
             stats["kl"] = ((sums - ref).sum(1) / counts.sum(1).clamp(min=1)).detach()
-        if hp.loss_type == "kto":  # pairs of (example, mismatched document): KTO's reference point z0 is
-            # the mean log-ratio of the mismatched documents of the micro-batch, detached (arXiv 2402.01306, sec. 4)
+        if hp.loss_type == "kto":  # (example, mismatched document): z0 = the mismatched documents' mean log-ratio
             desirable, z0 = batch["desirable"].to(sums.device), (sums[:, 1] - ref[:, 1]).mean()
             loss, reward = kto_loss(sums[:, 0], ref[:, 0], desirable, z0, hp.beta, hp.desirable_weight,
                                     hp.undesirable_weight)
@@ -145,14 +143,10 @@ class PreferenceModule(CausalLMModule):
         loss, chosen_reward, rejected_reward = PAIR_LOSSES[hp.loss_type](hp, p)
         if hp.loss_type == "orpo":
             loss = loss - means[:, 0]  # ORPO's SFT term: the chosen completion's mean token NLL
-        stats.update({
-            "rewards/chosen": chosen_reward, "rewards/rejected": rejected_reward,
-            "rewards/margins": chosen_reward - rejected_reward,
-            "rewards/accuracy": (chosen_reward > rejected_reward).float(),
-            "logps/chosen": p["chosen"].detach(), "logps/rejected": p["rejected"].detach(),
-            "accuracy": (p["chosen"] > p["rejected"]).float().detach(),
-        })
-        return loss, stats
+        return loss, {**stats, "rewards/chosen": chosen_reward, "rewards/rejected": rejected_reward,
+                      "rewards/margins": chosen_reward - rejected_reward, "logps/chosen": p["chosen"].detach(),
+                      "rewards/accuracy": (chosen_reward > rejected_reward).float(), "logps/rejected": p["rejected"].detach(),
+                      "accuracy": (p["chosen"] > p["rejected"]).float().detach()}
 
     # ---- steps -----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int):
