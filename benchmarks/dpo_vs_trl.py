@@ -293,7 +293,7 @@ def main() -> None:
     p.add_argument("--prompt-words", type=int, default=20, help="median prompt length in words")
     p.add_argument("--completion-words", type=int, default=30, help="median completion length in words")
     p.add_argument("--max-words", type=int, default=250)
-    p.add_argument("--max-length", type=int, default=1024, help="bound of each document (nothing is truncated)")
+    p.add_argument("--max-length", type=int, default=1024, help="bound of each document (longer ones are cut; both sides get the same ids)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--memory-steps", type=int, default=3)
