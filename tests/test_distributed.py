@@ -327,8 +327,8 @@ def test_tensor_parallelism_is_refused():
 
 @pytest.mark.slow
 def test_dpo_on_two_ranks_matches_one_process(tmp_path):
-    """DPO with its frozen reference: DDP (reference replicated) and FSDP2 (reference sharded like
-    the policy) on two ranks end where one process ends that takes the same pairs by gradient
+    """DPO with its frozen reference: DDP and ZeRO-2/3 (reference replicated) and FSDP2 (reference
+    sharded like the policy) on two ranks end where one process ends that takes the same pairs by gradient
     accumulation: the loss is the mean over an optimizer step's pairs on both ranks."""
     model = {"class_path": "esft.objectives.PreferenceModule",
              "init_args": {"model_config": TINY["llama"], "beta": 0.5, "label_smoothing": 0.1,
@@ -336,9 +336,11 @@ def test_dpo_on_two_ranks_matches_one_process(tmp_path):
     data = {"class_path": "esft.data.PreferenceDataModule",
             "init_args": {"tasks": [{"name": "arithmetic", "max_digits": 2}], "num_train_per_task": 48,
                           "num_val_per_task": 0, "max_length": 32, "max_tokens": 128, "layout": "rows"}}
-    runs = {}
+    runs, strategies = {}, {"ddp": "ddp", "fsdp2": FSDP2}
+    if importlib.util.find_spec("deepspeed") is not None:  # the reference replicated beside ZeRO-2/3 shards
+        strategies.update(zero2=zero(2), zero3=zero(3))
     for name, trainer in {"single": {"devices": 1, "accumulate_grad_batches": 2},
-                          "ddp": {"devices": 2, "strategy": "ddp"}, "fsdp2": {"devices": 2, "strategy": FSDP2}}.items():
+                          **{k: {"devices": 2, "strategy": v} for k, v in strategies.items()}}.items():
         config = write_config(tmp_path / name, max_steps=3, callbacks=[
             {"class_path": "esft.callbacks.ExportHF", "init_args": {"dirpath": str(tmp_path / name / "hf")}}], **trainer)
         cfg = yaml.safe_load(config.read_text())
@@ -346,7 +348,7 @@ def test_dpo_on_two_ranks_matches_one_process(tmp_path):
         config.write_text(yaml.safe_dump(cfg))
         fit(config)
         runs[name] = load_file(tmp_path / name / "hf" / "model.safetensors")
-    for other in ("ddp", "fsdp2"):
+    for other in strategies:
         for name in runs["single"]:
             torch.testing.assert_close(runs[other][name], runs["single"][name], atol=2e-5, rtol=1e-4, msg=f"{other}: {name}")
 

@@ -66,3 +66,19 @@ def test_target_logprobs_of_a_document_ignore_its_neighbours(tokenizer, layout):
     assert torch.equal(packed_targets[row, span], targets[0])
     assert (targets[0] != -100).sum() > 10
     torch.testing.assert_close(packed[row, span], alone[0], atol=1e-5, rtol=0)
+
+
+def test_cpu_varlen_equals_sdpa_documents_alone(tokenizer, family="llama"):
+    """``esft_varlen`` on CPU (causal SDPA per document of a flat row): the loss and the gradients
+    of a flat packed batch equal those of the same documents one at a time under ``sdpa``
+    (llama's 4 query / 2 key-value heads: the grouped-query path)."""
+    docs = examples(tokenizer)
+    grads = []
+    for attn, batches in (("sdpa", [collate_packed([[d]]) for d in docs]), ("esft_varlen", [collate_packed([docs])])):
+        m = model(tokenizer, family, attn)
+        total = sum(token_loss(m, b, 16)[0] for b in batches)
+        total.backward()
+        grads.append((total.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-4, rtol=1e-6)
+    for varlen, sdpa in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(varlen, sdpa, atol=1e-5, rtol=1e-4)

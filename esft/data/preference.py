@@ -10,6 +10,11 @@ Rows (``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` / hub id, read by `esft.d
 - The layout of the public binarised feedback sets: ``chosen`` / ``rejected`` are whole
   conversations that repeat the prompt (with or without a ``prompt`` field): the turns the two
   share form the history, the rest are the completions.
+- KTO's unpaired rows (``loss_type: kto``): ``prompt``, ``completion`` (string or turns) and
+  ``label`` (true: desirable, false: undesirable). One data set holds one kind of row. Each
+  example becomes a pair whose second document is its prompt with the next example's completion
+  (`kl_pairs`): the mismatched document of KTO's KL reference point. Departure: the paper draws the
+  mismatched completions within the micro-batch; here they are fixed once, from the data order.
 
 A bad row is an error naming its ``file:line`` and the field (or, under ``on_bad_record: skip``, a
 counted skip). Built-in pairs (``path: builtin``): for every task record the verified reference
@@ -41,6 +46,7 @@ from esft.data.tasks import build_task
 from esft.models.tokenizer import BUILTIN
 
 _ROLE_MAP = {r: r for r in ROLES}
+KINDS = {False: "preference", True: "kto"}
 
 
 def _side(row: dict[str, Any], key: str, where: str) -> list[dict[str, str]]:
@@ -52,6 +58,25 @@ def _side(row: dict[str, Any], key: str, where: str) -> list[dict[str, str]]:
     return _turns(row, key, "role", "content", _ROLE_MAP, where)
 
 
+def _history(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """The ``prompt`` field as turns (a string is one user turn); ``[]`` when absent."""
+    prompt = row.get("prompt")
+    if prompt is None:
+        return []
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": _text(row, "prompt", where)}]
+    return _turns(row, "prompt", "role", "content", _ROLE_MAP, where)
+
+
+def _with_system(row: dict[str, Any], history: list[dict[str, str]], where: str) -> list[dict[str, str]]:
+    if not any(m["role"] == "user" for m in history):
+        raise DataFormatError(f"{where}: field 'prompt' is missing or has no user turn")
+    system = _text(row, "system", where, required=False)
+    if system.strip() and history[0]["role"] != "system":
+        history.insert(0, {"role": "system", "content": system})
+    return history
+
+
 def to_pair(row: Any, where: str = "<row>") -> dict[str, Any]:
     """One preference row as ``{"history", "chosen", "rejected"}`` message lists (the completions
     start with an assistant turn), or a `DataFormatError` naming `where` and the field."""
@@ -60,10 +85,7 @@ def to_pair(row: Any, where: str = "<row>") -> dict[str, Any]:
     for key in ("chosen", "rejected"):
         if key not in row:
             raise DataFormatError(f"{where}: field {key!r} is missing (a preference row has prompt, chosen, rejected)")
-    prompt = row.get("prompt")
-    history = [] if prompt is None else (
-        [{"role": "user", "content": _text(row, "prompt", where)}] if isinstance(prompt, str)
-        else _turns(row, "prompt", "role", "content", _ROLE_MAP, where))
+    history = _history(row, where)
     chosen, rejected = _side(row, "chosen", where), _side(row, "rejected", where)
     for side in (chosen, rejected):  # whole conversations that repeat the prompt
         if history and side[: len(history)] == history:
@@ -73,15 +95,45 @@ def to_pair(row: Any, where: str = "<row>") -> dict[str, Any]:
         while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
             k += 1
         history, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
-    if not any(m["role"] == "user" for m in history):
-        raise DataFormatError(f"{where}: field 'prompt' is missing or has no user turn")
+    history = _with_system(row, history, where)
     for key, side in (("chosen", chosen), ("rejected", rejected)):
         if not side or side[0]["role"] != "assistant":
             raise DataFormatError(f"{where}: field {key!r} must continue the prompt with an assistant turn")
-    system = _text(row, "system", where, required=False)
-    if system.strip() and history[0]["role"] != "system":
-        history.insert(0, {"role": "system", "content": system})
     return {"history": history, "chosen": chosen, "rejected": rejected}
+
+
+def is_unpaired(row: Any) -> bool:
+    """A KTO row: ``completion`` / ``label`` rather than ``chosen`` + ``rejected``."""
+    return isinstance(row, dict) and ("label" in row or "completion" in row) and not {"chosen", "rejected"} & set(row)
+
+
+def to_unpaired(row: Any, where: str = "<row>") -> dict[str, Any]:
+    """One KTO row (``prompt``, ``completion``: a string or turns, ``label``: true for a desirable
+    completion) as ``{"history", "completion", "desirable"}``, or a `DataFormatError`."""
+    if not isinstance(row, dict):
+        raise DataFormatError(f"{where}: expected an object, got {type(row).__name__}")
+    if "completion" not in row:
+        raise DataFormatError(f"{where}: field 'completion' is missing (a KTO row has prompt, completion, label)")
+    label = row.get("label")
+    if not isinstance(label, bool) and label not in (0, 1):
+        raise DataFormatError(f"{where}: field 'label' must be true (desirable) or false, got {label!r}")
+    history, completion = _history(row, where), _side(row, "completion", where)
+    if history and completion[: len(history)] == history:
+        del completion[: len(history)]
+    history = _with_system(row, history, where)
+    if not completion or completion[0]["role"] != "assistant":
+        raise DataFormatError(f"{where}: field 'completion' must continue the prompt with an assistant turn")
+    return {"history": history, "completion": completion, "desirable": bool(label)}
+
+
+def kl_pairs(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """KTO examples as pairs for the pair machinery: the example itself, then its prompt with the
+    next example's completion (a mismatched document, for KTO's KL reference point)."""
+    if len(examples) < 2:
+        raise DataFormatError("KTO needs at least 2 examples (the KL estimate pairs a prompt with another completion)")
+    return [Record({"history": e["history"], "chosen": e["completion"], "desirable": e["desirable"],
+                    "rejected": examples[(i + 1) % len(examples)]["completion"]}, origin=getattr(e, "origin", None))
+            for i, e in enumerate(examples)]
 
 
 def perturb(text: str, rng: random.Random, num_edits: int = 1) -> str:
@@ -137,6 +189,8 @@ def collate_pairs(rows, collate, layout: Layout | None) -> dict[str, Any]:
     examples = [e for row in rows for e in row]
     if all("ref_logp" in e for e in examples):
         batch["ref_logps"] = torch.tensor([e["ref_logp"] for e in examples], dtype=torch.float32)
+    if examples and "desirable" in examples[0]:  # KTO: the label of each pair's first document
+        batch["desirable"] = torch.tensor([e["desirable"] for e in examples[::2]])
     return batch
 
 
@@ -158,22 +212,28 @@ class PreferenceDataModule(SFTDataModule):
         if self.hp.curation or self.hp.curriculum or self.hp.pad_to_budget:
             raise ValueError("PreferenceDataModule does not take curation, curriculum or pad_to_budget")
         self.num_edits = num_edits
+        self.unpaired: bool | None = None  # KTO rows (completion + label); known once a file is read
 
     def _load_pairs(self, source: str, split: str) -> list[dict[str, Any]]:
         stats, pairs = LoadStats(), []
         for where, row in read_rows(source, split=split, name=self.hp.name):
             stats.read += 1
             try:
-                pairs.append(Record(to_pair(row, where), origin=where))
+                unpaired = is_unpaired(row)
+                if self.unpaired is not None and unpaired != self.unpaired:
+                    raise DataFormatError(f"{where}: a {KINDS[unpaired]} row among {KINDS[self.unpaired]} rows "
+                                          "(the data holds one kind)")
+                self.unpaired = unpaired
+                pairs.append(Record((to_unpaired if unpaired else to_pair)(row, where), origin=where))
             except DataFormatError as e:
                 if self.hp.on_bad_record == "error":
                     raise
                 stats.skip(e)
-        stats.formats["preference"] = len(pairs)
+        stats.formats[KINDS[bool(self.unpaired)]] = len(pairs)
         self._report_load(source, stats)
         if not pairs:
             raise DataFormatError(f"{source}: no usable preference rows ({stats.read} read, {stats.num_skipped} skipped)")
-        return pairs
+        return kl_pairs(pairs) if self.unpaired else pairs
 
     def _tokenize(self, pairs: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
         """Chosen and rejected documents alternating; a pair that lost either is dropped whole."""
@@ -184,6 +244,8 @@ class PreferenceDataModule(SFTDataModule):
         by_pair: dict[int, list[dict[str, Any]]] = {}
         for e in examples:
             by_pair.setdefault(e["pair"], []).append(e)
+            if "desirable" in pairs[e["pair"]]:
+                e["desirable"] = pairs[e["pair"]]["desirable"]
         return [e for i in sorted(by_pair) if len(by_pair[i]) == 2 for e in by_pair[i]]
 
     def setup(self, stage: str | None = None) -> None:

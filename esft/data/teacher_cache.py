@@ -41,6 +41,18 @@ def fingerprint(example: dict[str, Any]) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
+def save_atomic(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file so that a killed process leaves either the whole file or none."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
 def num_targets(example: dict[str, Any]) -> int:
     """Trained next-token targets of one example (what the loss sees for it in any packed batch)."""
     return sum(label != IGNORE_INDEX for label in example["labels"][1:])
@@ -166,11 +178,5 @@ def write_teacher_cache(
         "fingerprints": torch.tensor([fingerprint(e) for e in examples], dtype=torch.int64),
     }
     meta = {"k": str(k), "temperature": str(temperature), "vocab_size": str(vocab), "teacher": teacher_name}
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    path = save_atomic(tensors, path, meta)
     return {"examples": len(examples), "tokens": int(offsets[-1]), "k": k, "bytes": path.stat().st_size}
