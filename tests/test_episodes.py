@@ -2,7 +2,6 @@
 that reruns the whole history every turn, how episodes end, and GRPO's masking of the
 environment's tokens (they are context, never trained, never counted, never in the KL term)."""
 
-
 import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
