@@ -31,9 +31,9 @@ def test_calculator_replies_and_verifier():
     contents = [m["content"] for m in record["messages"]]
     numbers = contents[0].removeprefix("Compute ").removesuffix(".").split()
     # each call takes the previous result and the next operand; the calculator's reply is its value
-    assert contents[1] == f"calc {numbers[0]}{numbers[1]}{numbers[2]}"
+    assert contents[1] == f"calc {numbers[0]} {numbers[1]} {numbers[2]}"
     assert contents[2] == str(calculate(contents[1][5:]))
-    assert contents[3] == f"calc {contents[2]}{numbers[3]}{numbers[4]}" and contents[4] == str(calculate(contents[3][5:]))
+    assert contents[3] == f"calc {contents[2]} {numbers[3]} {numbers[4]}" and contents[4] == str(calculate(contents[3][5:]))
     assert contents[5] == f"answer {contents[4]}" == f"answer {record['answer']}"
     assert task.reply(record, "calc 12*3") == "36" and task.reply(record, "calc 1+") == "error"
     assert task.reply(record, "answer 36") is None and task.reply(record, "36") is None

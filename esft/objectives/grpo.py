@@ -399,14 +399,16 @@ class GRPOModule(CausalLMModule):
         here = self.trainer.is_global_zero or is_sharded(self.model)
         if self.global_step == 0 and records and self.logger is not None and here:
             hp = self.hparams
-            metrics = evaluate_reasoning(self.model, self.tokenizer, records, hp.max_completion_length, hp.generation_batch_size)
+            metrics = evaluate_reasoning(self.model, self.tokenizer, records, hp.max_completion_length, hp.generation_batch_size,
+                                         hp.max_turns)
             metrics.pop("n")
             if self.trainer.is_global_zero:
                 self.logger.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=0)
 
     def validation_step(self, records: list[dict[str, Any]], batch_idx: int) -> None:
         hp = self.hparams
-        metrics = evaluate_reasoning(self.model, self.tokenizer, records, hp.max_completion_length, hp.generation_batch_size)
+        metrics = evaluate_reasoning(self.model, self.tokenizer, records, hp.max_completion_length, hp.generation_batch_size,
+                                         hp.max_turns)
         metrics.pop("n")
         # each rank scores its share of the held-out prompts; the logged value is the mean over ranks
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=len(records), prog_bar=False, sync_dist=True)

@@ -26,11 +26,11 @@ def reasoning_metrics(samples: Sequence[Sample]) -> dict[str, float]:
 
 
 def evaluate_reasoning(model, tokenizer, records: Sequence[dict[str, Any]], max_new_tokens: int = 64,
-                       batch_size: int = 100) -> dict[str, float]:
-    """Greedy completions of `records`' prompts (played as episodes for multi-turn tasks), scored
-    by `reasoning_metrics` (plus ``n``)."""
+                       batch_size: int = 100, max_turns: int | None = None) -> dict[str, float]:
+    """Greedy completions of `records`' prompts (played as episodes of at most `max_turns` policy
+    turns for multi-turn tasks), scored by `reasoning_metrics` (plus ``n``)."""
     if all_episodes(records):
-        outs = episode_rollout(model, tokenizer, records, max_new_tokens, batch_size)
+        outs = episode_rollout(model, tokenizer, records, max_new_tokens, batch_size, max_turns=max_turns)
     else:
         outs = rollout(model, tokenizer, [prompt_messages(r) for r in records], max_new_tokens, batch_size)
     samples = [Sample(r, o.text, policy_tokens(o), o.truncated) for r, o in zip(records, outs)]

@@ -1,8 +1,8 @@
 """Multi-step arithmetic with a calculator tool: a multi-turn `EpisodeTask`.
 
 The policy evaluates a chain such as ``23 + 45 - 17`` one operation at a time by calling the
-calculator (``calc 23+45``; the environment replies ``68``), feeds each result into the next call,
-and ends with ``answer 51``. The verifier checks the final answer only: the tool makes the task a
+calculator (``calc 23 + 45``, written as in the prompt; the environment replies ``68``), feeds each
+result into the next call (``calc 68 - 17``), and ends with ``answer 51``. The verifier checks the final answer only: the tool makes the task a
 matter of copying numbers into the right calls, which a tiny model learns in a few hundred steps,
 where computing the chain in its head is beyond it (the single-turn `arithmetic` task).
 
@@ -11,7 +11,7 @@ Example:
     >>> task = get_task("calculator")
     >>> record = task.generate(1, seed=0)[0]
     >>> [m["content"] for m in record["messages"]]  # doctest: +SKIP
-    ['Compute 23 + 45 - 17.', 'calc 23+45', '68', 'calc 68-17', '51', 'answer 51']
+    ['Compute 23 + 45 - 17.', 'calc 23 + 45', '68', 'calc 68 - 17', '51', 'answer 51']
     >>> task.reply(record, "calc 12*3"), task.reply(record, "calc 1+"), task.reply(record, "answer 36")
     ('36', 'error', None)
     >>> task.score(record, "answer " + record["answer"])
@@ -62,13 +62,14 @@ def calculate(expression: str) -> int | None:
 
 class Calculator(EpisodeTask):
     """Evaluate a chain of `num_operands` integers of 1..`max_digits` digits joined by `ops`,
-    left to right, with the calculator: one ``calc a<op>b`` turn per operation, then
+    left to right, with the calculator: one ``calc a <op> b`` turn per operation, then
     ``answer <value>``. The environment answers a ``calc`` turn with the value (``error`` when
     the expression does not parse); any other turn ends the episode."""
 
     name = "calculator"
     domain = "math"
     learning_note = "the answer is only reached through the tool: single-turn generation scores about 0"
+    max_turns = 4  # the records do not keep `num_operands`: with more than 3, raise GRPOModule's max_turns
 
     def __init__(self, num_operands: int = 3, max_digits: int = 2, ops: str = "+-") -> None:
         if num_operands < 2 or max_digits < 1 or not ops or set(ops) - set("+-*"):
@@ -77,7 +78,6 @@ class Calculator(EpisodeTask):
         self.num_operands = num_operands
         self.max_digits = max_digits
         self.ops = ops
-        self.max_turns = num_operands  # num_operands - 1 calls and the answer
 
     def sample(self, rng: random.Random) -> tuple[str, str]:
         numbers = [rng.randint(0, 10**self.max_digits - 1) for _ in range(self.num_operands)]
@@ -90,8 +90,8 @@ class Calculator(EpisodeTask):
         parts = prompt.removeprefix("Compute ").removesuffix(".").split()
         total, actions = int(parts[0]), []
         for op, number in zip(parts[1::2], parts[2::2]):
-            actions.append(f"{CALL} {total}{op}{number}")
-            total = calculate(f"{total}{op}{number}")
+            actions.append(f"{CALL} {total} {op} {number}")
+            total = calculate(f"{total} {op} {number}")
         return actions + [f"{ANSWER} {total}"]
 
     def reply(self, record: dict[str, Any], action: str) -> str | None:
