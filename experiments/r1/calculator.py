@@ -32,9 +32,10 @@ GRPO = CONFIGS / "grpo" / "calculator_tiny.yaml"
 
 
 def fit(config: Path, out: Path, seed: int, *args: str) -> float:
-    """Run ``esft fit`` in `out` (its relative run directory lands there); wall seconds, or 0 when done before."""
+    """Run ``esft fit`` in `out` (its relative run directory lands there) unless it ran before;
+    its wall seconds (kept in ``out/wall_s``)."""
     if (out / "hf" / "config.json").exists():
-        return 0.0
+        return float((out / "wall_s").read_text())
     out.mkdir(parents=True, exist_ok=True)
     argv = ["esft", "fit", "--config", str(config.resolve()), "--seed_everything", str(seed),
             "--trainer.default_root_dir", str(out.resolve()), "--trainer.enable_progress_bar", "false", *args]
@@ -42,7 +43,8 @@ def fit(config: Path, out: Path, seed: int, *args: str) -> float:
     with (out / "fit.log").open("w") as log:
         subprocess.run(argv, cwd=out, check=True, stdout=log, stderr=subprocess.STDOUT,
                        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    return time.perf_counter() - t0
+    (out / "wall_s").write_text(f"{time.perf_counter() - t0:.1f}\n")
+    return float((out / "wall_s").read_text())
 
 
 def sampled_accuracy(model_dir: Path, temperature: float, n: int = 200, k: int = 8) -> float:
