@@ -141,7 +141,8 @@ class GRPOModule(CausalLMModule):
             ref_refresh_steps: copy the policy into the reference every this many optimizer steps
                 (needs ``beta > 0``); None keeps the starting policy.
             max_turns: policy turns per episode of a multi-turn task (`esft.data.tasks.EpisodeTask`;
-                None: the task's own limit). `max_completion_length` then limits each turn.
+                None: the task's own limit). `max_completion_length` then limits each turn, and
+                stays the ``dr_grpo`` normaliser per sequence (a constant: it scales the step only).
             **kwargs: the model, tokenizer and optimizer arguments of `CausalLMModule`.
         """
         if ref_refresh_steps is not None and (ref_refresh_steps < 1 or beta <= 0):
