@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
-from esft.data.tasks import get_task
+from esft.data.tasks import EpisodeTask, get_task
 from esft.evaluation.metrics import summarize
 from esft.models.attention import VARLEN
 from esft.models.sharding import synced_generation
@@ -64,6 +64,18 @@ def _repeat_rows(cache: DynamicCache | StaticCache, repeats: int) -> None:
         torch._dynamo.mark_static_address(layer.values)
 
 
+def _select_rows(cache: DynamicCache | StaticCache, rows: torch.Tensor) -> None:
+    """Keep only the cache rows `rows` (in that order)."""
+    if isinstance(cache, DynamicCache):
+        cache.batch_select_indices(rows)
+        return
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[rows], layer.values[rows]
+        layer.batch_size = layer.keys.shape[0]
+        torch._dynamo.mark_static_address(layer.keys)
+        torch._dynamo.mark_static_address(layer.values)
+
+
 def prefill_shared(model: PreTrainedModel, enc: dict[str, torch.Tensor], num_samples: int, max_new_tokens: int,
                    cache: CacheKind = "static") -> dict[str, Any]:
     """Run the left-padded prompts ``enc`` once, all but their last token, and copy the KV cache
@@ -95,8 +107,10 @@ class Rollout:
 
     prompt_ids: list[int]
     completion_ids: list[int]  # up to and including the first end-of-turn token; no padding
-    text: str  # the completion decoded without special tokens, stripped
-    truncated: bool  # stopped by ``max_new_tokens`` before an end-of-turn token
+    text: str  # the completion decoded without special tokens, stripped (of an episode: its final turn)
+    truncated: bool  # stopped by ``max_new_tokens`` before an end-of-turn token (episodes: `episode_rollout`)
+    env_mask: list[bool] | None = None  # per completion token: written by the environment (never trained)
+    turns: int = 1  # policy turns
 
 
 @torch.no_grad()
@@ -195,9 +209,16 @@ def evaluate(
     results = {}
     for name, records in records_by_task.items():
         task = get_task(name)
-        completions = generate(
-            model, tokenizer, [r["messages"][:-1] for r in records], max_new_tokens, batch_size, num_samples, progress, **sampling
-        )
+        if isinstance(task, EpisodeTask):  # multi-turn: the final turn of each episode is scored
+            from esft.evaluation.episodes import episode_rollout  # it builds on this module
+
+            outs = episode_rollout(model, tokenizer, records, max_new_tokens, batch_size, num_samples, **sampling)
+            completions = [o.text for o in outs]
+        else:
+            completions = generate(
+                model, tokenizer, [r["messages"][:-1] for r in records], max_new_tokens, batch_size, num_samples,
+                progress, **sampling
+            )
         scores = [task.score(r, c) for r, c in zip((r for r in records for _ in range(num_samples)), completions)]
         row = summarize(scores, num_samples, ks)
         if hasattr(task, "metrics"):

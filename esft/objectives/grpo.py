@@ -11,6 +11,13 @@ first update. The reference model (for the k3 KL term) is a frozen copy of the s
 made only when ``beta > 0`` (`CausalLMModule.frozen_reference`: with LoRA the policy with its
 adapters disabled); under FSDP2 it is sharded like the policy. Validation is greedy pass@1 and format rate on held-out prompts.
 
+Multi-turn tasks (`esft.data.tasks.EpisodeTask`, e.g. ``calculator``): a batch of their records is
+played as episodes (`esft.evaluation.episodes.episode_rollout`: the policy acts, the environment
+replies, up to ``max_turns`` policy turns, one KV cache across the turns) and rewarded on the final
+turn. The environment's tokens stay in the trained sequence, as context, with labels -100
+(`rollout_example`): they are out of the loss, out of the token counts of its normalisers and out
+of the KL term (`loss_mask`); logged ``train/turns`` is the mean policy turns per episode.
+
 DAPO's dynamic sampling (arXiv 2503.14476, ``dynamic_sampling``): a group whose G samples all
 score the same has advantage 0 and no signal; such groups are dropped and more prompts sampled,
 up to ``max_refill_rounds`` extra rounds of a batch's worth of prompts each, until the batch holds
@@ -41,6 +48,7 @@ from esft.data.packing import collate_padded
 from esft.data.prompts import prompt_messages
 from esft.data.tokenize import completion_example
 from esft.evaluation import Rollout, rollout
+from esft.evaluation.episodes import all_episodes, episode_rollout, policy_tokens
 from esft.losses.ce import IGNORE_INDEX, next_token_targets
 from esft.losses.grpo import LossType, ScaleRewards, group_advantages, grpo_loss
 from esft.models.forward import target_logprobs
@@ -51,10 +59,30 @@ from esft.rewards import RewardSet, Sample
 from esft.rewards.evaluate import evaluate_reasoning, reasoning_metrics
 
 
+def rollout_example(r: Rollout) -> dict[str, Any]:
+    """A rollout as a tokenized example whose labels are the policy's completion tokens: the
+    prompt and an episode's environment tokens (``env_mask``) are -100."""
+    example = completion_example(r.prompt_ids, r.completion_ids)
+    if r.env_mask:
+        p = len(r.prompt_ids)
+        example["labels"][p:] = [IGNORE_INDEX if env else t for t, env in zip(r.completion_ids, r.env_mask, strict=True)]
+    return example
+
+
 def rollout_batch(rollouts: list[Rollout], pad_token_id: int) -> dict[str, Any]:
-    """Prompt + completion of every rollout as a right-padded batch whose labels are the
-    completion tokens (the prompt is -100)."""
-    return collate_padded([[completion_example(r.prompt_ids, r.completion_ids)] for r in rollouts], pad_token_id)
+    """Prompt + completion of every rollout as a right-padded batch (`rollout_example`)."""
+    return collate_padded([[rollout_example(r)] for r in rollouts], pad_token_id)
+
+
+def loss_mask(batch: dict[str, Any], rollouts: list[Rollout], mask_truncated: bool = False) -> torch.Tensor:
+    """``[B, T]`` 1 where the next-token target is a trained token (the policy's own, never the
+    prompt, an environment reply or padding), 0 elsewhere; all 0 on truncated rollouts with
+    `mask_truncated`. It weights the loss, counts the tokens of the token-mean normalisers and
+    masks the KL term."""
+    mask = (next_token_targets(batch["labels"], batch["position_ids"]) != IGNORE_INDEX).float()
+    if mask_truncated:
+        mask = mask * torch.tensor([not o.truncated for o in rollouts], device=mask.device, dtype=mask.dtype)[:, None]
+    return mask
 
 
 class GRPOModule(CausalLMModule):
@@ -83,6 +111,7 @@ class GRPOModule(CausalLMModule):
         ref_refresh_steps: int | None = None,
         reward_workers: int = 0,
         reward_timeout: float | None = None,
+        max_turns: int | None = None,
         **kwargs: Any,
     ) -> None:
         """
@@ -118,11 +147,16 @@ class GRPOModule(CausalLMModule):
             reward_workers: compute the per-sample rewards in this many worker processes (0: here).
             reward_timeout: with workers, seconds per reward call; a call that times out or raises
                 scores 0 and is counted (``train/reward_failures``, `esft.rewards.workers`).
+            max_turns: policy turns per episode of a multi-turn task (`esft.data.tasks.EpisodeTask`;
+                None: the task's own limit). `max_completion_length` then limits each turn, and
+                stays the ``dr_grpo`` normaliser per sequence (a constant: it scales the step only).
             **kwargs: the model, tokenizer and optimizer arguments of `CausalLMModule`.
         """
         if ref_refresh_steps is not None and (ref_refresh_steps < 1 or beta <= 0):
             raise ValueError(f"GRPOModule: ref_refresh_steps={ref_refresh_steps} needs an integer >= 1 and beta > 0 "
                              f"(got beta={beta}: without the KL term there is no reference)")
+        if max_turns is not None and max_turns < 1:
+            raise ValueError(f"GRPOModule: max_turns must be >= 1 or None, got {max_turns}")
         if max_refill_rounds < 0:
             raise ValueError(f"GRPOModule: max_refill_rounds must be >= 0, got {max_refill_rounds}")
         super().__init__(**kwargs)
@@ -184,11 +218,15 @@ class GRPOModule(CausalLMModule):
     # ---- one step --------------------------------------------------------------------------
     def generate(self, records: list[dict[str, Any]]) -> tuple[list[Rollout], list[Sample]]:
         hp = self.hparams
-        outs = rollout(self.model, self.tokenizer, [prompt_messages(r) for r in records], hp.max_completion_length,
-                       hp.generation_batch_size, hp.num_generations, share_prefix=hp.share_prefix, do_sample=True,
-                       temperature=hp.temperature, top_p=hp.top_p, top_k=0)
+        sampling = dict(do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=0)
+        if all_episodes(records):
+            outs = episode_rollout(self.model, self.tokenizer, records, hp.max_completion_length, hp.generation_batch_size,
+                                   hp.num_generations, hp.max_turns, **sampling)
+        else:
+            outs = rollout(self.model, self.tokenizer, [prompt_messages(r) for r in records], hp.max_completion_length,
+                           hp.generation_batch_size, hp.num_generations, share_prefix=hp.share_prefix, **sampling)
         records_g = [r for r in records for _ in range(hp.num_generations)]
-        return outs, [Sample(r, o.text, len(o.completion_ids), o.truncated) for r, o in zip(records_g, outs)]
+        return outs, [Sample(r, o.text, policy_tokens(o), o.truncated) for r, o in zip(records_g, outs)]
 
     def _logprobs(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         logp, entropy, _ = call_model(model, target_logprobs, batch, self.hparams.loss_chunk_size, self.hparams.temperature)
@@ -268,11 +306,11 @@ class GRPOModule(CausalLMModule):
         advantages = group_advantages(rewards, hp.num_generations, hp.scale_rewards)
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v
                  for k, v in rollout_batch(outs, self.tokenizer.pad_token_id).items()}
-        mask = (next_token_targets(batch["labels"], batch["position_ids"]) != IGNORE_INDEX).float()
-        if hp.mask_truncated_completions:
-            mask = mask * torch.tensor([not o.truncated for o in outs], device=self.device, dtype=mask.dtype)[:, None]
+        mask = loss_mask(batch, outs, hp.mask_truncated_completions)
         stats, update_tokens = self._update(batch, mask, advantages)
         t_update = time.perf_counter() - t0 - t_sample
+        if outs[0].env_mask is not None:
+            stats["turns"] = sum(o.turns for o in outs) / len(outs)
         for key in ("groups_refilled", "informative_groups", "refill_rounds", "reward_failures"):
             if key in info:
                 stats[key] = float(info[key])
@@ -373,14 +411,16 @@ class GRPOModule(CausalLMModule):
         here = self.trainer.is_global_zero or is_sharded(self.model)
         if self.global_step == 0 and records and self.logger is not None and here:
             hp = self.hparams
-            metrics = evaluate_reasoning(self.model, self.tokenizer, records, hp.max_completion_length, hp.generation_batch_size)
+            metrics = evaluate_reasoning(self.model, self.tokenizer, records, hp.max_completion_length, hp.generation_batch_size,
+                                         hp.max_turns)
             metrics.pop("n")
             if self.trainer.is_global_zero:
                 self.logger.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=0)
 
     def validation_step(self, records: list[dict[str, Any]], batch_idx: int) -> None:
         hp = self.hparams
-        metrics = evaluate_reasoning(self.model, self.tokenizer, records, hp.max_completion_length, hp.generation_batch_size)
+        metrics = evaluate_reasoning(self.model, self.tokenizer, records, hp.max_completion_length, hp.generation_batch_size,
+                                         hp.max_turns)
         metrics.pop("n")
         # each rank scores its share of the held-out prompts; the logged value is the mean over ranks
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=len(records), prog_bar=False, sync_dist=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 from esft.data.prompts import prompt_messages
 from esft.evaluation import rollout
+from esft.evaluation.episodes import all_episodes, episode_rollout, policy_tokens
 from esft.rewards.rules import Sample, accuracy, think_format
 
 
@@ -25,8 +26,12 @@ def reasoning_metrics(samples: Sequence[Sample]) -> dict[str, float]:
 
 
 def evaluate_reasoning(model, tokenizer, records: Sequence[dict[str, Any]], max_new_tokens: int = 64,
-                       batch_size: int = 100) -> dict[str, float]:
-    """Greedy completions of `records`' prompts, scored by `reasoning_metrics` (plus ``n``)."""
-    outs = rollout(model, tokenizer, [prompt_messages(r) for r in records], max_new_tokens, batch_size)
-    samples = [Sample(r, o.text, len(o.completion_ids), o.truncated) for r, o in zip(records, outs)]
+                       batch_size: int = 100, max_turns: int | None = None) -> dict[str, float]:
+    """Greedy completions of `records`' prompts (played as episodes of at most `max_turns` policy
+    turns for multi-turn tasks), scored by `reasoning_metrics` (plus ``n``)."""
+    if all_episodes(records):
+        outs = episode_rollout(model, tokenizer, records, max_new_tokens, batch_size, max_turns=max_turns)
+    else:
+        outs = rollout(model, tokenizer, [prompt_messages(r) for r in records], max_new_tokens, batch_size)
+    samples = [Sample(r, o.text, policy_tokens(o), o.truncated) for r, o in zip(records, outs)]
     return {**reasoning_metrics(samples), "n": float(len(records))}

@@ -1,6 +1,7 @@
 """Built-in verifiable tasks: deterministic generators and verifiers (the embedded default data).
 
-`TASKS` maps a task name to its class, `DOMAINS` a domain (math, code, intent, translation,
+`TASKS` maps a task name to its class (`EpisodeTask` ones, e.g. ``calculator``, are played over
+several turns with an environment), `DOMAINS` a domain (math, code, intent, translation,
 summarization, legal, general) to its task names; `get_task(name, **kwargs)` builds one.
 Write tasks to JSONL with ``python -m esft.data.tasks.export --tasks math_word verdict --out data/``.
 """
@@ -11,7 +12,9 @@ from typing import Any
 
 from esft.data.tasks.arithmetic import Arithmetic
 from esft.data.tasks.base import Split, Task, split_of
+from esft.data.tasks.calculator import Calculator
 from esft.data.tasks.code import ListOps
+from esft.data.tasks.episode import EpisodeTask
 from esft.data.tasks.extract import ExtractFields
 from esft.data.tasks.general import General
 from esft.data.tasks.intent import IntentJSON
@@ -23,7 +26,7 @@ from esft.data.tasks.words import ReverseWords, SortWords
 TASKS: dict[str, type[Task]] = {
     cls.name: cls
     for cls in (Arithmetic, ReverseWords, SortWords, MathWord, ListOps, IntentJSON, Translate, ExtractFields,
-                Verdict, General)
+                Verdict, General, Calculator)
 }
 DOMAINS: dict[str, list[str]] = {}
 for _name, _cls in TASKS.items():
@@ -51,4 +54,4 @@ def get_task(name: str, **kwargs) -> Task:
     return TASKS[name](**kwargs)
 
 
-__all__ = ["DOMAINS", "TASKS", "Split", "Task", "TaskSpec", "build_task", "get_task", "split_of"]
+__all__ = ["DOMAINS", "TASKS", "EpisodeTask", "Split", "Task", "TaskSpec", "build_task", "get_task", "split_of"]

@@ -60,10 +60,7 @@ class Task(ABC):
             seen.add(prompt)
             records.append(
                 {
-                    "messages": [
-                        {"role": "user", "content": prompt},
-                        {"role": "assistant", "content": answer},
-                    ],
+                    "messages": self.messages(prompt, answer),
                     "task": self.name,
                     "answer": answer,
                     "id": f"{self.name}-{split}-{seed}-{len(records)}",
@@ -71,6 +68,11 @@ class Task(ABC):
                 }
             )
         return records
+
+    def messages(self, prompt: str, answer: str) -> list[dict[str, str]]:
+        """The record's conversation: the prompt and the reference answer (a multi-turn task
+        writes its whole reference episode, `esft.data.tasks.episode.EpisodeTask`)."""
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
 def exact_match(prediction: str, reference: str) -> float:
