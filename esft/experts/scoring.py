@@ -16,7 +16,8 @@ project's score files before the option used it). Score files record which in ``
 Token scores sum to 1 per layer; gate scores sum to the family's mean top-K gate mass, so a gate
 threshold p means different things per family. Measured with transformers 5 (5.24), summed over
 experts and averaged over tokens, a layer's top-K gate values came to: deepseek_v2
-0.29 (softmax probabilities, not renormalised: the paper's DeepSeek-V2-Lite setting), qwen2_moe
+0.29 (softmax probabilities, not renormalised, as in DeepSeek-V2-Lite, whose released scores in
+deepseek-ai/ESFT give 0.33-0.40 per task, averaged over layers), qwen2_moe
 0.30, olmoe 0.30, mixtral 1.00 (renormalised), deepseek_v3 2.50 (sigmoid scores times
 ``routed_scaling_factor``).
 
