@@ -2,8 +2,8 @@
 
     python benchmarks/esft_step.py --out benchmarks/results/esft_step_cpu.json        # CPU, tiny MoE
     python benchmarks/esft_step.py --device cuda --size small --out esft_step_gpu.json
-    python benchmarks/esft_step.py --size v2lite qwen3_30b_a3b --sides fft esft --dtype bfloat16 \
-        --max-tokens 512 --score-tokens 1024 --steps 8 --out benchmarks/results/esft_kernels_cpu.json
+    python benchmarks/esft_step.py --size v2lite qwen3_30b_a3b --sides fft esft --dtype bfloat16 --lr 1e-5 \
+        --max-tokens 512 --score-tokens 1024 --steps 7 --out benchmarks/results/esft_kernels_cpu.json
 
 The ``v2lite`` / ``qwen3_30b_a3b`` sizes are two sparse layers (``--layers``) at the real layer
 shape of DeepSeek-V2-Lite (hidden 2048, 64 routed experts top-6, 2 shared, expert width 1408) and
@@ -106,7 +106,7 @@ def run_size(size: str, args: argparse.Namespace, batches: list[dict], examples:
             model = apply_lora(model, {"r": 8, "alpha": 16})
         models[{"esft": "esft_token_p0.2", "lora": "lora_r8"}.get(side, side)] = model
     del base
-    opts = {k: build_adamw(m, OptimConfig(lr=1e-3, weight_decay=0.1)) for k, m in models.items()}
+    opts = {k: build_adamw(m, OptimConfig(lr=args.lr, weight_decay=0.1)) for k, m in models.items()}
     times: dict[str, list[float]] = {k: [] for k in models}
     forward: dict[str, list[float]] = {k: [] for k in models}
     memory = {}
@@ -149,13 +149,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=2048, help="tokens per packed micro-batch")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="AdamW learning rate; use deepseek-ai/ESFT's 1e-5 to compare forwards: at 1e-3 FFT's "
+                             "routers drift within a few steps and its forward no longer runs the same experts")
     parser.add_argument("--score-tokens", type=int, default=16384, help="tokens scored to select the ESFT experts")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     batches, examples = packed_batches(args.max_tokens, args.steps, torch.device(args.device))
-    result = {"device": args.device, "dtype": args.dtype, "tokens_per_step": args.max_tokens, "threads": torch.get_num_threads(),
+    result = {"device": args.device, "dtype": args.dtype, "lr": args.lr, "tokens_per_step": args.max_tokens, "threads": torch.get_num_threads(),
               "steps_timed": len(batches) - args.warmup, "sizes": []}
     for size in args.size:
         res = run_size(size, args, batches, examples)
