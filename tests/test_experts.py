@@ -240,15 +240,20 @@ def test_shared_and_non_expert_options_unfreeze_what_they_name(tokenizer):
 
 
 # ---- adapters --------------------------------------------------------------------------------
-def test_adapter_reloads_exact_logits_and_merges(tokenizer, tmp_path):
-    model = tiny(tokenizer, "olmoe")
-    cfg = ExpertConfig({0: [0], 1: [1, 2]})
+def _tuned(tokenizer, family, cfg):
+    """A tiny `family` model with `cfg` applied and trained 2 steps (eval mode), a batch, its logits."""
+    model = tiny(tokenizer, family)
     apply_expert_config(model, cfg)
     _train(model, 2, fused=True)
     model.eval()
     ids = _batch(9)
     with torch.no_grad():
-        tuned = model(ids).logits
+        return model, ids, model(ids).logits
+
+
+def test_adapter_reloads_exact_logits_and_merges(tokenizer, tmp_path):
+    cfg = ExpertConfig({0: [0], 1: [1, 2]})
+    model, ids, tuned = _tuned(tokenizer, "olmoe", cfg)
     save_adapter(model, cfg, tmp_path / "adapter")
     size = (tmp_path / "adapter" / "adapter.safetensors").stat().st_size
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
@@ -268,14 +273,8 @@ def test_adapter_reloads_exact_logits_and_merges(tokenizer, tmp_path):
 def test_adapter_round_trips_through_the_reference_layout_with_identical_logits(tokenizer, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    model = tiny(tokenizer, "deepseek_v2")  # layer 0 dense, layer 1 sparse, as DeepSeek-V2-Lite
-    cfg = ExpertConfig({1: [3, 0]}, shared_experts=True)
-    apply_expert_config(model, cfg)
-    _train(model, 2, fused=True)
-    model.eval()
-    ids = _batch(9)
-    with torch.no_grad():
-        tuned = model(ids).logits
+    cfg = ExpertConfig({1: [3, 0]}, shared_experts=True)  # tiny deepseek_v2: layer 0 dense, layer 1 sparse
+    model, ids, tuned = _tuned(tokenizer, "deepseek_v2", cfg)
     save_adapter(model, cfg, tmp_path / "ours")
     ours = tiny(tokenizer, "deepseek_v2")
     load_adapter(ours, tmp_path / "ours")
