@@ -10,8 +10,8 @@ each sparse layer's experts module in place:
   ``esft_down_proj`` of shape ``[k, ...]`` (k = experts selected in that layer);
 - the module's forward is replaced by `esft_experts_forward`: one stable sort puts the
   (token, expert) pairs of frozen experts first and those of selected experts after them, and two
-  grouped GEMMs (``torch.nn.functional.grouped_mm``, the kernel behind transformers'
-  ``experts_implementation="grouped_mm"``) run the frozen experts on the fused tensors, which do
+  grouped GEMMs (``torch.nn.functional.grouped_mm`` through transformers' dispatcher, the kernel
+  behind its ``experts_implementation="grouped_mm"``) run the frozen experts on the fused tensors, which do
   not require grad, and the selected experts on the ``[k, ...]`` slices. There is no per-expert
   Python loop. Autograd computes input gradients through both calls and weight gradients only for
   the slices, so frozen experts get no weight gradient at all (not a gradient that is then
@@ -48,6 +48,12 @@ from esft.experts.config import ExpertConfig
 from esft.models.sharding import gathered
 from esft.models.moe import EXPERT_PARAMS, moe_adapter
 
+try:  # transformers' dispatcher for its own grouped_mm experts: torch.nn.functional.grouped_mm where
+    # the torch version, device and alignment allow it, torch._grouped_mm or a fallback op otherwise
+    from transformers.integrations.moe import _grouped_mm
+except ImportError:  # pragma: no cover - a transformers without it: torch >= 2.10's public kernel
+    _grouped_mm = F.grouped_mm
+
 PREFIX = "esft_"
 SORT_KEY = PREFIX + "sort_key"
 
@@ -55,7 +61,7 @@ SORT_KEY = PREFIX + "sort_key"
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of `x` [S, in] times the transposed weight of their group, ``weight`` [G, out, in];
     group g holds rows ``offsets[g-1]:offsets[g]``."""
-    return F.grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), offs=offsets)
+    return _grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), offs=offsets)
 
 
 def _expert_mlp(self: nn.Module, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
