@@ -133,7 +133,8 @@ def run_size(size: str, args: argparse.Namespace, batches: list[dict], examples:
                      "forward_s": round(fwd, 4), "forward_vs_fft": round(fwd / ref_fwd, 3),
                      "trainable_pct": round(100 * trainable / params, 2), "trainable": trainable,
                      "grad_optim_mib": round(memory[name] / 2**20, 2),
-                     "grad_optim_vs_fft": round(memory[name] / memory[first], 3)})
+                     "grad_optim_vs_fft": round(memory[name] / memory[first], 3),
+                     "steps_s": [round(t, 4) for t in times[name]], "forwards_s": [round(t, 4) for t in forward[name]]})
     return {"size": size, "config": config, "params": params, "experts_selected": experts.num_selected(),
             "experts_total": scores["num_experts"] * len(scores["token"]), "scored_tokens": scores["num_tokens"],
             "loadavg": os.getloadavg(), "rows": rows}
