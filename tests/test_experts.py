@@ -1,6 +1,7 @@
 """Expert-specialized fine-tuning: scores, selection, trainable slices, bit-identity of everything
 frozen, adapters, and score -> select -> fit -> adapter -> eval on every supported MoE family."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from esft.cli import main as cli_main
 from esft.experts import ExpertConfig, apply_expert_config, load_adapter, merge_experts, merged_state_dict, save_adapter
+from esft.experts.adapter import adapter_config, to_reference
 from esft.experts.cli import main as experts_main
 from esft.experts.scoring import load_scores, score_experts
 from esft.experts.selection import random_like, select_experts, select_layer
@@ -85,15 +87,17 @@ def test_config_naming_a_dense_layer_or_missing_expert_is_an_error(tokenizer):
 
 # ---- scoring ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "mixtral"])
-def test_scores_equal_per_sequence_means_computed_one_sequence_at_a_time(tokenizer, family):
+def test_scores_equal_pooled_and_per_sequence_means_computed_one_sequence_at_a_time(tokenizer, family):
     model = tiny(tokenizer, family).eval()
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (7, 12, 5)]
-    scores = score_experts(model, seqs, max_tokens=64, progress=False)  # all three in one packed batch
+    pooled = score_experts(model, seqs, max_tokens=64, progress=False)  # all three in one packed batch
+    per_seq = score_experts(model, seqs, max_tokens=64, progress=False, average="sequences")
+    assert (pooled["average"], per_seq["average"]) == ("tokens", "sequences")
     moe = moe_adapter(model)
-    E, K = moe.num_experts(model.config), moe.top_k(model.config)
+    E, K, n = moe.num_experts(model.config), moe.top_k(model.config), sum(map(len, seqs))
     for layer, block in moe.layers(model).items():
-        gate, token = torch.zeros(E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64)
+        want = {key: torch.zeros(E, dtype=torch.float64) for key in ("gate", "token", "gate_seq", "token_seq")}
         for seq in seqs:
             seen = {}
             h = block.gate.register_forward_hook(lambda m, a, out: seen.update(w=out[1], i=out[2]))
@@ -102,11 +106,32 @@ def test_scores_equal_per_sequence_means_computed_one_sequence_at_a_time(tokeniz
             h.remove()
             for t in range(len(seq)):
                 for w, e in zip(seen["w"][t].tolist(), seen["i"][t].tolist()):
-                    gate[e] += w / len(seq) / len(seqs)
-                    token[e] += 1 / K / len(seq) / len(seqs)
-        torch.testing.assert_close(torch.tensor(scores["gate"][layer], dtype=torch.float64), gate, atol=1e-6, rtol=0)
-        torch.testing.assert_close(torch.tensor(scores["token"][layer], dtype=torch.float64), token, atol=1e-12, rtol=0)
-        assert abs(sum(scores["token"][layer]) - 1.0) < 1e-9
+                    want["gate"][e] += w / n
+                    want["token"][e] += 1 / K / n
+                    want["gate_seq"][e] += w / len(seq) / len(seqs)
+                    want["token_seq"][e] += 1 / K / len(seq) / len(seqs)
+        for scores, tail in ((pooled, ""), (per_seq, "_seq")):
+            got = {key: torch.tensor(scores[key][layer], dtype=torch.float64) for key in ("gate", "token")}
+            torch.testing.assert_close(got["gate"], want["gate" + tail], atol=1e-6, rtol=0)
+            torch.testing.assert_close(got["token"], want["token" + tail], atol=1e-12, rtol=0)
+            assert abs(sum(scores["token"][layer]) - 1.0) < 1e-9
+    assert max(abs(a - b) for a, b in zip(pooled["token"][layer], per_seq["token"][layer])) > 1e-3  # they differ
+
+
+def test_reference_score_file_reads_and_selects_like_the_reference(tmp_path):
+    # deepseek-ai/ESFT's summary.json: layer -> expert -> score (4 decimals); its selection adds
+    # experts by descending score until the sum reaches p, and lists them in that order
+    token = {"1": {"0": 0.05, "1": 0.4, "2": 0.3, "3": 0.25}, "2": {"0": 0.25, "1": 0.25, "2": 0.25, "3": 0.25}}
+    gate = {"1": {"0": 0.01, "1": 0.2, "2": 0.1, "3": 0.05}, "2": {"0": 0.1, "1": 0.1, "2": 0.1, "3": 0.1}}
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"token_scores": token, "gate_scores": gate}))
+    scores = load_scores(path)
+    assert scores["token"][1] == [0.05, 0.4, 0.3, 0.25] and scores["average"] == "tokens" and scores["num_experts"] == 4
+    assert select_experts(scores, "token", 0.6).experts == {1: [1, 2], 2: [0, 1, 2]}
+    assert select_experts(scores, "gate", 0.25).experts == {1: [1, 2], 2: [0, 1, 2]}
+    path.write_text(json.dumps({"token_scores": {"1": {"0": 0.5, "2": 0.5}}, "gate_scores": {}}))
+    with pytest.raises(ValueError, match=r"token_scores\['1'\] does not list experts 0..1"):
+        load_scores(path)
 
 
 # ---- trainable slices ------------------------------------------------------------------------
@@ -125,17 +150,6 @@ def _train(model, steps, fused, weight_decay=0.1):
         opt.step()
         opt.zero_grad()
     return opt
-
-
-@pytest.mark.parametrize("family", MOE)
-def test_expert_model_matches_base_before_training(tokenizer, family):
-    model = tiny(tokenizer, family).eval()
-    ids = _batch()
-    with torch.no_grad():
-        base = model(ids).logits
-        moe = moe_adapter(model)
-        apply_expert_config(model, ExpertConfig({i: [0, 2] for i in moe.layers(model)}))
-        torch.testing.assert_close(model(ids).logits, base, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -173,6 +187,45 @@ def test_frozen_weights_and_slices_stay_bit_identical(tokenizer, family, fused):
     assert torch.equal(merged[key][frozen], base[key][frozen])
 
 
+@pytest.mark.parametrize("family", MOE)
+def test_grouped_slices_get_exactly_the_fft_gradients_and_frozen_experts_none(tokenizer, family):
+    fft = tiny(tokenizer, family)  # transformers' own grouped_mm experts, everything trainable
+    assert fft.config._experts_implementation == "grouped_mm"
+    model = copy.deepcopy(fft)
+    layers = list(moe_adapter(fft).layers(fft))
+    cfg = ExpertConfig({layer: [[3, 1], [0, 2]][n % 2] for n, layer in enumerate(layers)})
+    apply_expert_config(model, cfg)
+    ids = _batch(3)
+    reference, tuned = fft(ids, labels=ids, use_cache=False), model(ids, labels=ids, use_cache=False)
+    assert torch.equal(tuned.logits, reference.logits)
+    reference.loss.backward()
+    tuned.loss.backward()
+    for layer, chosen in cfg.experts.items():
+        mine, full = model.get_decoder().layers[layer].mlp.experts, fft.get_decoder().layers[layer].mlp.experts
+        for name in ("gate_up_proj", "down_proj"):
+            want = getattr(full, name).grad[chosen]  # the config sorted [3, 1]: slots hold ascending ids
+            assert want.abs().amax() > 1e-4  # the rows were reached
+            # fp32 summation order only (the two paths sort rows differently): about 1e-7 relative
+            torch.testing.assert_close(getattr(mine, "esft_" + name).grad, want, rtol=1e-5, atol=1e-6 * want.abs().amax())
+    assert all(p.grad is None for n, p in model.named_parameters() if "esft_" not in n)
+
+
+def test_a_selected_expert_no_token_reached_gets_a_zero_gradient(tokenizer):
+    model = tiny(tokenizer, "qwen3_moe")
+    apply_expert_config(model, ExpertConfig({0: [1, 3]}))
+    experts = model.get_decoder().layers[0].mlp.experts
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, model.config.hidden_size, generator=g)
+    index = torch.tensor([[0, 1], [2, 1], [1, 0], [2, 0]] * 2 + [[0, 2], [1, 2]])  # expert 3 never chosen
+    weights = torch.rand(10, 2, generator=g)
+    out = experts(hidden, index, weights)
+    frozen = type(experts).forward(experts, hidden, index, weights)  # transformers' grouped_mm path
+    torch.testing.assert_close(out, frozen, rtol=0, atol=1e-6)
+    out.pow(2).sum().backward()
+    grad = experts.esft_gate_up_proj.grad
+    assert grad[0].abs().amax() > 0 and torch.equal(grad[1], torch.zeros_like(grad[1]))
+
+
 def test_shared_and_non_expert_options_unfreeze_what_they_name(tokenizer):
     model = tiny(tokenizer, "qwen2_moe")
     apply_expert_config(model, ExpertConfig({0: [1]}, shared_experts=True))
@@ -187,15 +240,20 @@ def test_shared_and_non_expert_options_unfreeze_what_they_name(tokenizer):
 
 
 # ---- adapters --------------------------------------------------------------------------------
-def test_adapter_reloads_exact_logits_and_merges(tokenizer, tmp_path):
-    model = tiny(tokenizer, "olmoe")
-    cfg = ExpertConfig({0: [0], 1: [1, 2]})
+def _tuned(tokenizer, family, cfg):
+    """A tiny `family` model with `cfg` applied and trained 2 steps (eval mode), a batch, its logits."""
+    model = tiny(tokenizer, family)
     apply_expert_config(model, cfg)
     _train(model, 2, fused=True)
     model.eval()
     ids = _batch(9)
     with torch.no_grad():
-        tuned = model(ids).logits
+        return model, ids, model(ids).logits
+
+
+def test_adapter_reloads_exact_logits_and_merges(tokenizer, tmp_path):
+    cfg = ExpertConfig({0: [0], 1: [1, 2]})
+    model, ids, tuned = _tuned(tokenizer, "olmoe", cfg)
     save_adapter(model, cfg, tmp_path / "adapter")
     size = (tmp_path / "adapter" / "adapter.safetensors").stat().st_size
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad) * 4
@@ -210,6 +268,63 @@ def test_adapter_reloads_exact_logits_and_merges(tokenizer, tmp_path):
     fresh = tiny(tokenizer, "mixtral")
     with pytest.raises(ValueError, match="trained on a olmoe model; this model is mixtral"):
         load_adapter(fresh, tmp_path / "adapter")
+
+
+def test_adapter_round_trips_through_the_reference_layout_with_identical_logits(tokenizer, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cfg = ExpertConfig({1: [3, 0]}, shared_experts=True)  # tiny deepseek_v2: layer 0 dense, layer 1 sparse
+    model, ids, tuned = _tuned(tokenizer, "deepseek_v2", cfg)
+    save_adapter(model, cfg, tmp_path / "ours")
+    ours = tiny(tokenizer, "deepseek_v2")
+    load_adapter(ours, tmp_path / "ours")
+    save_adapter(ours, adapter_config(tmp_path / "ours"), tmp_path / "ref", layout="deepseek")
+    assert sorted(p.name for p in (tmp_path / "ref").iterdir()) == ["expert_cfg.json", "model.safetensors"]
+    assert json.loads((tmp_path / "ref" / "expert_cfg.json").read_text()) == {
+        "experts": {"1": [0, 3]}, "shared_experts": True, "non_expert_modules": False}
+    files = load_file(tmp_path / "ref" / "model.safetensors")
+    experts = model.get_decoder().layers[1].mlp.experts
+    width = experts.esft_down_proj.shape[-1]
+    assert {k for k in files if ".experts." in k} == {f"model.layers.1.mlp.experts.{e}.{p}_proj.weight"
+                                                      for e in (0, 3) for p in ("gate", "up", "down")}
+    assert torch.equal(files["model.layers.1.mlp.experts.3.up_proj.weight"], experts.esft_gate_up_proj[1, width:])
+    assert any(k.startswith("model.layers.1.mlp.shared_experts.") for k in files)
+    back = tiny(tokenizer, "deepseek_v2").eval()
+    load_adapter(back, tmp_path / "ref")
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, tuned)
+    # the reference's legacy key prefix and sharded files load too
+    save_file({k.removeprefix("model."): v for k, v in files.items() if ".experts." in k}, tmp_path / "ref" / "model.safetensors")
+    save_file({k: v for k, v in files.items() if ".experts." not in k}, tmp_path / "ref" / "model-2.safetensors")
+    again = tiny(tokenizer, "deepseek_v2").eval()
+    load_adapter(again, tmp_path / "ref")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, tuned)
+    # per-expert keys mean what transformers makes of them: a full checkpoint in the same naming,
+    # fused by transformers' own checkpoint conversion, computes the tuned logits
+    merged = merged_state_dict(model)
+    full = {e: merged[f"model.layers.1.mlp.experts.{p}"] for e, p in ((0, "gate_up_proj"), (1, "down_proj"))}
+    per_expert = to_reference({"model.layers.1.mlp.experts.esft_gate_up_proj": full[0],
+                               "model.layers.1.mlp.experts.esft_down_proj": full[1]}, ExpertConfig({1: list(range(4))}))
+    checkpoint = {k: v for k, v in merged.items() if ".mlp.experts." not in k} | per_expert
+    model.config.save_pretrained(tmp_path / "full")
+    save_file({k: v.contiguous() for k, v in checkpoint.items()}, tmp_path / "full" / "model.safetensors", metadata={"format": "pt"})
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full", attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, tuned, atol=1e-5, rtol=0)
+
+
+def test_reference_adapter_naming_an_untrained_expert_is_an_error(tokenizer, tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny(tokenizer, "deepseek_v2")
+    (tmp_path / "expert_cfg.json").write_text(json.dumps({"experts": {"1": [2]}, "shared_experts": False,
+                                                          "non_expert_modules": False}))
+    weights = {f"model.layers.1.mlp.experts.{e}.{p}_proj.weight": torch.zeros(32 if p != "down" else 64, 32 if p == "down" else 64)
+               for e in (1, 2) for p in ("gate", "up", "down")}
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"layer 1 holds weights of experts \[1\], which its expert config does not train"):
+        load_adapter(model, tmp_path)
 
 
 # ---- the whole path through the CLI, every family ---------------------------------------------
@@ -242,7 +357,8 @@ def test_score_select_fit_adapter_eval_on_every_family(tokenizer, tmp_path, fami
     experts_main(["score", "--model", str(tmp_path / "base"), "--tokenizer", "builtin", "--tasks", "arithmetic",
                   "--num-per-task", "16", "--tokens", "300", "--max-length", "64", "--out", str(tmp_path / "scores")])
     scores = load_scores(tmp_path / "scores" / "scores.json")
-    assert (tmp_path / "scores" / "heatmap.png").stat().st_size > 0 and scores["num_tokens"] == 300
+    assert (tmp_path / "scores" / "heatmap.png").stat().st_size > 0 and 300 <= scores["num_tokens"] < 300 + 64
+    assert scores["average"] == "tokens"  # whole sequences, the last one too, pooled
     experts_main(["select", "--scores", str(tmp_path / "scores" / "scores.json"), "--method", "token", "--p", "0.2",
                   "--out", str(tmp_path / "experts.json")])
     cfg = ExpertConfig.load(tmp_path / "experts.json")

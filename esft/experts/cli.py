@@ -9,15 +9,18 @@
     esft experts merge  --base runs/base/hf --adapter runs/x/adapter --out runs/x/merged
 
 `--model` / `--base` are HF model directories or hub ids. Scoring data is a data file (any format
-the DataModule reads) or the built-in tasks (``--data builtin --tasks ...``); the first
-``--tokens`` tokens of a seeded shuffle of its training examples are scored (paper: 32 x 4096).
+the DataModule reads) or the built-in tasks (``--data builtin --tasks ...``); whole training
+examples of a seeded shuffle are scored until ``--tokens`` is reached (paper: 32 x 4096), with
+token means pooled over all of them (``--average tokens``, deepseek-ai/ESFT's convention) or
+averaged per sequence (``--average sequences``). ``select --scores`` also takes the reference's
+``summary.json``; ``save --layout deepseek`` writes its adapter layout, and every command that
+reads an adapter takes either layout.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import shutil
 from pathlib import Path
 
 import torch
@@ -41,16 +44,17 @@ def _score(args) -> None:
     examples = list(data.train_examples)
     random.Random(args.seed).shuffle(examples)
     sequences, total = [], 0
-    for ex in examples:
+    for ex in examples:  # whole sequences until --tokens is reached, as deepseek-ai/ESFT samples them
         if total >= args.tokens:
             break
-        sequences.append(ex["input_ids"][: args.tokens - total])
+        sequences.append(ex["input_ids"])
         total += len(sequences[-1])
-    scores = score_experts(model, sequences, args.max_tokens)
+    scores = score_experts(model, sequences, args.max_tokens, average=args.average)
     out = Path(args.out)
     save_scores(scores, out / "scores.json")
     plot_heatmap(scores, out / "heatmap.png", args.title or ",".join(args.tasks or [Path(args.data).name]))
-    print(f"[experts] scored {scores['num_tokens']} tokens in {scores['num_sequences']} sequences -> {out}/scores.json, heatmap.png")
+    print(f"[experts] scored {scores['num_tokens']} tokens in {scores['num_sequences']} sequences "
+          f"({args.average} averaged) -> {out}/scores.json, heatmap.png")
 
 
 def _select(args) -> None:
@@ -74,14 +78,14 @@ def _save(args) -> None:
         module = CausalLMModule.load_from_checkpoint(args.ckpt, map_location="cpu", attn_implementation="sdpa")
     if module.expert_config is None:
         raise CheckpointError(f"{args.ckpt}: was not trained with an expert config (model.init_args.experts)")
-    save_adapter(module.model, module.expert_config, args.out)
-    print(f"[experts] adapter saved to {args.out}")
+    save_adapter(module.model, module.expert_config, args.out, layout=args.layout)
+    print(f"[experts] adapter saved to {args.out} ({args.layout} layout)")
 
 
 def _merge(args) -> None:
     from transformers import AutoModelForCausalLM
 
-    from esft.experts.adapter import merge_adapter
+    from esft.experts.adapter import adapter_config, merge_adapter
     from esft.models import load_tokenizer
 
     with reading(args.base):
@@ -90,7 +94,7 @@ def _merge(args) -> None:
         model = merge_adapter(model, args.adapter)
     model.save_pretrained(args.out, safe_serialization=True)
     load_tokenizer(args.tokenizer or args.base).save_pretrained(args.out)
-    shutil.copy(Path(args.adapter) / "expert_config.json", Path(args.out) / "expert_config.json")
+    adapter_config(args.adapter).save(Path(args.out) / "expert_config.json")
     print(f"[experts] merged checkpoint saved to {args.out}")
 
 
@@ -103,7 +107,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="*", default=None, help="built-in tasks (with --data builtin)")
     p.add_argument("--num-per-task", type=int, default=2000, help="built-in records generated per task")
     p.add_argument("--tokenizer", default=None, help="default: the model's")
-    p.add_argument("--tokens", type=int, default=32 * 4096, help="tokens to score (paper: 131072)")
+    p.add_argument("--tokens", type=int, default=32 * 4096,
+                   help="tokens to score (paper: 131072); the last sequence is taken whole")
+    p.add_argument("--average", choices=["tokens", "sequences"], default="tokens",
+                   help="pool all tokens (deepseek-ai/ESFT's released scores) or average per-sequence means")
     p.add_argument("--max-length", type=int, default=4096, help="longest sequence, in tokens")
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens per forward pass")
     p.add_argument("--seed", type=int, default=0)
@@ -112,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(fn=_score)
     p = sub.add_parser("select", help="an expert config from scores")
-    p.add_argument("--scores", required=True, help="scores.json from `esft experts score`")
+    p.add_argument("--scores", required=True, help="scores.json from `esft experts score`, or deepseek-ai/ESFT's summary.json")
     p.add_argument("--method", choices=["token", "gate"], default="token")
     p.add_argument("--p", type=float, default=None, help="score mass to cover per layer (paper: token 0.2, gate 0.1)")
     p.add_argument("--relative", action="store_true", help="p is a fraction of each layer's score total")
@@ -123,11 +130,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.set_defaults(fn=_select)
     p = sub.add_parser("save", help="the trained experts of an ESFT checkpoint as an adapter")
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint of a run with model.init_args.experts")
+    p.add_argument("--layout", choices=["esft", "deepseek"], default="esft",
+                   help="this project's files, or deepseek-ai/ESFT's (expert_cfg.json + per-expert keys)")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=_save)
     p = sub.add_parser("merge", help="base model + adapter -> full HF checkpoint")
     p.add_argument("--base", required=True)
-    p.add_argument("--adapter", required=True)
+    p.add_argument("--adapter", required=True, help="an adapter directory, either layout")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(fn=_merge)

@@ -2,8 +2,8 @@
 
     {"experts": {"<layer index>": [expert ids]}, "shared_experts": false, "non_expert_modules": false}
 
-Layer keys are decoder-layer indices (strings, as in JSON); a sparse layer that is not listed
-trains no routed expert. ``shared_experts`` also trains the shared experts (and their gates),
+Layer keys are decoder-layer indices (strings, as in JSON); a sparse layer that is not listed (or
+listed with ``[]``) trains no routed expert. Expert ids are kept sorted. ``shared_experts`` also trains the shared experts (and their gates),
 ``non_expert_modules`` everything outside the MoE blocks' experts (attention, norms, embeddings,
 dense MLPs, routers) — the paper's Table 3 shows both drive forgetting.
 """
@@ -21,6 +21,12 @@ class ExpertConfig:
     """Decoder-layer index -> sorted routed-expert ids to train."""
     shared_experts: bool = False
     non_expert_modules: bool = False
+
+    def __post_init__(self) -> None:
+        # one order everywhere: the trainable slices of a layer hold its experts in ascending id
+        # order, whatever order a file or a caller listed them in (deepseek-ai/ESFT lists them by
+        # descending score)
+        self.experts = {int(layer): sorted(ids) for layer, ids in self.experts.items()}
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "expert config") -> ExpertConfig:

@@ -4,15 +4,25 @@ a task's data, and their heatmap (the paper's Figure 2).
 For sparse layer l and routed expert e, with ``g[t, e]`` the gate value of token t (0 where e is
 not among t's top-K) and K the experts per token:
 
-- gate score  ``mean over sequences ( mean over the sequence's tokens g[t, e] )``
-- token score ``mean over sequences ( mean over the sequence's tokens 1[e in topK(t)] / K )``
+- gate score  ``mean over tokens g[t, e]``
+- token score ``mean over tokens 1[e in topK(t)] / K``
+
+``average="tokens"`` (the default) pools all tokens of the sample, as deepseek-ai/ESFT's released
+score files do (checked against its raw per-token logs: pooled means match its ``summary.json`` to
+its 4-decimal rounding, per-sequence means do not). ``average="sequences"`` takes the mean per
+sequence first and then the mean over sequences (the paper's equations read either way; this
+project's score files before the option used it). Score files record which in ``"average"``.
 
 Token scores sum to 1 per layer; gate scores sum to the family's mean top-K gate mass, so a gate
 threshold p means different things per family. Measured with transformers 5 (5.24), summed over
 experts and averaged over tokens, a layer's top-K gate values came to: deepseek_v2
-0.29 (softmax probabilities, not renormalised: the paper's DeepSeek-V2-Lite setting), qwen2_moe
+0.29 (softmax probabilities, not renormalised, as in DeepSeek-V2-Lite, whose released scores in
+deepseek-ai/ESFT give 0.33-0.40 per task, averaged over layers), qwen2_moe
 0.30, olmoe 0.30, mixtral 1.00 (renormalised), deepseek_v3 2.50 (sigmoid scores times
 ``routed_scaling_factor``).
+
+`load_scores` also reads the reference's ``summary.json`` (``{"token_scores": {layer: {expert:
+score}}, "gate_scores": ...}``), so its released scores select experts here.
 
 Sequences are packed into flat batches of at most `max_tokens` tokens with ``position_ids``
 restarting per document (the attention keeps them apart); the routers' outputs are captured by
@@ -24,6 +34,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -44,19 +55,25 @@ def _batches(sequences: Sequence[Sequence[int]], max_tokens: int):
         yield batch
 
 
+Average = Literal["tokens", "sequences"]
+
+
 @torch.no_grad()
 def score_experts(model: nn.Module, sequences: Sequence[Sequence[int]], max_tokens: int = 4096,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, average: Average = "tokens") -> dict:
     """Gate and token scores per sparse layer and routed expert.
 
     Args:
         model: a supported MoE causal LM (see `esft.models.moe`).
         sequences: token-id lists, one per sequence (document).
         max_tokens: tokens per forward pass.
+        average: ``"tokens"`` pools all tokens; ``"sequences"`` averages per-sequence means.
     Returns:
-        ``{"gate": {layer: [E floats]}, "token": {layer: [E floats]}, "num_sequences", "num_tokens",
-        "top_k", "num_experts", "model_type"}`` with integer layer keys.
+        ``{"gate": {layer: [E floats]}, "token": {layer: [E floats]}, "average", "num_sequences",
+        "num_tokens", "top_k", "num_experts", "model_type"}`` with integer layer keys.
     """
+    if average not in ("tokens", "sequences"):
+        raise ValueError(f"average must be 'tokens' or 'sequences', got {average!r}")
     family = moe_adapter(model)
     blocks = family.layers(model)
     num_experts, k = family.num_experts(model.config), family.top_k(model.config)
@@ -84,7 +101,8 @@ def score_experts(model: nn.Module, sequences: Sequence[Sequence[int]], max_toke
                 hits = torch.zeros_like(dense).scatter_add_(1, index, torch.full_like(dense[:, :k], 1.0 / k))
                 per_doc = torch.zeros(len(batch), 2 * num_experts, device=device, dtype=torch.float64)
                 per_doc.index_add_(0, doc, torch.cat([dense, hits], 1))
-                per_doc /= lengths.to(per_doc)[:, None]
+                if average == "sequences":
+                    per_doc /= lengths.to(per_doc)[:, None]
                 gate[i] += per_doc[:, :num_experts].sum(0).cpu()
                 token[i] += per_doc[:, num_experts:].sum(0).cpu()
             n_seq += len(batch)
@@ -97,9 +115,10 @@ def score_experts(model: nn.Module, sequences: Sequence[Sequence[int]], max_toke
         model.train(was_training)
     if n_seq == 0:
         raise ValueError("no sequences to score experts on")
-    return {"gate": {i: (v / n_seq).tolist() for i, v in gate.items()},
-            "token": {i: (v / n_seq).tolist() for i, v in token.items()},
-            "num_sequences": n_seq, "num_tokens": n_tok, "top_k": k, "num_experts": num_experts,
+    n = n_tok if average == "tokens" else n_seq
+    return {"gate": {i: (v / n).tolist() for i, v in gate.items()},
+            "token": {i: (v / n).tolist() for i, v in token.items()},
+            "average": average, "num_sequences": n_seq, "num_tokens": n_tok, "top_k": k, "num_experts": num_experts,
             "model_type": model.config.model_type}
 
 
@@ -110,15 +129,39 @@ def save_scores(scores: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(data, indent=1) + "\n")
 
 
+def _from_reference(data: dict, where: Path) -> dict:
+    """deepseek-ai/ESFT's ``summary.json`` (``{"token_scores": {layer: {expert: score}}, ...}``) in
+    this module's layout."""
+    out: dict = {"average": "tokens", "source": "deepseek-ai/ESFT summary.json"}
+    for ours, theirs in (("gate", "gate_scores"), ("token", "token_scores")):
+        if not isinstance(data.get(theirs), dict):
+            raise ValueError(f"{where}: a deepseek-ai/ESFT score file needs a {theirs!r} object of layer -> expert -> score")
+        out[ours] = {}
+        for layer, table in data[theirs].items():
+            ids = sorted(int(e) for e in table)
+            if ids != list(range(len(ids))):
+                raise ValueError(f"{where}: {theirs}[{layer!r}] does not list experts 0..{len(ids) - 1}")
+            out[ours][int(layer)] = [float(table[str(e)]) for e in ids]
+    out["num_experts"] = len(next(iter(out["token"].values()), []))
+    return out
+
+
 def load_scores(path: str | Path) -> dict:
+    """Scores written by `save_scores`, or deepseek-ai/ESFT's ``summary.json``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"expert scores {path} do not exist (write them with `esft experts score`)")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"expert scores {path}: not valid JSON ({e})") from None
+    if "token_scores" in data or "gate_scores" in data:
+        return _from_reference(data, path)
     for key in ("gate", "token"):
         if key not in data:
             raise ValueError(f"{path}: expert scores lack the {key!r} table")
         data[key] = {int(i): v for i, v in data[key].items()}
+    data.setdefault("average", "sequences")  # files written before the option averaged per sequence
     return data
 
 

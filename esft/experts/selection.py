@@ -2,7 +2,8 @@
 sum to at least p of the layer's total; and the Table 4 control, random experts of the same count.
 
 The paper thresholds the raw score sum (p = 0.2 for token scores, 0.1 for gate scores on
-DeepSeek-V2-Lite, whose top-K gate values sum to about 0.29 per token). ``relative=True``
+DeepSeek-V2-Lite, whose gate scores sum to 0.33-0.40 per layer, averaged over its 26 sparse layers,
+in each task of deepseek-ai/ESFT's released score files). ``relative=True``
 thresholds the fraction of the layer's score mass instead, which means the same thing in every
 family (mixtral's renormalised gates sum to 1, deepseek_v3's to about 2.5).
 """

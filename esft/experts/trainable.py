@@ -8,11 +8,16 @@ each sparse layer's experts module in place:
   ``requires_grad=False``;
 - the selected experts' rows are copied into new parameters ``esft_gate_up_proj`` /
   ``esft_down_proj`` of shape ``[k, ...]`` (k = experts selected in that layer);
-- the module's forward is replaced by `esft_experts_forward`, which groups tokens by expert and
-  takes each expert's weights from the trainable ``[k, ...]`` tensor or from the frozen fused one.
-  Frozen experts therefore get no weight gradient at all (not a gradient that is then masked),
-  and AdamW — fused, foreach or not, with any weight decay — only ever sees the ``[k, ...]``
-  tensors, so every frozen weight stays bit-identical to the base.
+- the module's forward is replaced by `esft_experts_forward`: one stable sort puts the
+  (token, expert) pairs of frozen experts first and those of selected experts after them, and two
+  grouped GEMMs (``torch.nn.functional.grouped_mm`` through transformers' dispatcher, the kernel
+  behind its ``experts_implementation="grouped_mm"``) run the frozen experts on the fused tensors, which do
+  not require grad, and the selected experts on the ``[k, ...]`` slices. There is no per-expert
+  Python loop. Autograd computes input gradients through both calls and weight gradients only for
+  the slices, so frozen experts get no weight gradient at all (not a gradient that is then
+  masked), the backward skips the frozen experts' weight-gradient GEMMs, and AdamW — fused,
+  foreach or not, with any weight decay — only ever sees the ``[k, ...]`` tensors: every frozen
+  weight stays bit-identical to the base.
 
 Everything else (attention, norms, embeddings, routers, dense MLPs, shared experts) is frozen
 unless the expert config asks for shared experts or non-expert modules. `merge_experts` writes
@@ -22,10 +27,12 @@ without touching the model (for exports during a run).
 Departures from the paper: routing is not restricted (as in the paper) and the router's
 auxiliary balance loss is not added — the SFT loss never adds it (it calls the decoder directly),
 and with frozen routers its only path to the trained experts would be through earlier layers'
-hidden states. The expert forward is an eager per-expert loop (transformers' default), not a
-grouped-GEMM kernel. A trainable slice that no token reached in a step gets a zero gradient
-rather than none (so DDP needs no ``find_unused_parameters``): AdamW still applies its momentum
-and weight decay to it, as it does to the untouched rows of any partly used weight.
+hidden states. A trainable slice that no token reached in a step gets a zero gradient rather
+than none (its grouped call always runs, with an empty group), so DDP needs no
+``find_unused_parameters``: AdamW still applies its momentum and weight decay to it, as it does to
+the untouched rows of any partly used weight. The split point between the two grouped calls is
+read on the host (one synchronisation per patched layer), so under ``torch.compile`` the patched
+experts break the graph.
 """
 
 from __future__ import annotations
@@ -41,34 +48,45 @@ from esft.experts.config import ExpertConfig
 from esft.models.sharding import gathered
 from esft.models.moe import EXPERT_PARAMS, moe_adapter
 
+try:  # transformers' dispatcher for its own grouped_mm experts: torch.nn.functional.grouped_mm where
+    # the torch version, device and alignment allow it, torch._grouped_mm or a fallback op otherwise
+    from transformers.integrations.moe import _grouped_mm
+except ImportError:  # pragma: no cover - a transformers without it: torch >= 2.10's public kernel
+    _grouped_mm = F.grouped_mm
+
 PREFIX = "esft_"
+SORT_KEY = PREFIX + "sort_key"
+
+
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of `x` [S, in] times the transposed weight of their group, ``weight`` [G, out, in];
+    group g holds rows ``offsets[g-1]:offsets[g]``."""
+    return _grouped_mm(x.to(weight.dtype), weight.transpose(-2, -1), offs=offsets)
+
+
+def _expert_mlp(self: nn.Module, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                offsets: torch.Tensor) -> torch.Tensor:
+    return _grouped_linear(self._apply_gate(_grouped_linear(x, gate_up, offsets)), down, offsets)
 
 
 def esft_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Routed-expert output for [tokens, H] `hidden_states` and [tokens, K] routing, with each
-    expert's weights taken from the trainable slices where it was selected."""
-    out = torch.zeros_like(hidden_states)
-    k = top_k_index.shape[-1]
-    flat = top_k_index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-    tokens, weights = order // k, top_k_weights.reshape(-1)[order]
-    start = 0
-    for expert, n in enumerate(counts[: self.num_experts]):
-        if n == 0:
-            continue
-        idx, w = tokens[start:start + n], weights[start:start + n]
-        start += n
-        slot = self._esft_slots.get(expert)
-        gate_up = self.gate_up_proj[expert] if slot is None else self.esft_gate_up_proj[slot]
-        down = self.down_proj[expert] if slot is None else self.esft_down_proj[slot]
-        h = self._apply_gate(F.linear(hidden_states[idx], gate_up))
-        h = F.linear(h, down) * w[:, None]
-        out.index_add_(0, idx, h.to(out.dtype))
-    # every trainable slice takes part in the graph even when no token reached it, so data-parallel
-    # gradient reduction finds no unused parameter (a zero gradient for the untouched slices)
-    return out + (self.esft_gate_up_proj.sum() + self.esft_down_proj.sum()).to(out.dtype) * 0.0
+    """Routed-expert output for [tokens, H] `hidden_states` and [tokens, K] routing: frozen experts
+    in one grouped GEMM over the fused tensors, selected experts in one over the trainable slices."""
+    tokens, k = top_k_index.shape
+    num_experts = self.num_experts
+    # frozen expert e sorts as e, selected expert e as num_experts + its slot
+    key = self.esft_sort_key[top_k_index.reshape(-1)]
+    key, perm = torch.sort(key, stable=True)
+    offsets = torch.bincount(key, minlength=num_experts + self.esft_gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
+    split = int(offsets[num_experts - 1])  # pairs routed to frozen experts: the only host sync
+    x = hidden_states[perm // k]
+    out = torch.cat([
+        _expert_mlp(self, x[:split], self.gate_up_proj, self.down_proj, offsets[:num_experts]),
+        _expert_mlp(self, x[split:], self.esft_gate_up_proj, self.esft_down_proj, offsets[num_experts:] - split),
+    ]) * top_k_weights.reshape(-1)[perm, None]
+    # back to (token, k) order and summed over k, as transformers' grouped_mm path does
+    return out[torch.argsort(perm)].view(tokens, k, -1).sum(1).to(hidden_states.dtype)
 
 
 def _check(model: nn.Module, cfg: ExpertConfig) -> dict[int, nn.Module]:
@@ -82,6 +100,10 @@ def _check(model: nn.Module, cfg: ExpertConfig) -> dict[int, nn.Module]:
         bad = [i for i in ids if i >= n]
         if bad:
             raise ValueError(f"expert config layer {layer}: expert ids {bad} out of range (model has {n} routed experts)")
+        experts = blocks[layer].experts
+        if ids and (getattr(experts, "is_transposed", False) or getattr(experts, "has_bias", False)):
+            raise ValueError(f"layer {layer}: {type(experts).__name__} stores transposed or biased expert weights, "
+                             "which the trainable-slice forward does not support")
     return blocks
 
 
@@ -108,6 +130,9 @@ def apply_expert_config(model: nn.Module, cfg: ExpertConfig) -> int:
         for name in EXPERT_PARAMS:
             full = getattr(experts, name)
             setattr(experts, PREFIX + name, nn.Parameter(full.detach().index_select(0, select).clone()))
+        key = torch.arange(experts.num_experts, device=select.device)
+        key[select] = experts.num_experts + torch.arange(len(ids), device=select.device)
+        experts.register_buffer(SORT_KEY, key, persistent=False)
         experts.forward = types.MethodType(esft_experts_forward, experts)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -145,6 +170,7 @@ def merge_experts(model: nn.Module) -> nn.Module:
             for name in EXPERT_PARAMS:
                 getattr(experts, name).copy_(_merged(experts, name))
                 delattr(experts, PREFIX + name)
+        delattr(experts, SORT_KEY)
         del experts.forward
         del experts._esft_slots
     for block in moe_adapter(model).layers(model).values():
