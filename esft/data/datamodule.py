@@ -46,6 +46,15 @@ from esft.models.chat_templates import resolve_chat_template
 from esft.models.tokenizer import BUILTIN, load_tokenizer
 
 
+def held_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Positions ``0..n-1`` split into training and held-out ones: a seeded shuffle, the first
+    ``max(1, round(n * fraction))`` held out (the same split for records in memory and cached)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = max(1, round(n * fraction))
+    return order[k:], order[:k]
+
+
 class SFTDataModule(L.LightningDataModule):
     CACHEABLE = True
     """Whether file and hub sources go through the prepared-example cache (`esft.data.store`);
@@ -310,10 +319,8 @@ class SFTDataModule(L.LightningDataModule):
         fraction = source.val_fraction if source.val_fraction is not None else self.hp.val_fraction
         if fraction <= 0:
             return store, np.arange(len(store)), None, np.zeros(0, np.int64)
-        order = list(range(store.num_records))
-        random.Random(self.hp.seed).shuffle(order)
-        k = max(1, round(len(order) * fraction))
-        return store, record_examples(store, order[k:]), store, record_examples(store, order[:k])
+        kept, held = held_out(store.num_records, fraction, self.hp.seed)
+        return store, record_examples(store, kept), store, record_examples(store, held)
 
     def _setup_stores(self) -> None:
         hp = self.hp
@@ -391,9 +398,7 @@ class SFTDataModule(L.LightningDataModule):
             fraction = source.val_fraction if source.val_fraction is not None else self.hp.val_fraction
             if fraction > 0:
                 rows = self._load(source.path, source.split)
-                order = list(range(len(rows)))
-                random.Random(self.hp.seed).shuffle(order)
-                records += [rows[i] for i in order[: max(1, round(len(order) * fraction))]]
+                records += [rows[i] for i in held_out(len(rows), fraction, self.hp.seed)[1]]
         return records
 
     def setup(self, stage: str | None = None) -> None:
@@ -411,9 +416,8 @@ class SFTDataModule(L.LightningDataModule):
             if hp.val_path or hp.val_split:
                 val = self._load(hp.val_path or hp.path, hp.val_split or hp.split)
             elif hp.val_fraction > 0:
-                random.Random(hp.seed).shuffle(train)
-                k = max(1, round(len(train) * hp.val_fraction))
-                train, val = train[k:], train[:k]
+                kept, held = held_out(len(train), hp.val_fraction, hp.seed)
+                train, val = [train[i] for i in kept], [train[i] for i in held]
             else:
                 val = []
         for source in hp.extra_paths or []:
