@@ -224,3 +224,35 @@ class CausalLMModule(L.LightningModule):
         optimizer = build_optimizer(self.model, self.optim)
         scheduler = build_scheduler(optimizer, self.optim, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class PairModule(CausalLMModule):
+    """Steps of an objective whose loss is a mean over pairs (or single examples) of a batch:
+    `pair_terms` gives each one's loss ``[P]`` and logged statistics; the step's loss is the mean
+    over all of its pairs (`step_denominator` with the data module's pair counts), and validation
+    and test log every statistic as a mean over the split's pairs (``accuracy`` in the bar).
+    Preference optimisation and the reward model build on it."""
+
+    def pair_terms(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int):
+        losses, stats = self.pair_terms(batch)
+        n = self.step_denominator(batch, losses.new_tensor(losses.numel()))  # the step's pairs
+        loss = losses.sum() / n
+        self.log_step(**{"train/loss": loss, **{f"train/{k}": v.sum() / n for k, v in stats.items()}})
+        return loss
+
+    def _eval(self, batch: dict[str, Any], prefix: str) -> None:
+        losses, stats = self.pair_terms(batch)
+        values = {f"{prefix}/loss": losses.mean(), **{f"{prefix}/{k}": v.mean() for k, v in stats.items()}}
+        # weighted by the pairs of the batch: the epoch value is the mean over the split's pairs
+        self.log_dict(values, batch_size=losses.numel(), sync_dist=True)
+        self.log(f"{prefix}_accuracy", values[f"{prefix}/accuracy"], prog_bar=True, logger=False,
+                 batch_size=losses.numel(), sync_dist=True)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval(batch, "test")

@@ -38,7 +38,7 @@ from esft.losses.preference import dpo_loss, ipo_loss, kto_loss, orpo_loss, simp
 from esft.models.forward import document_logprobs
 from esft.models.frozen import FrozenModel
 from esft.models.sharding import call_model, is_sharded
-from esft.objectives.base import CausalLMModule
+from esft.objectives.base import PairModule
 
 LossType = Literal["sigmoid", "ipo", "simpo", "orpo", "kto"]
 REFERENCE_FREE = ("simpo", "orpo")
@@ -53,7 +53,7 @@ PAIR_LOSSES: dict[str, Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tens
 }
 
 
-class PreferenceModule(CausalLMModule):
+class PreferenceModule(PairModule):
     def __init__(
         self,
         loss_type: LossType = "sigmoid",
@@ -148,24 +148,3 @@ class PreferenceModule(CausalLMModule):
                       "rewards/accuracy": (chosen_reward > rejected_reward).float(), "logps/rejected": p["rejected"].detach(),
                       "accuracy": (p["chosen"] > p["rejected"]).float().detach()}
 
-    # ---- steps -----------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int):
-        losses, stats = self.pair_terms(batch)
-        n = self.step_denominator(batch, losses.new_tensor(losses.numel()))  # the step's pairs
-        loss = losses.sum() / n
-        self.log_step(**{"train/loss": loss, **{f"train/{k}": v.sum() / n for k, v in stats.items()}})
-        return loss
-
-    def _eval(self, batch: dict[str, Any], prefix: str) -> None:
-        losses, stats = self.pair_terms(batch)
-        values = {f"{prefix}/loss": losses.mean(), **{f"{prefix}/{k}": v.mean() for k, v in stats.items()}}
-        # weighted by the pairs of the batch: the epoch value is the mean over the split's pairs
-        self.log_dict(values, batch_size=losses.numel(), sync_dist=True)
-        self.log(f"{prefix}_accuracy", values[f"{prefix}/accuracy"], prog_bar=True, logger=False,
-                 batch_size=losses.numel(), sync_dist=True)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval(batch, "test")

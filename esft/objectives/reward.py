@@ -32,7 +32,7 @@ import torch
 from esft.losses.reward import bradley_terry_loss
 from esft.models.forward import sequence_rewards
 from esft.models.sharding import call_model
-from esft.objectives.base import CausalLMModule
+from esft.objectives.base import PairModule
 
 
 def pair_rewards(model, batch: dict[str, Any]) -> torch.Tensor:
@@ -41,7 +41,7 @@ def pair_rewards(model, batch: dict[str, Any]) -> torch.Tensor:
     return rewards[batch["doc_index"].to(rewards.device)].view(-1, 2)
 
 
-class RewardModule(CausalLMModule):
+class RewardModule(PairModule):
     head = "score"
 
     def __init__(self, center_coef: float = 0.0, **kwargs: Any) -> None:
@@ -62,26 +62,6 @@ class RewardModule(CausalLMModule):
         return loss, {"rewards/chosen": r[:, 0], "rewards/rejected": r[:, 1], "rewards/margins": r[:, 0] - r[:, 1],
                       "accuracy": (r[:, 0] > r[:, 1]).float()}
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int):
-        losses, stats = self.pair_terms(batch)
-        n = self.step_denominator(batch, losses.new_tensor(losses.numel()))  # the step's pairs
-        loss = losses.sum() / n
-        self.log_step(**{"train/loss": loss, **{f"train/{k}": v.sum() / n for k, v in stats.items()}})
-        return loss
-
-    def _eval(self, batch: dict[str, Any], prefix: str) -> None:
-        losses, stats = self.pair_terms(batch)
-        values = {f"{prefix}/loss": losses.mean(), **{f"{prefix}/{k}": v.mean() for k, v in stats.items()}}
-        # weighted by the pairs of the batch: the epoch value is the mean over the split's pairs
-        self.log_dict(values, batch_size=losses.numel(), sync_dist=True)
-        self.log(f"{prefix}_accuracy", values[f"{prefix}/accuracy"], prog_bar=True, logger=False,
-                 batch_size=losses.numel(), sync_dist=True)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Any:
         raise NotImplementedError("a reward model does not generate: score texts with esft.rewards.model.ModelReward")
