@@ -23,7 +23,7 @@ from functools import partial
 
 import torch
 
-from esft.bench import SHAPES, lognormal_examples
+from esft.commands.bench import SHAPES, lognormal_examples
 from esft.data.packing import PackedRows, ResumableBatchSampler, best_fit_decreasing, collate_packed, collate_padded
 from esft.models.attention import packed_layout
 from esft.flops import attention_flops_per_pair, matmul_params, peak_bf16_tflops, training_flops

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from esft.bench import (Setup, _batch_stats, add_loss_gaps, builtin_examples, lognormal_examples, markdown, moving_average,
+from esft.commands.bench import (Setup, _batch_stats, add_loss_gaps, builtin_examples, lognormal_examples, markdown, moving_average,
                         parse_args, run_esft, setups)
 
 
@@ -57,7 +57,7 @@ def test_esft_rows_take_equal_tokens_per_step_and_report_flops(tmp_path):
 @pytest.mark.slow
 def test_bench_command_side_by_side_with_trl(tmp_path):
     pytest.importorskip("trl")
-    from esft.bench import main
+    from esft.commands.bench import main
 
     result = main(["--docs", "240", "--steps", "3", "--warmup", "1", "--max-length", "64", "--rows", "4", "--threads", "1",
                    "--out", str(tmp_path)])

@@ -29,7 +29,7 @@ def test_config_parses_and_names_its_command(path, capsys):
     # configs/distributed/ holds trainer overlays, used after a full config
     base = ["--config", str(CONFIGS_DIR / "sft" / "quickstart.yaml")] if path.parent.name == "distributed" else []
     if path.parent.name == "pipelines":  # a list of stages, checked in tests/test_pipeline.py
-        from esft.pipeline import load_pipeline
+        from esft.commands.pipeline import load_pipeline
 
         assert load_pipeline(path)["stages"]
         return

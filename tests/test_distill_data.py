@@ -10,7 +10,7 @@ import esft.evaluation
 from esft.data.records import load_records
 from esft.data.tasks import get_task
 from esft.data.teacher_cache import TeacherCache
-from esft.distill_data import main
+from esft.commands.distill_data import main
 from esft.evaluation import Rollout
 from esft.models import build_model, load_tokenizer
 

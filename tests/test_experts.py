@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from esft.cli import main as cli_main
 from esft.experts import ExpertConfig, apply_expert_config, load_adapter, merge_experts, merged_state_dict, save_adapter
 from esft.experts.adapter import adapter_config, to_reference
-from esft.experts.cli import main as experts_main
+from esft.commands.experts import main as experts_main
 from esft.experts.scoring import load_scores, score_experts
 from esft.experts.selection import random_like, select_experts, select_layer
 from esft.models import build_model

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from esft import pipeline
+from esft.commands import pipeline
 from esft.evaluation import Rollout
-from esft.pipeline import PipelineError, fit_config, load_pipeline, run_pipeline
+from esft.commands.pipeline import PipelineError, fit_config, load_pipeline, run_pipeline
 
 from conftest import TINY, hold_lock
 
@@ -17,7 +17,7 @@ ROOT = Path(__file__).parents[1]
 
 
 def test_rejection_sample_keeps_correct_formatted_distinct_capped(monkeypatch):
-    from esft import rejection
+    from esft.commands import rejection_sample as rejection
 
     records = [{"task": "arithmetic", "answer": "<think>2+3=5</think>\n5", "id": "a",
                 "messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "x"}]},
@@ -110,7 +110,7 @@ def tiny_grpo(path: Path) -> Path:
 def in_process(argv, log):
     """The stage commands run in this process (the subprocess path is covered by the slow test)."""
     from esft.cli import main
-    from esft.rejection import main as rejection_main
+    from esft.commands.rejection_sample import main as rejection_main
 
     log.open("a").write(f"$ {' '.join(argv)}\n")
     if argv[0] == "fit":
@@ -154,7 +154,7 @@ def test_pipeline_resumes_at_interrupted_stage(tmp_path, monkeypatch):
 def test_pipeline_cli_runs_stages_in_subprocesses(tmp_path):
     from esft.cli import PROJECT_COMMANDS
 
-    assert PROJECT_COMMANDS["pipeline"][0] == "esft.pipeline"
+    assert PROJECT_COMMANDS["pipeline"][0] == "esft.commands.pipeline"
     cfg = {"out": str(tmp_path / "run"), "stages": [{"name": "sft", "fit": str(tiny_sft(tmp_path / "sft.yaml"))}],
            "eval": {"tasks": [{"name": "arithmetic", "max_digits": 1, "think": True}], "num_examples": 4, "max_new_tokens": 6}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import esft.sweep as sweep
-from esft.sweep import SweepError, load_grid, main, set_dotted
+import esft.commands.sweep as sweep
+from esft.commands.sweep import SweepError, load_grid, main, set_dotted
 
 from conftest import TINY, alive, wait_for
 
@@ -249,7 +249,7 @@ if mode != "quick":
 """
 DRIVER = """
 import sys
-import esft.sweep as sweep
+import esft.commands.sweep as sweep
 fake, mode, *args = sys.argv[1:]
 sweep.fit_command = lambda cell_yaml: [sys.executable, fake, mode, str(cell_yaml)]
 sweep.main(args)
@@ -374,7 +374,7 @@ def test_a_killed_sweep_ends_a_training_esft_fit_child(tmp_path, sig):
     args[1] = str(tmp_path / "long.yaml")
     Path(args[1]).write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "esft.sweep", *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "esft.commands.sweep", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     run_dir, child = tmp_path / "out" / "slow" / "seed0", None
     try:

@@ -11,7 +11,7 @@ import pytest
 
 from esft.data.records import load_records
 from esft.data.tasks import DOMAINS, TASKS, get_task, split_of
-from esft.data.tasks.export import FORMATS, export_task, main
+from esft.commands.export import FORMATS, export_task, main
 from esft.data.tasks.math import extract_answer, math_equal, normalize_number, reference_answer, score_rows
 
 EXACT = {"arithmetic", "reverse_words", "sort_words", "math_word", "list_ops", "intent_json", "verdict", "general"}
@@ -114,12 +114,12 @@ def test_verdict_case_insensitive():
     assert {r["answer"] for r in stated} == {"liable", "not liable"}
 
 
-MODULES = ["arithmetic", "words", "math", "code", "intent", "translate", "extract", "legal", "general", "export"]
+MODULES = ["arithmetic", "words", "math", "code", "intent", "translate", "extract", "legal", "general", "esft.commands.export"]
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_docstring_examples(module):
-    result = doctest.testmod(importlib.import_module(f"esft.data.tasks.{module}"))
+    result = doctest.testmod(importlib.import_module(module if "." in module else f"esft.data.tasks.{module}"))
     assert result.failed == 0 and result.attempted > 0
 
 

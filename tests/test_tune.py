@@ -16,8 +16,8 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-import esft.tune as tune
-from esft.sweep import SweepError
+import esft.commands.tune as tune
+from esft.commands.sweep import SweepError
 
 from conftest import TINY, hold_lock
 
@@ -152,7 +152,7 @@ def test_killed_study_process_resumes(tmp_path):
     base["trainer"]["callbacks"] = [{"class_path": "test_tune.KillOnce", "init_args": {"marker": str(tmp_path / "killed")}}]
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     space = write_space(tmp_path / "s.yaml", n_trials=3)
-    cmd = [sys.executable, "-m", "esft.tune", "--config", str(tmp_path / "base.yaml"), "--space", str(space),
+    cmd = [sys.executable, "-m", "esft.commands.tune", "--config", str(tmp_path / "base.yaml"), "--space", str(space),
            "--out", str(tmp_path / "out")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     first = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -179,7 +179,7 @@ def test_lr_find_writes_a_suggestion(tmp_path):
 def test_cli_table_has_tune():
     from esft.cli import PROJECT_COMMANDS, _project_command
 
-    assert PROJECT_COMMANDS["tune"][0] == "esft.tune" and _project_command("tune") is tune.main
+    assert PROJECT_COMMANDS["tune"][0] == "esft.commands.tune" and _project_command("tune") is tune.main
 
 
 def test_objective_value_reads_task_scores_and_logged_metrics():

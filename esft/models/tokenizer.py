@@ -4,7 +4,7 @@ The built-in tokenizer is a byte-level BPE (any text encodes; digits split one p
 arithmetic needs) trained with `tokenizers` on the built-in tasks, with a ChatML chat template.
 Regenerate the shipped files with:
 
-    python -m esft.models.tokenizer
+    esft train-tokenizer
 """
 
 from __future__ import annotations
@@ -82,7 +82,3 @@ def train_builtin_tokenizer(out_dir: Path = BUILTIN_DIR, vocab_size: int = 2048)
     fast.save_pretrained(out_dir)
     return fast
 
-
-if __name__ == "__main__":
-    saved = train_builtin_tokenizer()
-    print(f"saved a {len(saved)}-token tokenizer to {BUILTIN_DIR}")

@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         for cells, seed in plan:
             for task in TASKS:
                 path = grid(task, configs[task], cells)
-                sh("-m", "esft.sweep", "--config", str(HERE / "finetune.yaml"), "--grid", str(path),
+                sh("-m", "esft.commands.sweep", "--config", str(HERE / "finetune.yaml"), "--grid", str(path),
                    "--out", str(RUNS / "sweep" / task), "--seeds", str(seed), "--metrics", "eval/*", "wall_s")
                 report(collect(), base)
     report(collect(), vanilla())

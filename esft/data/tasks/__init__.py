@@ -3,7 +3,7 @@
 `TASKS` maps a task name to its class (`EpisodeTask` ones, e.g. ``calculator``, are played over
 several turns with an environment), `DOMAINS` a domain (math, code, intent, translation,
 summarization, legal, general) to its task names; `get_task(name, **kwargs)` builds one.
-Write tasks to JSONL with ``python -m esft.data.tasks.export --tasks math_word verdict --out data/``.
+Write tasks to JSONL with ``esft export --tasks math_word verdict --out data/``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Example:
     >>> run_ops(ops), render_ops(ops).splitlines()[-1]
     ('9', 'print(x[0] + x[1])')
 
-Run ``python -m esft.data.tasks.export --tasks list_ops --n 1000 --out data/`` to write a file.
+Run ``esft export --tasks list_ops --n 1000 --out data/`` to write a file.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Example:
     >>> General(skills=("compare",)).sample(random.Random(0))  # doctest: +SKIP
     ('Which is larger: 49 or 97?', '97')
 
-Run ``python -m esft.data.tasks.export --tasks general --n 1000 --out data/`` to write a file.
+Run ``esft export --tasks general --n 1000 --out data/`` to write a file.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Example:
     >>> task.score(rec, rec["answer"]), task.score(rec, '{"intent": "book_table"'), task.score(rec, "")
     (1.0, 0.0, 0.0)
 
-Run ``python -m esft.data.tasks.export --tasks intent_json --n 1000 --out data/`` to write a file.
+Run ``esft export --tasks intent_json --n 1000 --out data/`` to write a file.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Example:
     >>> task.score(rec, rec["answer"]), task.score(rec, rec["answer"].upper()), task.score(rec, "maybe")
     (1.0, 1.0, 0.0)
 
-Run ``python -m esft.data.tasks.export --tasks verdict --n 1000 --out data/`` to write a file.
+Run ``esft export --tasks verdict --n 1000 --out data/`` to write a file.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ Example:
     >>> score_rows([{"answer": "2 + 2 = 4\\n#### 4"}, {"solution": r"It is $\\boxed{3}$."}], ["#### 4", "3"])
     [1.0, 1.0]
 
-Run ``python -m esft.data.tasks.export --tasks math_word --n 1000 --out data/`` to write a file.
+Run ``esft export --tasks math_word --n 1000 --out data/`` to write a file.
 """
 
 from __future__ import annotations

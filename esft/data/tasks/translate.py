@@ -18,7 +18,7 @@ Example:
     >>> 0 < task.score({"answer": "lo miroka gul tava pim na kelori"}, "lo miro gul tava na kelo") < 1
     True
 
-Run ``python -m esft.data.tasks.export --tasks translate --n 1000 --out data/`` to write a file.
+Run ``esft export --tasks translate --n 1000 --out data/`` to write a file.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ type and record format as the input) and a report.
 
     esft curate --input data.jsonl --config configs/curation/clean_dedup_diverse.yaml --out curated/
     esft curate --input builtin --tasks arithmetic reverse_words --n 5000 --config C.yaml --out curated/
-    python -m esft.curation.command ...          # the same, without the `esft` wrapper
+    python -m esft.commands.curate ...          # the same, without the `esft` wrapper
 
 `--config` is a YAML list of stages, a mapping with a ``curation`` list, or a fit config whose
 ``data.init_args.curation`` holds them (see `esft.curation.pipeline`). Output under OUT: the

@@ -3,7 +3,7 @@
     esft tune --config configs/sft/quickstart.yaml --space experiments/optim/search.yaml --out runs/tune
     esft tune ... --n-trials 30            # more trials: a rerun continues the same study
     esft tune --config configs/sft/quickstart.yaml --lr-find --out runs/lr_find   # quick LR range test
-    python -m esft.tune ...                # the same, without the `esft` wrapper
+    python -m esft.commands.tune ...                # the same, without the `esft` wrapper
 
 The search space is a YAML file::
 
@@ -67,7 +67,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from esft.extras import require
 from esft.optim import OptimConfig
 from esft.runs import RunDirBusy, lock_dir
-from esft.sweep import SweepError, _atomic_write, _short_keys, build_config, load_yaml
+from esft.commands.sweep import SweepError, _atomic_write, _short_keys, build_config, load_yaml
 
 SAMPLER_FILE = "sampler.pkl"
 SPACE_KEYS = ("metric", "direction", "n_trials", "seed", "startup_trials", "pruner", "enqueue_base", "set", "space")
@@ -261,7 +261,7 @@ def trial_config(base: dict, space: Space, overrides: dict[str, Any], run_dir: P
     callbacks = cfg["trainer"].get("callbacks") or []
     callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
     if space.pruner is not None and space.metric.startswith("val/"):
-        callbacks.append({"class_path": "esft.tune.OptunaPruning", "init_args": {"monitor": space.metric}})
+        callbacks.append({"class_path": "esft.commands.tune.OptunaPruning", "init_args": {"monitor": space.metric}})
     cfg["trainer"]["callbacks"] = callbacks
     return cfg
 
@@ -495,7 +495,7 @@ def lr_find(base: dict, out: Path, min_lr: float, max_lr: float, steps: int) -> 
     cfg, _ = build_config(base, {}, seed, out)
     trainer = cfg["trainer"]
     trainer.update({"logger": False, "enable_checkpointing": False, "max_steps": max(int(trainer.get("max_steps") or 0), steps + 1),
-                    "callbacks": [{"class_path": "esft.tune.LRFinder",
+                    "callbacks": [{"class_path": "esft.commands.tune.LRFinder",
                                    "init_args": {"output": str(out), "min_lr": min_lr, "max_lr": max_lr,
                                                  "num_training_steps": steps}}]})
     with lock_dir(out):
@@ -557,8 +557,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # run the package module's main, so that the callbacks the CLI imports (esft.tune.OptunaPruning)
+    # run the package module's main, so that the callbacks the CLI imports (esft.commands.tune.OptunaPruning)
     # and this loop share one module and one active trial
-    from esft.tune import main as package_main
+    from esft.commands.tune import main as package_main
 
     package_main()

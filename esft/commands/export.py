@@ -4,7 +4,7 @@ Formats: ``messages``, ``prompt_response``, ``alpaca``, ``sharegpt``; every row 
 ``answer``, ``id`` and ``source``, so `load_records` gives back the generated records.
 
 Run:
-    python -m esft.data.tasks.export --tasks math_word verdict --n 1000 --split train \\
+    esft export --tasks math_word verdict --n 1000 --split train \\
         --format messages --out data/ [--kwargs '{"think": true}']
 
 Example:
@@ -59,7 +59,7 @@ def export_task(name: str, n: int, seed: int = 0, split: Split = "train", path: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m esft.data.tasks.export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="esft export", description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS), metavar="TASK",
                         help=f"tasks to write (default: all): {', '.join(sorted(TASKS))}")
     parser.add_argument("--n", type=int, default=1000, help="records per task")

@@ -5,7 +5,7 @@
     esft sweep ... --dry-run                  # list the cells and runs, and which are done
     esft sweep ... --seeds 0 1                # override the grid's seeds
     esft sweep ... --metrics 'eval/*' val/loss   # table and plot columns (globs; default: all)
-    python -m esft.sweep ...                  # the same, without the `esft` wrapper
+    python -m esft.commands.sweep ...                  # the same, without the `esft` wrapper
 
 The grid is a small YAML file::
 
