@@ -1,9 +1,10 @@
-"""The run core that `esft sweep`, `esft tune` and `esft pipeline` share: one process per output
-directory, safe directory names, and child runs that end with their parent.
+"""The run core that `esft sweep`, `esft tune` and `esft pipeline` share (with `esft.runconfig`,
+the configs and results): one process per output directory, safe directory names, and child runs
+that end with their parent.
 
     with lock_dir(out):                     # a second process on `out` fails at once (RunDirBusy)
         claim(run_dir)                      # refuses a run dir that a live child still writes
-        rc = run_child(cmd, run_dir / "log.txt", run_dir)
+        rc, wall_s = fit_child(cfg, run_dir)   # `esft fit` of cfg (run.yaml) in a child, log in log.txt
 
 - **Lock.** `lock_dir` takes an exclusive, non-blocking ``flock`` on ``<out>/.lock`` and writes
   its pid into it. The kernel drops the lock when the holder dies, even by SIGKILL, so a restart
@@ -30,10 +31,15 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import yaml
+
+from esft.runconfig import RUN_YAML
 
 LOCK_FILE = ".lock"
 RUNNING_FILE = "RUNNING"
@@ -215,3 +221,30 @@ def run_child(cmd: list[str], log: Path, run_dir: Path, env: dict[str, str] | No
             raise
         finally:
             (run_dir / RUNNING_FILE).unlink(missing_ok=True)
+
+
+# ---- `esft` children -------------------------------------------------------------------------
+def esft_command(argv: Sequence[str]) -> list[str]:
+    """The command line of ``esft <argv>`` in a fresh interpreter (the same Python as this one)."""
+    return [sys.executable, "-m", "esft.cli", *argv]
+
+
+def esft_child(argv: Sequence[str], run_dir: Path, log: Path | None = None) -> tuple[int, float]:
+    """``esft <argv>`` in a fresh interpreter (`run_child`: its own process group, ended with this
+    process) with its output appended to `log` (default ``<run_dir>/log.txt``); returns the exit
+    code and the seconds it ran. The child imports the same `esft` as this process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    rc = run_child(esft_command(argv), log or run_dir / "log.txt", run_dir, env)
+    return rc, time.perf_counter() - start
+
+
+def fit_child(cfg: dict, run_dir: Path, extra_args: Sequence[str] = (), log: Path | None = None) -> tuple[int, float]:
+    """``esft fit`` of `cfg`, written to ``<run_dir>/run.yaml``, in a child (`esft_child`)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RUN_YAML
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return esft_child(["fit", "--config", str(path), *extra_args], run_dir, log)

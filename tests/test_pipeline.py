@@ -9,7 +9,8 @@ import yaml
 
 from esft.commands import pipeline
 from esft.evaluation import Rollout
-from esft.commands.pipeline import PipelineError, fit_config, load_pipeline, run_pipeline
+from esft.commands.pipeline import fit_config, load_pipeline, run_pipeline
+from esft.runconfig import ConfigError
 
 from conftest import TINY, hold_lock
 
@@ -46,14 +47,14 @@ def test_rejection_sample_keeps_correct_formatted_distinct_capped(monkeypatch):
 def test_load_pipeline_errors(tmp_path):
     bad = {"stages": [{"name": "a", "fit": "x.yaml"}, {"name": "b", "fit": "x.yaml", "init_from": "c"}]}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(bad))
-    with pytest.raises(PipelineError, match="stage 'b'.*init_from='c'"):
+    with pytest.raises(ConfigError, match="stage 'b'.*init_from='c'"):
         load_pipeline(tmp_path / "p.yaml")
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"stages": [{"name": "a", "fit": "x", "rejection_sample": {}}]}))
-    with pytest.raises(PipelineError, match="exactly one"):
+    with pytest.raises(ConfigError, match="exactly one"):
         load_pipeline(tmp_path / "p.yaml")
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"stages": [
         {"name": "a", "fit": "x"}, {"name": "b", "fit": "x", "data_from": "a", "data_mode": "mix"}]}))
-    with pytest.raises(PipelineError, match="stage 'b': data_mode must be 'replace' or 'add'"):
+    with pytest.raises(ConfigError, match="stage 'b': data_mode must be 'replace' or 'add'"):
         load_pipeline(tmp_path / "p.yaml")
     assert [s["name"] for s in load_pipeline(ROOT / "configs/pipelines/r1_tiny.yaml")["stages"]] == [
         "cold_start", "rl", "rejection_sampling", "rs_sft", "rl2"]
@@ -132,20 +133,21 @@ def test_pipeline_resumes_at_interrupted_stage(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # the bad override stops the third stage
         run_pipeline(cfg)
     run = tmp_path / "run"
-    assert (run / "sft" / "DONE").exists() and (run / "rs" / "DONE").exists() and not (run / "rl" / "DONE").exists()
-    assert (run / "sft" / "hf" / "model.safetensors").exists() and (run / "sft" / "checkpoints" / "last.ckpt").exists()
+    assert (run / "sft" / "done.json").exists() and (run / "rs" / "done.json").exists() and not (run / "rl" / "done.json").exists()
+    # every output moves into the stage dir (`esft.runconfig.run_config`): a path outside the base's run dirs by its name
+    assert (run / "sft" / "hf" / "model.safetensors").exists() and (run / "sft" / "elsewhere" / "last.ckpt").exists()
     assert (run / "rs" / "data.jsonl").exists() and json.loads((run / "rs" / "data.jsonl.stats.json").read_text())["samples"] == 6
     sft_log = (run / "sft" / "stage.log").read_text()
     stages[2]["overrides"] = {"model.init_args.loss_type": "dapo"}
     table = run_pipeline(cfg)
     assert (run / "sft" / "stage.log").read_text() == sft_log  # finished stages are not rerun
-    assert (run / "rl" / "DONE").exists() and (run / "rl" / "hf" / "model.safetensors").exists()
-    stage_cfg = yaml.safe_load((run / "rl" / "stage.yaml").read_text())
+    assert (run / "rl" / "done.json").exists() and (run / "rl" / "hf" / "model.safetensors").exists()
+    stage_cfg = yaml.safe_load((run / "rl" / "run.yaml").read_text())
     assert stage_cfg["model"]["init_args"]["model_name_or_path"] == str(run / "sft" / "hf")
     lines = table.splitlines()
     assert lines[0].startswith("| stage | kind | pass@1 | format") and len(lines) == 5
     assert [line.split(" | ")[0][2:] for line in lines[2:]] == ["sft", "rs", "rl"]
-    result = json.loads((run / "rl" / "result.json").read_text())
+    result = json.loads((run / "rl" / "done.json").read_text())
     assert 0.0 <= result["pass@1"] <= 1.0 and 0.0 <= result["format"] <= 1.0 and result["n"] == 4
     assert (run / "summary.csv").read_text().splitlines()[0] == "stage,kind,pass@1,format,length,pref_accuracy,kept,wall_s"
 
@@ -159,7 +161,7 @@ def test_pipeline_cli_runs_stages_in_subprocesses(tmp_path):
            "eval": {"tasks": [{"name": "arithmetic", "max_digits": 1, "think": True}], "num_examples": 4, "max_new_tokens": 6}}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
     table = pipeline.main(["--config", str(tmp_path / "p.yaml")])
-    assert "| sft | fit |" in table and (tmp_path / "run" / "sft" / "DONE").exists()
+    assert "| sft | fit |" in table and (tmp_path / "run" / "sft" / "done.json").exists()
 
 
 @pytest.mark.parametrize("names, index, bad", [
@@ -174,13 +176,13 @@ def test_pipeline_cli_runs_stages_in_subprocesses(tmp_path):
 def test_stage_names_are_single_safe_path_components(tmp_path, monkeypatch, names, index, bad):
     stages = [{"name": n, "fit": "x.yaml"} for n in names]
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"stages": stages}))
-    with pytest.raises(PipelineError) as e:
+    with pytest.raises(ConfigError) as e:
         load_pipeline(tmp_path / "p.yaml")
     message = str(e.value)
     assert message.startswith(f"{tmp_path / 'p.yaml'}: stage {index}: ") and repr(bad) in message and "\n" not in message
     # a config given as a mapping is checked too, before anything is written
     monkeypatch.setattr(pipeline, "_run", lambda argv, log: pytest.fail("a stage ran"))
-    with pytest.raises(PipelineError, match=f"stage {index}: "):
+    with pytest.raises(ConfigError, match=f"stage {index}: "):
         run_pipeline({"stages": stages}, out=tmp_path / "a" / "b" / "out")
     assert not (tmp_path / "a").exists() and not (tmp_path / "x").exists()
 
@@ -252,7 +254,7 @@ def test_r1_preference_tiny_stage_configs_parse(tmp_path, capsys):
             assert model["init_args"]["rewards"]["model"] == 0.5
     assert kinds == ["fit", "preference", "fit", "preference"]
     stage = {"name": "rl", "fit": "x", "reward_from": "rm"}  # no model weight: a clear error
-    with pytest.raises(PipelineError, match="stage 'rl': reward_from='rm' needs a 'model' weight"):
+    with pytest.raises(ConfigError, match="stage 'rl': reward_from='rm' needs a 'model' weight"):
         fit_config({"model": {"init_args": {"rewards": {"accuracy": 1.0}}}}, stage, tmp_path / "rl", 0)
 
 
@@ -274,9 +276,9 @@ def preference_pipeline(tmp_path, monkeypatch, kind: str):
            "eval": {"tasks": [{"name": "arithmetic", "max_digits": 1, "think": True}], "num_examples": 4, "max_new_tokens": 6}}
     table = run_pipeline(cfg)
     run = tmp_path / "run"
-    stage_cfg = yaml.safe_load((run / kind / "stage.yaml").read_text())
+    stage_cfg = yaml.safe_load((run / kind / "run.yaml").read_text())
     assert stage_cfg["model"]["init_args"]["model_name_or_path"] == str(run / "sft" / "hf")
-    result = json.loads((run / kind / "result.json").read_text())
+    result = json.loads((run / kind / "done.json").read_text())
     logged = EventAccumulator(str(run / kind)).Reload().Scalars("val/accuracy")[-1].value
     assert result["kind"] == "preference" and result["pref_accuracy"] == pytest.approx(logged) and logged >= 0.9
     assert f"| {kind} | preference |" in table and "pref_accuracy" in table.splitlines()[0]
@@ -299,5 +301,5 @@ def test_sft_then_reward_model_pipeline(tmp_path, monkeypatch):
 def test_a_preference_stage_needs_a_preference_config(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "_run", lambda argv, log: pytest.fail("a stage ran"))
     bad = {"name": "bad", "preference": str(tiny_sft(tmp_path / "sft.yaml"))}
-    with pytest.raises(PipelineError, match="stage 'bad': a preference stage trains one of .*SFTModule"):
+    with pytest.raises(ConfigError, match="stage 'bad': a preference stage trains one of .*SFTModule"):
         run_pipeline({"stages": [bad]}, out=tmp_path / "run")

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import esft.commands.sweep as sweep
-from esft.commands.sweep import SweepError, load_grid, main, set_dotted
+import esft.runs as runs
+from esft.commands.sweep import load_grid, main
+from esft.runconfig import ConfigError, set_dotted
 
 from conftest import TINY, alive, wait_for
 
@@ -76,7 +77,7 @@ def resumed(tmp_path_factory):
     first = root / "out" / "lr=0.01" / "seed0"
     main(args + ["--max-cells", "1"])
     assert (first / "done.json").exists()
-    assert sorted(p.parent.relative_to(root / "out").as_posix() for p in (root / "out").glob("*/seed*/cell.yaml")) \
+    assert sorted(p.parent.relative_to(root / "out").as_posix() for p in (root / "out").glob("*/seed*/run.yaml")) \
         == ["lr=0.01/seed0"]
     before = ((first / "done.json").stat().st_mtime_ns, (first / "done.json").read_text())
     import io
@@ -119,12 +120,14 @@ def test_sweep_writes_results_summary_and_plot(resumed):
 
     # each run lives in its own directory: config, log, TensorBoard events, checkpoints, eval.json
     run = out / "lr=0.003" / "seed1"
-    cfg = yaml.safe_load((run / "cell.yaml").read_text())
+    cfg = yaml.safe_load((run / "run.yaml").read_text())
     assert cfg["seed_everything"] == 1 and cfg["model"]["init_args"]["optim"]["lr"] == 3e-3
     assert cfg["trainer"]["default_root_dir"] == str(run)
     assert cfg["trainer"]["callbacks"][0]["init_args"]["dirpath"] == str(run / "checkpoints")
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "eval.json").exists()
     assert list(run.glob("events.out.tfevents.*")) and "$ " in (run / "log.txt").read_text()
+    logged = json.loads((run / "metrics.json").read_text())["metrics"]  # what done.json's metrics come from
+    assert {"train/loss", "val/loss", "perf/tokens_per_s", "eval/reverse_words"} <= set(logged)
     assert json.loads((run / "done.json").read_text())["metrics"]["eval/reverse_words"] >= 0.0
 
 
@@ -146,8 +149,12 @@ def test_metrics_option_selects_the_table_columns(resumed, tmp_path, capsys):
 
 
 def test_a_failing_cell_is_recorded_and_the_others_still_run(tmp_path, capsys):
+    """Also: the base config's logger (CSV here) is kept, and done.json's metrics come from the
+    metrics.json every run writes, not from one logger's files."""
     grid = write_grid(tmp_path, """
 seeds: [0]
+set:
+  trainer.logger: {class_path: lightning.pytorch.loggers.CSVLogger}
 cells:
   broken: {model.init_args.optim.lr: not-a-number}
   ok: {}
@@ -161,7 +168,9 @@ cells:
     failed = json.loads((tmp_path / "out" / "broken" / "seed0" / "failed.json").read_text())
     assert failed["returncode"] != 0 and "lr" in failed["log_tail"]
     assert not (tmp_path / "out" / "broken" / "seed0" / "done.json").exists()
-    assert (tmp_path / "out" / "ok" / "seed0" / "done.json").exists()
+    ok = tmp_path / "out" / "ok" / "seed0"
+    assert {"train/loss", "val/loss"} <= set(json.loads((ok / "done.json").read_text())["metrics"])
+    assert (ok / "metrics.csv").exists() and not list(ok.rglob("events.out.tfevents.*"))
     assert "1 failed: broken seed=0" in (tmp_path / "out" / "summary.md").read_text()
 
     # a dry rerun shows what a rerun would do: retry the failure, skip the finished run
@@ -199,7 +208,7 @@ def test_set_dotted_creates_keys_indexes_lists_and_picks_callbacks_by_class():
     assert cfg == {"trainer": {"callbacks": [{"class_path": "a.ModelCheckpoint",
                                               "init_args": {"every_n_train_steps": 5, "save_last": True}}]},
                    "model": {"init_args": {"optim": {"lr": 0.1}}}, "seed_everything": 3}
-    with pytest.raises(SweepError, match="'trainer.callbacks.0.class_path.x'"):
+    with pytest.raises(ConfigError, match="'trainer.callbacks.0.class_path.x'"):
         set_dotted(cfg, "trainer.callbacks.0.class_path.x", 1)
 
 
@@ -236,22 +245,23 @@ def test_quickstart_study_dry_run_lists_its_cells(capsys):
 FAKE_FIT = """
 import os, signal, sys, time
 from pathlib import Path
-mode, cell_yaml = sys.argv[1:]
+mode, run_yaml = sys.argv[1:]
 if mode == "ignore-term":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if mode == "tree":  # a grandchild in the child's process group, as dataloader workers are
     import subprocess
     grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    (Path(cell_yaml).parent / "grandchild.pid").write_text(str(grandchild.pid))
-(Path(cell_yaml).parent / "child.pid").write_text(str(os.getpid()))
+    (Path(run_yaml).parent / "grandchild.pid").write_text(str(grandchild.pid))
+(Path(run_yaml).parent / "child.pid").write_text(str(os.getpid()))
 if mode != "quick":
     time.sleep(120)
 """
 DRIVER = """
 import sys
 import esft.commands.sweep as sweep
+import esft.runs as runs
 fake, mode, *args = sys.argv[1:]
-sweep.fit_command = lambda cell_yaml: [sys.executable, fake, mode, str(cell_yaml)]
+runs.esft_command = lambda argv: [sys.executable, fake, mode, argv[2]]  # argv: fit --config run.yaml
 sweep.main(args)
 """
 ONE_CELL = "seeds: [0]\ncells:\n  slow: {}\n"
@@ -287,7 +297,7 @@ def end(proc: subprocess.Popen, child: int, grandchild: int | None = None) -> No
 
 def quick_child(monkeypatch, root: Path) -> None:
     fake = fake_fit(root)
-    monkeypatch.setattr(sweep, "fit_command", lambda cell_yaml: [sys.executable, str(fake), "quick", str(cell_yaml)])
+    monkeypatch.setattr(runs, "esft_command", lambda argv: [sys.executable, str(fake), "quick", argv[2]])
 
 
 def test_a_second_sweep_on_the_same_out_fails_at_once_naming_the_holder(tmp_path, monkeypatch, capsys):
@@ -314,11 +324,11 @@ def test_a_killed_sweep_ends_its_child(tmp_path, sig):
     grandchild = int(run_dir.joinpath("grandchild.pid").read_text()) if sig != signal.SIGKILL else None
     try:
         proc.send_signal(sig)
-        proc.wait(timeout=10)
+        proc.wait(timeout=60)  # seconds when idle; generous for a loaded machine
         assert proc.returncode == {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: -signal.SIGINT,
                                    signal.SIGKILL: -signal.SIGKILL}[sig]
         for pid in (child, grandchild or child):
-            wait_for(lambda: not alive(pid), timeout=5, what=f"pid {pid} to end after {sig.name} of the sweep")
+            wait_for(lambda: not alive(pid), timeout=30, what=f"pid {pid} to end after {sig.name} of the sweep")
         assert (run_dir / "RUNNING").exists() == (sig == signal.SIGKILL)  # a handler ran, or none could
         assert not (run_dir / "done.json").exists() and not (run_dir / "failed.json").exists()
     finally:
@@ -384,6 +394,6 @@ def test_a_killed_sweep_ends_a_training_esft_fit_child(tmp_path, sig):
         proc.wait(timeout=60)
         wait_for(lambda: not alive(child), timeout=30, what=f"the fit child to end after {sig.name} of the sweep")
         assert proc.returncode == (128 + signal.SIGTERM if sig == signal.SIGTERM else -signal.SIGKILL)
-        assert yaml.safe_load((run_dir / "cell.yaml").read_text())["trainer"]["max_steps"] == 100_000
+        assert yaml.safe_load((run_dir / "run.yaml").read_text())["trainer"]["max_steps"] == 100_000
     finally:
         end(proc, child or proc.pid)

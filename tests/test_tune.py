@@ -17,7 +17,9 @@ import yaml
 from optuna.trial import TrialState
 
 import esft.commands.tune as tune
-from esft.commands.sweep import SweepError
+import esft.search as search
+from esft.callbacks.tuning import OptunaPruning
+from esft.runconfig import ConfigError
 
 from conftest import TINY, hold_lock
 
@@ -48,53 +50,53 @@ def write_space(path: Path, **fields) -> Path:
 
 # ---- search space ----------------------------------------------------------------------------
 def test_space_parses_and_bad_ranges_name_the_key(tmp_path):
-    space = tune.load_space(write_space(tmp_path / "s.yaml"))
+    space = search.load_space(write_space(tmp_path / "s.yaml"))
     assert space.names == {"model.init_args.optim.lr": "lr", "model.init_args.optim.warmup_steps": "warmup_steps"}
-    assert tune.load_space(write_space(tmp_path / "s.yaml"), n_trials=7).n_trials == 7
+    assert search.load_space(write_space(tmp_path / "s.yaml"), n_trials=7).n_trials == 7
     bad = {"model.init_args.optim.lr": {"low": 0.0, "high": 1.0, "log": True}}
-    with pytest.raises(SweepError, match=r"space\['model.init_args.optim.lr'\]: a log range needs low > 0"):
-        tune.load_space(write_space(tmp_path / "b.yaml", space=bad))
-    with pytest.raises(SweepError, match="unknown keys \\['trials'\\]"):
-        tune.load_space(write_space(tmp_path / "b.yaml", trials=3))
-    with pytest.raises(SweepError, match="low < high"):
-        tune.load_space(write_space(tmp_path / "b.yaml", space={"a.b": {"low": 2, "high": 1}}))
+    with pytest.raises(ConfigError, match=r"space\['model.init_args.optim.lr'\]: a log range needs low > 0"):
+        search.load_space(write_space(tmp_path / "b.yaml", space=bad))
+    with pytest.raises(ConfigError, match="unknown keys \\['trials'\\]"):
+        search.load_space(write_space(tmp_path / "b.yaml", trials=3))
+    with pytest.raises(ConfigError, match="low < high"):
+        search.load_space(write_space(tmp_path / "b.yaml", space={"a.b": {"low": 2, "high": 1}}))
 
 
 def test_suggest_types_and_base_params():
     study = optuna.create_study()
     trial = study.ask()
-    assert isinstance(tune.suggest(trial, "i", {"low": 0, "high": 10, "step": 5}), int)
-    assert isinstance(tune.suggest(trial, "f", {"low": 1e-4, "high": 1e-2, "log": True}), float)
-    assert tune.suggest(trial, "c", {"choices": ["wsd"]}) == "wsd"
-    space = tune.Space(params={"model.init_args.optim.lr": {"low": 1e-3, "high": 1e-1, "log": True},
+    assert isinstance(search.suggest(trial, "i", {"low": 0, "high": 10, "step": 5}), int)
+    assert isinstance(search.suggest(trial, "f", {"low": 1e-4, "high": 1e-2, "log": True}), float)
+    assert search.suggest(trial, "c", {"choices": ["wsd"]}) == "wsd"
+    space = search.Space(params={"model.init_args.optim.lr": {"low": 1e-3, "high": 1e-1, "log": True},
                                "model.init_args.optim.schedule": {"choices": ["cosine", "wsd"]}})
     base = {"model": {"init_args": {"optim": {"lr": 0.003}}}}
     # a key the base config leaves out takes OptimConfig's default
-    assert tune.base_params(base, space) == {"lr": 0.003, "schedule": "cosine"}
-    assert tune.base_params({"model": {"init_args": {"optim": {"lr": 0.5}}}}, space) is None  # outside the range
+    assert search.base_params(base, space) == {"lr": 0.003, "schedule": "cosine"}
+    assert search.base_params({"model": {"init_args": {"optim": {"lr": 0.5}}}}, space) is None  # outside the range
 
 
 # ---- pruning ---------------------------------------------------------------------------------
 def test_pruning_callback_reports_and_raises():
     study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1.0))
     trial = study.ask()
-    cb = tune.OptunaPruning("val/loss")
+    cb = OptunaPruning("val/loss")
     trainer = SimpleNamespace(sanity_checking=False, global_step=4, callback_metrics={"val/loss": torch.tensor(0.5)})
-    tune._ACTIVE_TRIAL = trial
+    OptunaPruning.trial = trial
     try:
         cb.on_validation_end(trainer, None)  # under the threshold: reported, not pruned
         trainer.global_step, trainer.callback_metrics = 6, {"val/loss": torch.tensor(2.0)}
         with pytest.raises(optuna.TrialPruned, match="step 6"):
             cb.on_validation_end(trainer, None)
     finally:
-        tune._ACTIVE_TRIAL = None
+        OptunaPruning.trial = None
     assert study.trials[0].intermediate_values == {4: 0.5, 6: 2.0}
 
 
 def test_median_pruner_prunes_a_bad_trial_in_a_study(tmp_path):
-    space = tune.load_space(write_space(tmp_path / "s.yaml", pruner={"startup_trials": 1}, enqueue_base=False,
+    space = search.load_space(write_space(tmp_path / "s.yaml", pruner={"startup_trials": 1}, enqueue_base=False,
                                         space={"model.init_args.optim.lr": {"low": 1e-6, "high": 3e-2, "log": True}}))
-    study = tune.create_study(space, tmp_path / "out")
+    study = search.create_study(space, tmp_path / "out")
     study.enqueue_trial({"lr": 2e-2})
     study.enqueue_trial({"lr": 1e-6})  # learns nothing: worse than the first trial at step 2
     tune.run_study(base_config(tmp_path / "base"), space, tmp_path / "out")
@@ -107,26 +109,26 @@ def test_median_pruner_prunes_a_bad_trial_in_a_study(tmp_path):
 # ---- a study that resumes --------------------------------------------------------------------
 def test_study_writes_reports_and_resumes_from_storage(tmp_path):
     base, out = base_config(tmp_path / "base"), tmp_path / "study"
-    space = tune.load_space(write_space(tmp_path / "s.yaml"))
+    space = search.load_space(write_space(tmp_path / "s.yaml"))
     study = tune.run_study(base, space, out)
     trials = study.trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert trials[0].params == {"lr": 1e-2, "warmup_steps": 1} and trials[0].user_attrs["base_config"]
-    assert (out / "trial_000" / "cell.yaml").exists() and (out / "history.png").exists()
+    assert (out / "trial_000" / "run.yaml").exists() and (out / "history.png").exists()
     assert (out / "importance.png").exists()
     rows = (out / "trials.csv").read_text().splitlines()
     assert rows[0].startswith("number,state,value,lr,warmup_steps") and len(rows) == 3
     best = yaml.safe_load((out / "best_grid.yaml").read_text())
     assert best["cells"]["tuned"] == {"model.init_args.optim.lr": study.best_trial.params["lr"],
                                       "model.init_args.optim.warmup_steps": study.best_trial.params["warmup_steps"]}
-    cfg = yaml.safe_load((out / "trial_001" / "cell.yaml").read_text())
+    cfg = yaml.safe_load((out / "trial_001" / "run.yaml").read_text())
     assert cfg["model"]["init_args"]["optim"]["lr"] == pytest.approx(trials[1].params["lr"])
 
     # a process killed mid-trial leaves it RUNNING; the next run fails it and retries its values
     stale = optuna.load_study(study_name="esft-tune", storage=f"sqlite:///{out / 'study.db'}").ask()
     stale.suggest_float("lr", 1e-3, 3e-2, log=True)
     stale.suggest_int("warmup_steps", 0, 2)
-    resumed = tune.run_study(base, tune.load_space(tmp_path / "s.yaml", n_trials=3), out)
+    resumed = tune.run_study(base, search.load_space(tmp_path / "s.yaml", n_trials=3), out)
     trials = resumed.trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL, TrialState.COMPLETE]
     assert trials[3].params == trials[2].params and trials[3].user_attrs["retry_of"] == 2
@@ -140,7 +142,7 @@ class KillOnce(L.Callback):
         self.marker = Path(marker)
 
     def on_train_batch_start(self, trainer, *args) -> None:
-        trial = tune._ACTIVE_TRIAL
+        trial = OptunaPruning.trial
         if trial is not None and trial.number == 1 and trainer.global_step == 1 and not self.marker.exists():
             self.marker.write_text("killed")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -182,13 +184,13 @@ def test_cli_table_has_tune():
     assert PROJECT_COMMANDS["tune"][0] == "esft.commands.tune" and _project_command("tune") is tune.main
 
 
-def test_objective_value_reads_task_scores_and_logged_metrics():
-    scores = SimpleNamespace(results={"after": {"reverse_words": 0.75}})
-    trainer = SimpleNamespace(callbacks=[object(), scores], callback_metrics={"val/loss": torch.tensor(1.5)})
-    assert tune.objective_value(trainer, "eval/reverse_words") == 0.75
-    assert tune.objective_value(trainer, "val/loss") == 1.5
+def test_objective_value_reads_the_files_the_run_wrote(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"step": 4, "metrics": {"val/loss": 1.5, "eval/reverse_words": 0.5}}))
+    (tmp_path / "eval.json").write_text(json.dumps({"after": {"reverse_words": 0.75}}))
+    assert tune.objective_value(tmp_path, {}, "eval/reverse_words") == 0.75  # eval.json's final scores win
+    assert tune.objective_value(tmp_path, {}, "val/loss") == 1.5
     with pytest.raises(KeyError, match="'val/acc' was not logged"):
-        tune.objective_value(trainer, "val/acc")
+        tune.objective_value(tmp_path, {}, "val/acc")
 
 
 def test_sigterm_stops_the_study_and_leaves_the_trial_to_recover(tmp_path, monkeypatch):
@@ -198,17 +200,18 @@ def test_sigterm_stops_the_study_and_leaves_the_trial_to_recover(tmp_path, monke
         raise SIGTERMException(1)
 
     monkeypatch.setattr(tune, "_fit", stopped)
-    space = tune.load_space(write_space(tmp_path / "s.yaml"))
+    space = search.load_space(write_space(tmp_path / "s.yaml"))
     with pytest.raises(SIGTERMException):
         tune.run_study(base_config(tmp_path / "base"), space, tmp_path / "out")
     study = optuna.load_study(study_name="esft-tune", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
     assert [t.state for t in study.trials] == [TrialState.RUNNING]
-    assert tune.recover(study) == [0] and study.trials[0].state == TrialState.FAIL
+    assert search.recover(study) == [0] and study.trials[0].state == TrialState.FAIL
 
 
 # ---- restarts: the sampler goes on where it stopped; one process per study directory -------
 def fake_fit(stop_at: int | None = None):
-    """`_fit` without training: val/loss is a smooth function of the sampled values; raises
+    """`_fit` without training: the val/loss it writes to metrics.json is a smooth function of the
+    sampled values; raises
     SIGTERMException (the process being stopped) in trial `stop_at`."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -217,7 +220,8 @@ def fake_fit(stop_at: int | None = None):
         if stop_at is not None and run_dir.name == f"trial_{stop_at:03d}":
             raise SIGTERMException(1)
         loss = (math.log10(optim["lr"]) + 2) ** 2 + 0.1 * optim["warmup_steps"]
-        return SimpleNamespace(callbacks=[], callback_metrics={"val/loss": torch.tensor(loss)})
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"step": 1, "metrics": {"val/loss": loss}}))
     return fit
 
 
@@ -228,8 +232,8 @@ def params(study) -> list[dict]:
 def test_a_restarted_study_goes_on_with_the_samplers_state(tmp_path, monkeypatch):
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    space = tune.load_space(write_space(tmp_path / "s.yaml", enqueue_base=False, startup_trials=3))
-    more = tune.load_space(tmp_path / "s.yaml", n_trials=4)
+    space = search.load_space(write_space(tmp_path / "s.yaml", enqueue_base=False, startup_trials=3))
+    more = search.load_space(tmp_path / "s.yaml", n_trials=4)
     base = base_config(tmp_path / "base")
     monkeypatch.setattr(tune, "write_reports", lambda *args: None)  # plots take seconds; not tested here
     monkeypatch.setattr(tune, "_fit", fake_fit())
@@ -246,7 +250,7 @@ def test_a_restarted_study_goes_on_with_the_samplers_state(tmp_path, monkeypatch
     with pytest.raises(SIGTERMException):
         tune.run_study(base, space, tmp_path / "stopped")
     monkeypatch.setattr(tune, "_fit", fake_fit())
-    study = tune.run_study(base, tune.load_space(tmp_path / "s.yaml", n_trials=3), tmp_path / "stopped")
+    study = tune.run_study(base, search.load_space(tmp_path / "s.yaml", n_trials=3), tmp_path / "stopped")
     p = params(study)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL] + [TrialState.COMPLETE] * 2
     assert p[2] == p[1] and study.trials[2].user_attrs["retry_of"] == 1

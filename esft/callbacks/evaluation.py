@@ -75,8 +75,9 @@ class TaskEvaluation(L.Callback):
 
     def _log(self, trainer, when: str, scores: dict[str, float]) -> None:
         self.results[when] = scores
-        if trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics({f"eval/{t}": v for t, v in scores.items()}, step=trainer.global_step)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"eval/{t}": v for t, v in scores.items()}, step=trainer.global_step)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if self.before_fit and self._runs_here(trainer, pl_module):
@@ -87,8 +88,9 @@ class TaskEvaluation(L.Callback):
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step and self._runs_here(trainer, pl_module):
             self._last_step = step  # with gradient accumulation a step spans several batches
             scores = self._evaluate(pl_module)
-            if trainer.logger is not None and trainer.is_global_zero:
-                trainer.logger.log_metrics({f"eval/{t}": v for t, v in scores.items()}, step=step)
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics({f"eval/{t}": v for t, v in scores.items()}, step=step)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not self._runs_here(trainer, pl_module):

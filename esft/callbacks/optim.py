@@ -6,7 +6,7 @@
         - class_path: esft.callbacks.StepsToLoss
           init_args: {target: 1.2}
 
-Both log to the run's logger, so `esft sweep` tables them like any other TensorBoard scalar.
+Both log to the run's loggers (and so to ``metrics.json``), so `esft sweep` tables them like any other metric.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ class OptimizerStateSize(L.Callback):
         if self.state_mib is not None or trainer.global_step < 1:
             return
         self.state_mib = sum(optimizer_state_bytes(o) for o in trainer.optimizers) / 2**20
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({"optim/state_mib": self.state_mib}, step=trainer.global_step)
+        for logger in trainer.loggers:
+            logger.log_metrics({"optim/state_mib": self.state_mib}, step=trainer.global_step)
 
 
 class StepsToLoss(L.Callback):
@@ -77,6 +77,6 @@ class StepsToLoss(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         reached = self.reached_at is not None
         steps = self.reached_at if reached else (trainer.max_steps if trainer.max_steps > 0 else trainer.global_step) + 1
-        if trainer.logger is not None:
-            trainer.logger.log_metrics({"optim/steps_to_target": float(steps), "optim/reached_target": float(reached)},
-                                       step=trainer.global_step)
+        for logger in trainer.loggers:
+            logger.log_metrics({"optim/steps_to_target": float(steps), "optim/reached_target": float(reached)},
+                               step=trainer.global_step)

@@ -3,7 +3,6 @@ type and record format as the input) and a report.
 
     esft curate --input data.jsonl --config configs/curation/clean_dedup_diverse.yaml --out curated/
     esft curate --input builtin --tasks arithmetic reverse_words --n 5000 --config C.yaml --out curated/
-    python -m esft.commands.curate ...          # the same, without the `esft` wrapper
 
 `--config` is a YAML list of stages, a mapping with a ``curation`` list, or a fit config whose
 ``data.init_args.curation`` holds them (see `esft.curation.pipeline`). Output under OUT: the
@@ -22,15 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from esft.curation.pipeline import curate
 from esft.curation.report import write_report
 from esft.data.records import SUFFIXES, DataFormatError, Format, LoadStats, detect_format, read_rows, to_record
+from esft.runconfig import load_yaml
 
 
 def load_stages(path: str) -> list[dict[str, Any]]:
-    cfg = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    cfg = load_yaml(path)  # 1e-3 as a float, as `esft fit` reads it
     if isinstance(cfg, dict):
         if "curation" in cfg:
             cfg = cfg["curation"]

@@ -121,7 +121,7 @@ def datamodule_from_config(path: str):
     """The data module a fit config trains on (its ``data`` section; the tokenizer is the model's),
     set up, without a teacher cache."""
     from esft.models.tokenizer import resolve_tokenizer_name
-    from esft.commands.sweep import load_yaml
+    from esft.runconfig import load_yaml
 
     cfg = load_yaml(path)
     data, model = cfg.get("data") or {}, (cfg.get("model") or {}).get("init_args") or {}

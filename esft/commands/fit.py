@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from esft.callbacks.guards import NonFiniteGuard
 from esft.checkpoint import CheckpointError, checkpoint_dirs, config_changes, load_meta, resolve_last
+from esft.loggers import MetricsFile
 from esft.models.tokenizer import resolve_tokenizer_name
 from esft.objectives import CausalLMModule
 
@@ -39,6 +40,8 @@ class ESFTCLI(LightningCLI):
     - ``trainer.default_root_dir`` is the run directory: the logger's ``save_dir`` follows it,
       and with the logger's directory checkpoints (``checkpoints/``), evaluation (``eval.json``)
       and the export (``hf/``), so one option moves every output of a run.
+    - Every run writes ``metrics.json`` (`esft.loggers.MetricsFile`) into the run directory,
+      beside whatever loggers the config names.
     - Every run has a `NonFiniteGuard` (stop on a non-finite loss or gradient) unless the config
       lists its own.
     - ``fit --ckpt_path last`` resumes the newest intact checkpoint, and a resume whose model or
@@ -72,19 +75,23 @@ class ESFTCLI(LightningCLI):
         listed = listed if isinstance(listed, list) else [listed]
         if not any(isinstance(c, NonFiniteGuard) for c in [*listed, *callbacks]):
             callbacks = [*callbacks, NonFiniteGuard()]
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        # metrics.json in the run directory beside the user's loggers (after them: the first
+        # logger still decides log_dir and the checkpoint directory)
+        self.metrics_file = MetricsFile(trainer.log_dir if trainer.loggers else trainer.default_root_dir)
+        trainer.loggers = [*trainer.loggers, self.metrics_file]
+        return trainer
 
     def before_fit(self) -> None:
         args = self.config_init[self.subcommand]
-        if args.get("ckpt_path") is None:
-            return
-        path = args["ckpt_path"]
+        path = args.get("ckpt_path")
         if path == "last":
             dirs = checkpoint_dirs(self.trainer)
             path = resolve_last(dirs)
             if path is None:
                 rank_zero_info(f"--ckpt_path last: no checkpoint in {', '.join(dirs) or 'any checkpoint directory'} yet; starting from scratch")
             args["ckpt_path"] = path
+        self.metrics_file.resume = path is not None  # a resumed run keeps the metrics on file
         if path is None or os.path.isdir(path) or args.get("allow_config_change"):
             return
         changes = config_changes(load_meta(path), self.model.hparams, getattr(self.datamodule, "hparams", None))

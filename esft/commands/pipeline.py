@@ -26,8 +26,8 @@ with ``data_mode: add``; `reward_from` points a GRPO stage's ``model`` reward at
 model: the config's ``rewards`` must weigh ``model``), ``preference`` (a fit stage whose config trains
 `esft.objectives.PreferenceModule` or `esft.objectives.RewardModule` on preference pairs: DPO and kin
 start from `init_from`'s model, which is also their reference; a reward model takes its decoder),
-``rejection_sample`` (arguments of ``esft rejection-sample``; the model comes from `model_from`). Each stage runs in its own process; a finished stage leaves ``DONE`` and
-``result.json`` and is skipped on the next run, so an interrupted pipeline resumes at the stage it
+``rejection_sample`` (arguments of ``esft rejection-sample``; the model comes from `model_from`). Each stage runs in its own process (``stage.log``; a fit stage's config in ``run.yaml``); a
+finished stage leaves ``done.json`` (its results) and is skipped on the next run, so an interrupted pipeline resumes at the stage it
 stopped in (a fit stage continues from its ``last.ckpt``). After every stage the stage's model is
 evaluated greedily on held-out prompts (pass@1, format rate, completion length; not a reward model,
 which does not generate), a preference stage's model also on its config's held-out pairs
@@ -43,10 +43,7 @@ process is still alive (see `esft.runs`).
 from __future__ import annotations
 
 import argparse
-import copy
-import csv
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -54,19 +51,18 @@ from typing import Any
 
 import yaml
 
-from esft.runs import SAFE_NAME_RULE, RunDirBusy, claim, is_safe_name, lock_dir, run_child
+from esft.reports import markdown_table, write_csv
+from esft.runconfig import (DONE, RUN_YAML, ConfigError, atomic_write, load_config, load_yaml, read_json, run_config,
+                            set_callback, write_json)
+from esft.runs import SAFE_NAME_RULE, RunDirBusy, claim, esft_child, is_safe_name, lock_dir
 
 KINDS = ("fit", "preference", "rejection_sample")
 PREFERENCE_MODULES = ("esft.objectives.PreferenceModule", "esft.objectives.RewardModule")
 
 
-class PipelineError(ValueError):
-    """A pipeline config that cannot run; the message names the stage and the field."""
-
-
 def load_pipeline(path: str | Path) -> dict[str, Any]:
     """Read and check a pipeline YAML."""
-    return check_pipeline(yaml.safe_load(Path(path).read_text()), str(path))
+    return check_pipeline(load_yaml(path), str(path))
 
 
 def check_pipeline(cfg: Any, path: str = "pipeline") -> dict[str, Any]:
@@ -74,67 +70,38 @@ def check_pipeline(cfg: Any, path: str = "pipeline") -> dict[str, Any]:
     under the output directory, so each must be one safe directory name (`esft.runs.safe_name`):
     ``../x``, ``/abs``, ``a/b``, ``.`` or an empty name would write elsewhere."""
     if not isinstance(cfg, dict) or not isinstance(cfg.get("stages"), list) or not cfg["stages"]:
-        raise PipelineError(f"{path}: a pipeline needs a non-empty 'stages' list")
+        raise ConfigError(f"{path}: a pipeline needs a non-empty 'stages' list")
     names: list[str] = []
     for i, stage in enumerate(cfg["stages"]):
         where = f"{path}: stage {i}"
         if not isinstance(stage, dict) or "name" not in stage:
-            raise PipelineError(f"{where}: every stage needs a 'name'")
+            raise ConfigError(f"{where}: every stage needs a 'name'")
         if not is_safe_name(stage["name"]):
-            raise PipelineError(f"{where}: name {stage['name']!r} is not a safe directory name ({SAFE_NAME_RULE})")
+            raise ConfigError(f"{where}: name {stage['name']!r} is not a safe directory name ({SAFE_NAME_RULE})")
         if stage["name"] in names:
-            raise PipelineError(f"{where}: duplicate stage name {stage['name']!r} (stage {names.index(stage['name'])} has it too)")
+            raise ConfigError(f"{where}: duplicate stage name {stage['name']!r} (stage {names.index(stage['name'])} has it too)")
         where = f"{path}: stage {stage['name']!r}"
         kinds = [k for k in KINDS if k in stage]
         if len(kinds) != 1:
-            raise PipelineError(f"{where}: give exactly one of {', '.join(KINDS)}")
+            raise ConfigError(f"{where}: give exactly one of {', '.join(KINDS)}")
         for ref in ("init_from", "data_from", "model_from", "reward_from"):
             if stage.get(ref) is not None and stage[ref] not in names:
-                raise PipelineError(f"{where}: {ref}={stage[ref]!r} is not an earlier stage ({', '.join(names) or 'none'})")
+                raise ConfigError(f"{where}: {ref}={stage[ref]!r} is not an earlier stage ({', '.join(names) or 'none'})")
         if stage.get("data_mode", "replace") not in ("replace", "add"):
-            raise PipelineError(f"{where}: data_mode must be 'replace' or 'add', got {stage['data_mode']!r}")
+            raise ConfigError(f"{where}: data_mode must be 'replace' or 'add', got {stage['data_mode']!r}")
         if "rejection_sample" in stage and not stage.get("model_from"):
-            raise PipelineError(f"{where}: a rejection_sample stage needs model_from")
+            raise ConfigError(f"{where}: a rejection_sample stage needs model_from")
         if stage.get("reward_from") is not None and "rejection_sample" in stage:
-            raise PipelineError(f"{where}: reward_from applies to fit stages (GRPO's model reward)")
+            raise ConfigError(f"{where}: reward_from applies to fit stages (GRPO's model reward)")
         names.append(stage["name"])
     return cfg
 
 
-def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
-    """``set_dotted(cfg, "model.init_args.optim.lr", 1e-4)``; missing mappings are created."""
-    node = cfg
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise PipelineError(f"override {key!r}: {part!r} is not a mapping")
-    node[parts[-1]] = value
-
-
 def fit_config(base: dict[str, Any], stage: dict[str, Any], out: Path, seed: int) -> dict[str, Any]:
-    """The stage's ``esft fit`` config: the base config with the stage's overrides, its inputs,
-    and every output path moved under the stage directory `out`."""
-    cfg = copy.deepcopy(base)
-    for key, value in (stage.get("overrides") or {}).items():
-        set_dotted(cfg, key, value)
-    cfg["seed_everything"] = seed
-    trainer = cfg.setdefault("trainer", {})
-    trainer["default_root_dir"] = str(out)
-    logger = trainer.get("logger")
-    if isinstance(logger, dict):
-        logger.setdefault("init_args", {}).update(save_dir=str(out), name="", version="")
-    for cb in trainer.get("callbacks") or []:
-        name = cb.get("class_path", "").rsplit(".", 1)[-1]
-        if name == "ModelCheckpoint":
-            cb.setdefault("init_args", {})["dirpath"] = str(out / "checkpoints")
-        elif name == "ExportHF":
-            cb.setdefault("init_args", {})["dirpath"] = str(out / "hf")
-        elif name == "TaskEvaluation":
-            cb.setdefault("init_args", {})["output"] = str(out / "eval.json")
-    if not any(cb.get("class_path", "").endswith("ExportHF") for cb in trainer.get("callbacks") or []):
-        trainer.setdefault("callbacks", []).append({"class_path": "esft.callbacks.ExportHF",
-                                                    "init_args": {"dirpath": str(out / "hf")}})
+    """The stage's ``esft fit`` config: the base config with the stage's overrides and its inputs,
+    every output in the stage directory `out` (`esft.runconfig.run_config`), exported to ``hf/``."""
+    cfg, _ = run_config(base, stage.get("overrides") or {}, seed, out, label=stage["name"])
+    set_callback(cfg, "esft.callbacks.ExportHF", dirpath=str(out / "hf"))  # later stages read <stage>/hf
     model_args = cfg.setdefault("model", {}).setdefault("init_args", {})
     if stage.get("init_from"):
         model_args["model_name_or_path"] = str(out.parent / stage["init_from"] / "hf")
@@ -142,9 +109,9 @@ def fit_config(base: dict[str, Any], stage: dict[str, Any], out: Path, seed: int
         model_args["tokenizer"] = None
     if stage.get("reward_from"):
         if "model" not in (model_args.get("rewards") or {}):
-            raise PipelineError(f"stage {stage['name']!r}: reward_from={stage['reward_from']!r} needs a 'model' weight in "
-                                f"model.init_args.rewards (e.g. overrides: {{model.init_args.rewards: "
-                                f"{{accuracy: 1.0, model: 0.5}}}}), got {model_args.get('rewards')}")
+            raise ConfigError(f"stage {stage['name']!r}: reward_from={stage['reward_from']!r} needs a 'model' weight in "
+                              f"model.init_args.rewards (e.g. overrides: {{model.init_args.rewards: "
+                              f"{{accuracy: 1.0, model: 0.5}}}}), got {model_args.get('rewards')}")
         options = dict(model_args.get("reward_options") or {})
         options["model"] = {**(options.get("model") or {}), "path": str(out.parent / stage["reward_from"] / "hf")}
         model_args["reward_options"] = options
@@ -174,12 +141,8 @@ def rejection_args(stage: dict[str, Any], out: Path, seed: int) -> list[str]:
 
 
 def _run(argv: list[str], log: Path) -> None:
-    """``esft <argv>`` in a child process (its own process group, ended with this one), output
-    appended to `log`, its pid in ``RUNNING`` beside `log` while it runs."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    rc = run_child([sys.executable, "-m", "esft.cli", *argv], log, log.parent, env)
+    """``esft <argv>`` in a child process (`esft.runs.esft_child`), output appended to `log`."""
+    rc, _ = esft_child(argv, log.parent, log)
     if rc != 0:
         raise RuntimeError(f"stage command failed (exit {rc}); see {log}")
 
@@ -238,22 +201,12 @@ def preference_accuracy(model_dir: Path, fit_cfg: dict[str, Any]) -> float | Non
 
 
 def write_summary(out: Path, stages: list[dict[str, Any]]) -> str:
-    """Rewrite ``summary.md`` and ``summary.csv`` from the finished stages' ``result.json``."""
-    rows = []
-    for stage in stages:
-        path = out / stage["name"] / "result.json"
-        if path.exists():
-            rows.append(json.loads(path.read_text()))
+    """Rewrite ``summary.md`` and ``summary.csv`` from the finished stages' ``done.json``."""
+    rows = [r for stage in stages if (r := read_json(out / stage["name"] / DONE)) is not None]
     cols = ["stage", "kind", "pass@1", "format", "length", "pref_accuracy", "kept", "wall_s"]
-    with (out / "summary.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    table = "\n".join(lines)
-    (out / "summary.md").write_text(table + "\n")
+    write_csv(out / "summary.csv", cols, rows)
+    table = markdown_table(cols, rows, cols[2:])
+    atomic_write(out / "summary.md", table + "\n")
     return table
 
 
@@ -271,7 +224,7 @@ def run_pipeline(cfg: dict[str, Any], out: Path | None = None, seed: int | None 
 
 def _run_stage(cfg: dict[str, Any], stage: dict[str, Any], out: Path, seed: int) -> None:
     d = out / stage["name"]
-    if (d / "DONE").exists():
+    if (d / DONE).exists():
         print(f"[pipeline] {stage['name']}: done, skipped")
         return
     claim(d)  # a stage child of an earlier, killed pipeline may still write here
@@ -283,16 +236,13 @@ def _run_stage(cfg: dict[str, Any], stage: dict[str, Any], out: Path, seed: int)
     kind = next(k for k in KINDS if k in stage)
     if kind in ("fit", "preference"):
         result["kind"] = kind
-        fit_cfg = fit_config(yaml.safe_load(Path(stage[kind]).read_text()), stage, d, seed)
+        fit_cfg = fit_config(load_config(stage[kind]), stage, d, seed)
         model_class = (fit_cfg.get("model") or {}).get("class_path")
         if kind == "preference" and model_class not in PREFERENCE_MODULES:
-            raise PipelineError(f"stage {stage['name']!r}: a preference stage trains one of {', '.join(PREFERENCE_MODULES)}; "
+            raise ConfigError(f"stage {stage['name']!r}: a preference stage trains one of {', '.join(PREFERENCE_MODULES)}; "
                                 f"{stage[kind]} has model.class_path {model_class!r} (use a fit stage)")
-        (d / "stage.yaml").write_text(yaml.safe_dump(fit_cfg, sort_keys=False))
-        argv = ["fit", "--config", str(d / "stage.yaml")]
-        if (d / "checkpoints" / "last.ckpt").exists():
-            argv += ["--ckpt_path", str(d / "checkpoints" / "last.ckpt")]
-        _run(argv, d / "stage.log")
+        (d / RUN_YAML).write_text(yaml.safe_dump(fit_cfg, sort_keys=False))
+        _run(["fit", "--config", str(d / RUN_YAML), "--ckpt_path", "last"], d / "stage.log")  # continues a killed stage
         generates = not model_class or not model_class.endswith("RewardModule")
         result.update(evaluate_stage(d / "hf", eval_cfg) if eval_cfg.get("tasks") and generates else {})
         if kind == "preference":
@@ -303,8 +253,7 @@ def _run_stage(cfg: dict[str, Any], stage: dict[str, Any], out: Path, seed: int)
         stats = json.loads((d / "data.jsonl.stats.json").read_text())
         result.update(kept=stats["kept"], correct_rate=stats["correct_rate"], format_rate=stats["format_rate"])
     result["wall_s"] = round(time.perf_counter() - start, 1)
-    (d / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    (d / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
+    write_json(d / DONE, {**result, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     print(f"[pipeline] {stage['name']}: finished in {result['wall_s']} s\n" + write_summary(out, cfg["stages"]), flush=True)
 
 
@@ -316,7 +265,7 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
     try:
         table = run_pipeline(load_pipeline(args.config), args.out, args.seed)
-    except (PipelineError, RunDirBusy, OSError, yaml.YAMLError) as e:
+    except (ConfigError, RunDirBusy, OSError, yaml.YAMLError) as e:
         print(f"esft pipeline: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(table)

@@ -409,13 +409,14 @@ class GRPOModule(CausalLMModule):
         logged): rank 0 generates, or every rank when the policy is sharded (rank 0 logs)."""
         records = getattr(self.trainer.datamodule, "val_records", None)
         here = self.trainer.is_global_zero or is_sharded(self.model)
-        if self.global_step == 0 and records and self.logger is not None and here:
+        if self.global_step == 0 and records and self.trainer.loggers and here:
             hp = self.hparams
             metrics = evaluate_reasoning(self.model, self.tokenizer, records, hp.max_completion_length, hp.generation_batch_size,
                                          hp.max_turns)
             metrics.pop("n")
             if self.trainer.is_global_zero:
-                self.logger.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=0)
+                for logger in self.trainer.loggers:
+                    logger.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=0)
 
     def validation_step(self, records: list[dict[str, Any]], batch_idx: int) -> None:
         hp = self.hparams

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from esft.curation import curate
 from esft.data.records import load_records
-from esft.commands.sweep import load_yaml
+from esft.runconfig import load_yaml
 
 HERE = Path(__file__).parent
 KINDS = ("clean", "exact", "near", "wrong", "truncated", "degenerate", "offtask")
