@@ -378,3 +378,20 @@ def test_reward_model_on_two_ranks_matches_one_process(tmp_path):
     for other in ("ddp", "fsdp2"):
         for name in runs["single"]:
             torch.testing.assert_close(runs[other][name], runs["single"][name], atol=2e-5, rtol=1e-4, msg=f"{other}: {name}")
+
+
+def always_fails(sample) -> float:
+    """A reward that raises on every sample (imported by name in the reward workers)."""
+    raise RuntimeError("no verdict")
+
+
+@pytest.mark.slow  # 2 DDP ranks, each with a reward worker pool (forkserver): about a minute
+def test_reward_failures_on_two_ranks_are_summed(tmp_path):
+    """Reward workers on each of 2 DDP ranks: every call of a failing reward is counted, and the
+    logged count is the step's failures over both ranks (2 prompts x 4 samples on each rank)."""
+    model, data = grpo_parts(rewards={"language": 1.0, "test_distributed:always_fails": 1.0},
+                             reward_workers=1, reward_timeout=10.0)
+    grpo_fit(tmp_path, model, data, strategy="ddp", log_every_n_steps=1)
+    logged = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    assert logged["train/reward_failures"] == 2 * 2 * 4
+    assert logged["train/reward/test_distributed:always_fails"] == 0.0  # a failed call scores 0

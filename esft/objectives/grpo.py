@@ -399,7 +399,10 @@ class GRPOModule(CausalLMModule):
             "throughput/rollout_tokens_per_s": completion_tokens / max(t_gen, 1e-9),
             "throughput/update_tokens_per_s": update_tokens * hp.num_iterations / max(t_update, 1e-9),
         })
+        failures = logs.pop("train/reward_failures", None)
         self.log_dict(logs, batch_size=len(samples))
+        if failures is not None:  # a count: the step's failed reward calls on all ranks
+            self.log("train/reward_failures", failures, reduce_fx="sum", sync_dist=True, batch_size=len(samples))
         self.log("reward", logs["train/reward"], prog_bar=True, logger=False, batch_size=len(samples))
         self.log("pass@1", metrics["pass@1"], prog_bar=True, logger=False, batch_size=len(samples))
 
