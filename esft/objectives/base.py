@@ -159,11 +159,13 @@ class CausalLMModule(L.LightningModule):
         return reference
 
     # ---- loss ------------------------------------------------------------------------------
-    def token_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_loss(self, batch: dict[str, Any], return_correct: bool = False) -> tuple[torch.Tensor, ...]:
         """Summed next-token cross-entropy over trained tokens, and their count (label-smoothed in
-        training when `optim.label_smoothing` is set; evaluation losses stay plain)."""
+        training when `optim.label_smoothing` is set; evaluation losses stay plain); with
+        `return_correct` also the count of correct argmax predictions (`esft.models.forward.token_loss`)."""
         smoothing = self.optim.label_smoothing if self.training else 0.0
-        return call_model(self.model, token_loss, batch, self.hparams.loss_chunk_size, self.hparams.loss_impl, smoothing)
+        return call_model(self.model, token_loss, batch, self.hparams.loss_chunk_size, self.hparams.loss_impl, smoothing,
+                          return_correct)
 
     def step_denominator(self, batch: dict[str, Any], count: torch.Tensor) -> torch.Tensor:
         """The divisor of a micro-batch's summed token loss that makes an optimizer step's
