@@ -25,7 +25,7 @@ from esft.models.frozen import FrozenModel
 from esft.models.lora import LoraOptions, apply_lora, is_lora, merged_copy
 from esft.models.sharding import call_model, shard_fsdp2
 from esft.models.tokenizer import resolve_tokenizer_name
-from esft.optim import OptimConfig, build_optimizer, build_scheduler
+from esft.optim import OptimConfig, build_optimizer, build_scheduler, group_learning_rates
 from esft.precision import Float8Recipe, convert_torchao_fp8
 from esft.regularization import apply_regularization
 
@@ -194,6 +194,9 @@ class CausalLMModule(L.LightningModule):
         norm = grad_norm(optimizer)
         if norm is not None:  # before clipping, after unscaling (Lightning calls this hook there)
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+        # the LR this step applies, per parameter group, so LR multipliers show: train/lr/<group>
+        self.log_dict({f"train/lr/{name}": lr for name, lr in group_learning_rates(optimizer).items()},
+                      on_step=True, on_epoch=False, batch_size=1)
         if not self._step_sums:
             return
         names = list(self._step_sums)
