@@ -85,7 +85,7 @@ def taught(module: SFTModule, path: str) -> None:
 @torch.no_grad()
 def hand_accuracy(model, path: str) -> tuple[float, float]:
     """(all correct / all trained tokens, mean of the per-record accuracies) from the model's full
-    logits, one record at a time."""
+    logits, one record at a time; `token_loss` counts the same, chunked or from full logits."""
     dm = data(path, 64)
     dm.setup("fit")
     hits, counts = [], []
@@ -95,6 +95,9 @@ def hand_accuracy(model, path: str) -> tuple[float, float]:
         trained = targets != IGNORE_INDEX
         hits.append(int((logits.argmax(-1) == targets)[trained].sum()))
         counts.append(int(trained.sum()))
+        for chunk in (16, 0):
+            _, count, correct = token_loss(model, batch, chunk, return_correct=True)
+            assert (int(count), int(correct)) == (counts[-1], hits[-1]), chunk
     assert len(counts) == 2 and max(counts) > 5 * min(counts), counts
     return sum(hits) / sum(counts), sum(h / c for h, c in zip(hits, counts)) / len(counts)
 
