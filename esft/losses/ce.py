@@ -107,5 +107,6 @@ def chunked_cross_entropy(
             loss, hits = checkpoint(_chunk_loss, hidden[sl], weight, bias, targets[sl], label_smoothing, return_correct,
                                     use_reentrant=False)
             total = total + loss
-            correct = correct + hits if return_correct else correct
+            if return_correct:
+                correct = correct + hits
     return (total, count, correct) if return_correct else (total, count)
