@@ -142,9 +142,11 @@ def grouped_parameters(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any
     """The optimizer's parameter groups for `cfg`, in a fixed order, empty groups left out.
 
     Each group has ``params``, ``weight_decay``, ``lr`` (peak LR times its multiplier) and the
-    bookkeeping keys ``group`` (a readable name such as ``muon/decay``, ``decay`` or ``no_decay*0.1``),
-    ``muon`` (routed to Muon) and ``lr_mult``. With the defaults there are two groups: decayed
-    matrices, then undecayed biases, norms and embeddings.
+    bookkeeping keys ``group`` (a readable name such as ``muon/decay``, ``decay`` or ``no_decay*0.1``,
+    unique: a second group of the same name, from another pattern with the same multiplier, gets
+    ``#2``), ``muon`` (routed to Muon) and ``lr_mult``. With the defaults there are two groups:
+    decayed matrices, then undecayed biases, norms and embeddings. The training log shows each
+    group's LR as ``train/lr/<group>`` (`group_learning_rates`).
     """
     embeddings = _embedding_ids(model)
     patterns = list((cfg.lr_multipliers or {}).items())
@@ -165,18 +167,25 @@ def grouped_parameters(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         raise ValueError(f"model.init_args.optim.lr_multipliers: {unused} match no trainable parameter "
                          f"(names look like {names[:4]} ...)")
-    groups = []
+    groups, seen = [], {}
     for (order, no_decay, rank), params in sorted(buckets.items()):
         muon = order == 0
         mult = float(patterns[rank][1]) if rank >= 0 else 1.0
         peak = cfg.muon_lr if muon and cfg.muon_lr is not None else cfg.lr
-        name = ("muon/" if muon else "") + ("no_decay" if no_decay else "decay")
+        name = ("muon/" if muon else "") + ("no_decay" if no_decay else "decay") + (f"*{mult:g}" if rank >= 0 else "")
+        seen[name] = seen.get(name, 0) + 1
         groups.append({"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay,
                        "lr": peak * mult, "lr_mult": mult, "muon": muon,
-                       "group": name + (f"*{mult:g}" if rank >= 0 else "")})
+                       "group": name if seen[name] == 1 else f"{name}#{seen[name]}"})
     if not groups:
         raise ValueError("no trainable parameters: every parameter has requires_grad=False")
     return groups
+
+
+def group_learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The learning rate each parameter group steps with now, by group name (``group`` of
+    `grouped_parameters`; ``pg<i>`` for a group without one, e.g. an optimizer built elsewhere)."""
+    return {str(g.get("group", f"pg{i}")): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
@@ -196,8 +205,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """Muon on the groups marked ``muon``, AdamW on the others, as one optimizer.
 
     ``param_groups`` are the inner optimizers' own group dicts, so an LR scheduler, Lightning's
-    gradient clipping and LearningRateMonitor act on both; ``state_dict`` holds both inner
-    state dicts, and loading it re-links the groups.
+    gradient clipping and the per-group LR log (`group_learning_rates`) act on both;
+    ``state_dict`` holds both inner state dicts, and loading it re-links the groups.
     """
 
     def __init__(self, groups: list[dict[str, Any]], betas: tuple[float, float], eps: float,

@@ -286,12 +286,16 @@ def eval_paths(run_dir: Path, cfg: dict) -> list[Path]:
 
 def read_metrics(run_dir: Path, cfg: dict) -> dict[str, float]:
     """The run's results: the last value of every metric it logged (``metrics.json``, written by
-    every ``esft fit``) and ``eval/<task>`` from the "after" scores of its ``eval.json``."""
+    every ``esft fit``) and the scores after training from its ``eval.json``
+    (``eval/<task>/<metric>``; ``eval/<task>`` from a file written before tasks named their metric)."""
     metrics = dict((read_json(run_dir / METRICS_FILE) or {}).get("metrics") or {})
     for path in eval_paths(run_dir, cfg):
         results = read_json(path)
         if results is not None:
-            metrics.update({f"eval/{task}": float(v) for task, v in (results.get("after") or {}).items()})
+            after = (results.get("scalars") or {}).get("after")
+            if after is None:
+                after = {f"eval/{task}": v for task, v in (results.get("after") or {}).items()}
+            metrics.update({k: float(v) for k, v in after.items()})
             break
     return metrics
 

@@ -243,7 +243,7 @@ def sampled_heldout_accuracy(model_dir):
     torch.manual_seed(0)
     records = {"calculator": get_task("calculator").generate(200, seed=0, split="heldout")}
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), load_tokenizer(str(model_dir))
-    return evaluate(model, tokenizer, records, 12, 200, 8, do_sample=True, temperature=1.0, top_k=0)["calculator"]["score"]
+    return evaluate(model, tokenizer, records, 12, 200, 8, do_sample=True, temperature=1.0, top_k=0)["calculator"]["exact_match"]
 
 
 MARGIN = 0.01  # measured: 0.448 -> 0.479 over 1,600 sampled episodes (experiments/r1/README.md)

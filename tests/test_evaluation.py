@@ -38,20 +38,20 @@ def test_results_table_explains_each_task_still_below_low_score():
     callback.results = {"before": {"arithmetic": 0.0, "reverse_words": 0.0, "sort_words": 0.0},
                         "after": {"arithmetic": 0.04, "reverse_words": 0.2, "sort_words": 0.5}}
     lines = callback.table().splitlines()
-    assert lines[-5:-2] == ["| arithmetic | 0.000 | 0.040 |", "| reverse_words | 0.000 | 0.200 |",
-                            "| sort_words | 0.000 | 0.500 |"]
+    assert lines[-5:-2] == ["| arithmetic | exact_match | 0.000 | 0.040 |", "| reverse_words | exact_match | 0.000 | 0.200 |",
+                            "| sort_words | exact_match | 0.000 | 0.500 |"]
     assert lines[-2].startswith("arithmetic is still below 0.5: ") and "carr" in lines[-2]
     assert lines[-1].startswith("reverse_words is still below 0.5: ") and "max_steps" in lines[-1]
     callback.low_score = 0.0
-    assert callback.table().splitlines()[-1] == "| sort_words | 0.000 | 0.500 |"
+    assert callback.table().splitlines()[-1] == "| sort_words | exact_match | 0.000 | 0.500 |"
     callback.results = {"before": callback.results["before"]}  # no "after" column: nothing to explain
-    assert callback.table().splitlines()[-1] == "| sort_words | 0.000 |"
+    assert callback.table().splitlines()[-1] == "| sort_words | exact_match | 0.000 |"
 
 
 def test_periodic_evaluation_is_logged(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    steps = [e.step for e in EventAccumulator(str(trained)).Reload().Scalars("eval/reverse_words")]
+    steps = [e.step for e in EventAccumulator(str(trained)).Reload().Scalars("eval/reverse_words/exact_match")]
     assert {10, 20} <= set(steps)
 
 
@@ -120,7 +120,7 @@ def test_esft_eval_scores_gsm8k_and_math_style_files(trained, tmp_path, monkeypa
                                      "--max-new-tokens", "8", "--out", str(out)])
     run()
     result = json.loads((out / "results.json").read_text())["results"]["math:math.jsonl"]
-    assert result["n"] == 2 and 0.0 <= result["score"] <= 1.0
+    assert result["n"] == 2 and 0.0 <= result["accuracy"] <= 1.0
 
 
 def test_rollout_token_ids_match_text(trained):

@@ -40,7 +40,7 @@ def test_metrics_file_with_no_logger_and_beside_a_csv_logger(tmp_path):
     off = tmp_path / "off"
     main(["fit", "--config", str(tiny_config(off, False))])
     logged = json.loads((off / "metrics.json").read_text())
-    assert logged["step"] >= 3 and {"train/loss", "val/loss", "eval/reverse_words"} <= set(logged["metrics"])
+    assert logged["step"] >= 3 and {"train/loss", "val/loss", "eval/reverse_words/exact_match"} <= set(logged["metrics"])
     assert (off / "checkpoints" / "last.ckpt").exists() and not list(off.rglob("events.out.tfevents.*"))
 
     csv = tmp_path / "csv"
@@ -48,8 +48,8 @@ def test_metrics_file_with_no_logger_and_beside_a_csv_logger(tmp_path):
                                                    "init_args": {"save_dir": str(csv), "name": "", "version": ""}}))])
     logged = json.loads((csv / "metrics.json").read_text())["metrics"]
     assert (csv / "metrics.csv").exists() and logged["val/loss"] == logged["val/loss"]  # finite, not null
-    assert "eval/reverse_words" in logged  # logged to every logger, not only the first
-    assert "eval/reverse_words" in (csv / "metrics.csv").read_text().splitlines()[0]
+    assert "eval/reverse_words/exact_match" in logged  # logged to every logger, not only the first
+    assert "eval/reverse_words/exact_match" in (csv / "metrics.csv").read_text().splitlines()[0]
 
 
 def test_a_resumed_run_keeps_the_metrics_on_file_and_a_new_one_starts_anew(tmp_path):

@@ -106,7 +106,7 @@ def test_sweep_writes_results_summary_and_plot(resumed):
     out, _, _ = resumed
     results = pd.read_csv(out / "results.csv")
     assert len(results) == 4 and list(results.columns[:3]) == ["cell", "seed", "model.init_args.optim.lr"]
-    assert {"train/loss", "val/loss", "perf/tokens_per_s", "eval/reverse_words", "wall_s"} <= set(results.columns)
+    assert {"train/loss", "val/loss", "perf/tokens_per_s", "eval/reverse_words/exact_match", "wall_s"} <= set(results.columns)
     assert sorted(zip(results.cell, results.seed)) == sorted((c, s) for c in CELLS for s in (0, 1))
     assert results.groupby("cell")["train/loss"].nunique().min() == 2  # the seeds differ
 
@@ -127,8 +127,8 @@ def test_sweep_writes_results_summary_and_plot(resumed):
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "eval.json").exists()
     assert list(run.glob("events.out.tfevents.*")) and "$ " in (run / "log.txt").read_text()
     logged = json.loads((run / "metrics.json").read_text())["metrics"]  # what done.json's metrics come from
-    assert {"train/loss", "val/loss", "perf/tokens_per_s", "eval/reverse_words"} <= set(logged)
-    assert json.loads((run / "done.json").read_text())["metrics"]["eval/reverse_words"] >= 0.0
+    assert {"train/loss", "val/loss", "perf/tokens_per_s", "eval/reverse_words/exact_match"} <= set(logged)
+    assert json.loads((run / "done.json").read_text())["metrics"]["eval/reverse_words/exact_match"] >= 0.0
 
 
 def test_metrics_option_selects_the_table_columns(resumed, tmp_path, capsys):
@@ -137,7 +137,8 @@ def test_metrics_option_selects_the_table_columns(resumed, tmp_path, capsys):
     main(["--config", str(root / "base.yaml"), "--grid", str(root / "grid.yaml"), "--out", str(out),
           "--metrics", "val/loss", "eval/*"])
     assert "skip" in capsys.readouterr().out
-    assert (out / "summary.md").read_text().splitlines()[0] == "| cell | n | eval/reverse_words | val/loss |"
+    header = "| cell | n | eval/reverse_words/exact_match | val/loss |"  # one name from eval.json and metrics.json
+    assert (out / "summary.md").read_text().splitlines()[0] == header
 
     # a finished run is kept when its config changes, but the skip line says so
     changed = tmp_path / "grid.yaml"

@@ -185,9 +185,11 @@ def test_cli_table_has_tune():
 
 
 def test_objective_value_reads_the_files_the_run_wrote(tmp_path):
-    (tmp_path / "metrics.json").write_text(json.dumps({"step": 4, "metrics": {"val/loss": 1.5, "eval/reverse_words": 0.5}}))
-    (tmp_path / "eval.json").write_text(json.dumps({"after": {"reverse_words": 0.75}}))
-    assert tune.objective_value(tmp_path, {}, "eval/reverse_words") == 0.75  # eval.json's final scores win
+    logged = {"val/loss": 1.5, "eval/reverse_words/exact_match": 0.5}
+    (tmp_path / "metrics.json").write_text(json.dumps({"step": 4, "metrics": logged}))
+    (tmp_path / "eval.json").write_text(json.dumps({"after": {"reverse_words": 0.75},
+                                                    "scalars": {"after": {"eval/reverse_words/exact_match": 0.75}}}))
+    assert tune.objective_value(tmp_path, {}, "eval/reverse_words/exact_match") == 0.75  # eval.json's final scores win
     assert tune.objective_value(tmp_path, {}, "val/loss") == 1.5
     with pytest.raises(KeyError, match="'val/acc' was not logged"):
         tune.objective_value(tmp_path, {}, "val/acc")

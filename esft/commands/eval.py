@@ -9,7 +9,10 @@
 
 `--model` is a HF model directory, a hub id, or a Lightning checkpoint (``.ckpt``) of any esft
 objective. Results go to ``--out`` (default ``runs/eval``): ``results.json``, ``results.md``
-(also printed) and TensorBoard scalars ``eval/<task>/<metric>``.
+(also printed) and TensorBoard scalars ``eval/<task>/<metric>``. Each task's score is reported
+under its own metric (`Task.metric`: ``eval/translate/chrf``, ``eval/arithmetic/exact_match``;
+GSM8K / MATH files ``accuracy``) beside ``pass@k``, ``n`` and a task's other metrics
+(``eval/translate/bleu``): the names `esft.callbacks.TaskEvaluation` logs during training.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from esft.data.records import load_records
 from esft.data.tasks import TASKS, get_task
 from esft.evaluation.generate import evaluate
+from esft.evaluation.metrics import eval_tag
 from esft.evaluation.perplexity import perplexity
 from esft.objectives.loading import load_model
 
@@ -34,7 +38,7 @@ def math_file_scores(model, tokenizer, source: str, split: str, max_new_tokens: 
                      ks: list[int], num_samples: int, **sampling: Any) -> dict[str, float]:
     """Generate for every GSM8K / MATH-style row and score with the math verifier."""
     from esft.data.records import DataFormatError, read_rows
-    from esft.data.tasks.math import score_rows
+    from esft.data.tasks.math import MathWord, score_rows
     from esft.evaluation.generate import generate
     from esft.evaluation.metrics import summarize
 
@@ -46,11 +50,12 @@ def math_file_scores(model, tokenizer, source: str, split: str, max_new_tokens: 
         rows.append(row)
         conversations.append([{"role": "user", "content": question}])
     completions = generate(model, tokenizer, conversations, max_new_tokens, batch_size, num_samples, True, **sampling)
-    return summarize(score_rows([r for r in rows for _ in range(num_samples)], completions), num_samples, ks)
+    scores = score_rows([r for r in rows for _ in range(num_samples)], completions)
+    return summarize(scores, num_samples, ks, MathWord.metric)
 
 
 def markdown(results: dict[str, dict[str, float]]) -> str:
-    metrics = sorted({m for row in results.values() for m in row if m != "n"}, key=lambda m: (m != "score", m))
+    metrics = sorted({m for row in results.values() for m in row if m != "n"}, key=lambda m: (m.startswith("pass@"), m))
     lines = ["| task | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, row in results.items():
         cells = [f"{row[m]:.3f}" if m in row else "" for m in metrics]
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with SummaryWriter(str(out)) as writer:
         for name, row in results.items():
             for metric, value in row.items():
-                writer.add_scalar(f"eval/{name}/{metric}", value, 0)
+                writer.add_scalar(eval_tag(name, metric), value, 0)
     print(f"\n{table}\n\nresults: {out / 'results.json'}")
     return report
 

@@ -7,7 +7,7 @@
 The search space is a YAML file::
 
     metric: val/loss              # the objective: a metric logged in validation (val/*), or
-    direction: minimize           #   eval/<task> from TaskEvaluation's "after" scores
+    direction: minimize           #   eval/<task>/<metric> from TaskEvaluation's "after" scores
     n_trials: 12                  # finished (complete + pruned) trials the study should hold
     seed: 0                       # TPE sampler seed
     startup_trials: 4             # random trials before TPE models the space
@@ -80,7 +80,7 @@ def _fit(cfg: dict, run_dir: Path) -> None:
 
 def objective_value(run_dir: Path, cfg: dict, metric: str) -> float:
     """The metric's final value as the run recorded it (`esft.runconfig.read_metrics`: the last
-    logged value in ``metrics.json``, ``eval/<task>`` from ``eval.json``)."""
+    logged value in ``metrics.json``, ``eval/<task>/<metric>`` from ``eval.json``)."""
     metrics = read_metrics(run_dir, cfg)
     if metrics.get(metric) is None:
         raise KeyError(f"metric {metric!r} was not logged (have {sorted(metrics)})")

@@ -203,12 +203,16 @@ def evaluate(
     progress: bool = False,
     **sampling: Any,
 ) -> dict[str, dict[str, float]]:
-    """Per task: ``score`` (mean verifier score over all samples), ``pass@k`` for each k <= n
-    (a sample counts as correct when it scores 1.0; unbiased estimator), the means of a task's
-    extra `metrics` (e.g. chrF and BLEU) on the first sample, and ``n`` (records)."""
+    """Per task: the mean verifier score over all samples under the task's metric name
+    (`Task.metric`: ``exact_match``, ``chrf``, ...), ``pass@k`` for each k <= n (a sample counts as
+    correct when it scores 1.0; unbiased estimator), the means of a task's other `metrics` (e.g.
+    BLEU beside chrF) on the first sample, and ``n`` (records). Logged as
+    ``eval/<task>/<metric>`` (`esft.evaluation.metrics.eval_tag`)."""
     results = {}
     for name, records in records_by_task.items():
         task = get_task(name)
+        if not task.metric:
+            raise ValueError(f"task {name!r} ({type(task).__name__}) declares no `metric`: name what its score measures")
         if isinstance(task, EpisodeTask):  # multi-turn: the final turn of each episode is scored
             from esft.evaluation.episodes import episode_rollout  # it builds on this module
 
@@ -220,11 +224,12 @@ def evaluate(
                 progress, **sampling
             )
         scores = [task.score(r, c) for r, c in zip((r for r in records for _ in range(num_samples)), completions)]
-        row = summarize(scores, num_samples, ks)
+        row = summarize(scores, num_samples, ks, task.metric)
         if hasattr(task, "metrics"):
             extra = [task.metrics(r, completions[i * num_samples]) for i, r in enumerate(records)]
             for key in extra[0]:
-                row[key] = sum(e[key] for e in extra) / len(extra)
+                if key != task.metric:  # the task's own metric is the mean over all samples, kept above
+                    row[key] = sum(e[key] for e in extra) / len(extra)
         results[name] = row
     return results
 
@@ -236,6 +241,6 @@ def evaluate_tasks(
     max_new_tokens: int = 64,
     batch_size: int = 64,
 ) -> dict[str, float]:
-    """Mean greedy verifier score per task."""
+    """Mean greedy verifier score per task (in the task's own metric, `Task.metric`)."""
     results = evaluate(model, tokenizer, records_by_task, max_new_tokens, batch_size)
-    return {name: row["score"] for name, row in results.items()}
+    return {name: row[get_task(name).metric] for name, row in results.items()}

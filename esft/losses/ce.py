@@ -8,7 +8,8 @@ position restarts at 0 are masked.
 without a full-vocabulary fp32 logits tensor for the batch: only positions that are trained on
 are kept, they are processed `chunk_size` at a time, and each chunk is checkpointed, so its
 logits are recomputed in the backward pass instead of being stored. Peak extra memory is one
-chunk of ``[chunk_size, vocab]`` fp32 logits.
+chunk of ``[chunk_size, vocab]`` fp32 logits. With ``return_correct`` it also counts the trained
+tokens whose argmax prediction is the target (token accuracy), from the same chunk of logits.
 """
 
 from __future__ import annotations
@@ -53,9 +54,21 @@ def trained_positions(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torc
     return hidden[keep], targets[keep], keep.sum()
 
 
+def correct_predictions(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """How many rows of `logits` ``[N, V]`` have their argmax at `targets` ``[N]``: the numerator of
+    token accuracy (an int64 scalar, no gradient). A -100 target never counts (no argmax is
+    negative); the denominator, the trained-token count, is the caller's."""
+    return (logits.detach().argmax(-1) == targets).sum()
+
+
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                label_smoothing: float = 0.0) -> torch.Tensor:
-    return cross_entropy_sum(F.linear(hidden, weight, bias), targets, label_smoothing)
+                label_smoothing: float = 0.0, return_correct: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed cross-entropy of one chunk, and its correct predictions when asked. The argmax comes
+    after the loss: a checkpointed chunk's recomputation stops once the loss's saved tensors are
+    rebuilt (early stop), so the backward pass does not pay for it again."""
+    logits = F.linear(hidden, weight, bias)
+    loss = cross_entropy_sum(logits, targets, label_smoothing)
+    return loss, correct_predictions(logits, targets) if return_correct else None
 
 
 def chunked_cross_entropy(
@@ -65,7 +78,8 @@ def chunked_cross_entropy(
     bias: torch.Tensor | None = None,
     chunk_size: int = 1024,
     label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_correct: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Summed cross-entropy of ``hidden @ weight.T (+ bias)`` against `targets`, and the token count.
 
     Args:
@@ -74,18 +88,25 @@ def chunked_cross_entropy(
         targets: next-token ids ``[...]`` matching `hidden`'s leading dims; -100 is ignored.
         chunk_size: trained positions per chunk; ``<= 0`` computes all logits at once.
         label_smoothing: ε of `cross_entropy_sum`; 0 (the default) is the plain cross-entropy.
+        return_correct: also return how many trained tokens the argmax predicts
+            (`correct_predictions` on each chunk's logits; no second pass over the vocabulary).
 
     Returns:
-        ``(loss_sum, num_tokens)``: divide to get the mean over trained tokens.
+        ``(loss_sum, num_tokens)``, with ``return_correct`` ``(loss_sum, num_tokens, num_correct)``:
+        divide by ``num_tokens`` to get the means over trained tokens.
     """
     hidden, targets, count = trained_positions(hidden, targets)
     if targets.numel() == 0:
-        return hidden.sum() * 0.0, count  # keeps the graph connected
-    if chunk_size <= 0 or targets.numel() <= chunk_size:
-        return _chunk_loss(hidden, weight, bias, targets, label_smoothing), count
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for lo in range(0, targets.numel(), chunk_size):
-        sl = slice(lo, lo + chunk_size)
-        total = total + checkpoint(_chunk_loss, hidden[sl], weight, bias, targets[sl], label_smoothing,
-                                   use_reentrant=False)
-    return total, count
+        total, correct = hidden.sum() * 0.0, count.new_zeros(())  # keeps the graph connected
+    elif chunk_size <= 0 or targets.numel() <= chunk_size:
+        total, correct = _chunk_loss(hidden, weight, bias, targets, label_smoothing, return_correct)
+    else:
+        total, correct = hidden.new_zeros((), dtype=torch.float32), count.new_zeros(())
+        for lo in range(0, targets.numel(), chunk_size):
+            sl = slice(lo, lo + chunk_size)
+            loss, hits = checkpoint(_chunk_loss, hidden[sl], weight, bias, targets[sl], label_smoothing, return_correct,
+                                    use_reentrant=False)
+            total = total + loss
+            if return_correct:
+                correct = correct + hits
+    return (total, count, correct) if return_correct else (total, count)

@@ -23,7 +23,8 @@ not rescaled by ``tau**2`` (Hinton et al. do rescale; multiply by ``tau**2`` you
 positions (`esft.losses.ce.trained_positions`), and projects them to logits ``chunk_size`` tokens
 at a time inside a checkpoint, so peak extra memory is one chunk of ``[chunk_size, vocab]`` fp32
 logits per model (recomputed in the backward pass), never the batch's. It also returns the
-hard-label cross-entropy of the same chunks, for the ``alpha`` mix with the SFT loss.
+hard-label cross-entropy of the same chunks, for the ``alpha`` mix with the SFT loss, and with
+``return_correct`` the student's correct argmax predictions (token accuracy) from the same logits.
 
 `topk_kd_divergence` is the loss on a cached teacher (`esft.data.teacher_cache`): the teacher's top-k
 log-probabilities per token. Tail mass: both distributions are coarsened to k + 1 buckets, the k
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from esft.losses.ce import IGNORE_INDEX, cross_entropy_sum, trained_positions
+from esft.losses.ce import IGNORE_INDEX, correct_predictions, cross_entropy_sum, trained_positions
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "tv"]
 
@@ -120,18 +121,26 @@ def topk_kd_divergence(
 
 
 # ---- chunked over trained tokens -------------------------------------------------------------
-def _online_chunk(hidden, t_hidden, targets, weight, bias, t_weight, t_bias, divergence, beta, temperature):
+def _chunk_sums(kd: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, return_correct: bool) -> torch.Tensor:
+    """``[kd, ce]`` of a chunk, and its correct predictions as a third entry when asked (computed
+    last: a checkpoint's recomputation stops before it)."""
+    sums = [kd, cross_entropy_sum(logits, targets)]
+    if return_correct:
+        sums.append(correct_predictions(logits, targets).float())
+    return torch.stack(sums)
+
+
+def _online_chunk(hidden, t_hidden, targets, weight, bias, t_weight, t_bias, divergence, beta, temperature, return_correct):
     logits = F.linear(hidden, weight, bias)
     with torch.no_grad():
         t_logits = F.linear(t_hidden, t_weight, t_bias)
-    kd = kd_divergence(logits, t_logits, divergence, beta, temperature).sum()
-    return torch.stack([kd, cross_entropy_sum(logits, targets)])
+    return _chunk_sums(kd_divergence(logits, t_logits, divergence, beta, temperature).sum(), logits, targets, return_correct)
 
 
-def _cached_chunk(hidden, ids, logprobs, targets, weight, bias, divergence, beta, temperature):
+def _cached_chunk(hidden, ids, logprobs, targets, weight, bias, divergence, beta, temperature, return_correct):
     logits = F.linear(hidden, weight, bias)
-    kd = topk_kd_divergence(logits, ids, logprobs, divergence, beta, temperature).sum()
-    return torch.stack([kd, cross_entropy_sum(logits, targets)])
+    return _chunk_sums(topk_kd_divergence(logits, ids, logprobs, divergence, beta, temperature).sum(), logits, targets,
+                       return_correct)
 
 
 def _chunked_sums(fn, sliced: list[torch.Tensor], fixed: tuple, n: int, chunk_size: int) -> torch.Tensor:
@@ -146,6 +155,15 @@ def _chunked_sums(fn, sliced: list[torch.Tensor], fixed: tuple, n: int, chunk_si
     return total
 
 
+def _kd_result(sums: torch.Tensor | None, hidden: torch.Tensor, count: torch.Tensor, return_correct: bool) -> tuple[torch.Tensor, ...]:
+    """``(kd_sum, ce_sum, num_tokens)`` from `_chunked_sums`' result, ``num_correct`` (int64) after
+    them when asked; `sums` None (no trained token) gives zeros still connected to `hidden`'s graph."""
+    if sums is None:
+        sums = (hidden.sum() * 0.0).repeat(3)
+    out = (sums[0], sums[1], count)
+    return (*out, sums[2].detach().round().long()) if return_correct else out
+
+
 def chunked_kd_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -158,7 +176,8 @@ def chunked_kd_loss(
     beta: float = 0.5,
     temperature: float = 1.0,
     chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return_correct: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Summed divergence and summed hard-label cross-entropy over trained tokens, and their count.
 
     Args:
@@ -168,22 +187,22 @@ def chunked_kd_loss(
         targets: next-token ids ``[...]`` (-100: not trained), e.g. from `next_token_targets`.
         divergence, beta, temperature: see the module docstring.
         chunk_size: trained tokens per chunk; ``<= 0`` computes all at once.
+        return_correct: also count the trained tokens whose student argmax is the target
+            (`esft.losses.ce.correct_predictions`, from the same chunks of logits).
 
     Returns:
-        ``(kd_sum, ce_sum, num_tokens)``; divide by ``num_tokens`` for per-token means.
+        ``(kd_sum, ce_sum, num_tokens)``, with ``return_correct`` ``(..., num_correct)``; divide
+        by ``num_tokens`` for per-token means.
     """
     if weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(f"student and teacher vocabularies differ: LM heads of {weight.shape[0]} and {teacher_weight.shape[0]} rows")
     keep = targets.reshape(-1) != IGNORE_INDEX
     hidden, flat_targets, count = trained_positions(hidden, targets)
     teacher_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[keep].detach()
-    if count == 0:
-        zero = hidden.sum() * 0.0
-        return zero, zero, count
-    sums = _chunked_sums(_online_chunk, [hidden, teacher_hidden, flat_targets],
-                         (weight, bias, teacher_weight, teacher_bias, divergence, beta, temperature),
-                         len(flat_targets), chunk_size)
-    return sums[0], sums[1], count
+    sums = None if count == 0 else _chunked_sums(
+        _online_chunk, [hidden, teacher_hidden, flat_targets],
+        (weight, bias, teacher_weight, teacher_bias, divergence, beta, temperature, return_correct), len(flat_targets), chunk_size)
+    return _kd_result(sums, hidden, count, return_correct)
 
 
 def chunked_topk_kd_loss(
@@ -197,7 +216,8 @@ def chunked_topk_kd_loss(
     beta: float = 0.5,
     temperature: float = 1.0,
     chunk_size: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return_correct: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """`chunked_kd_loss` against a cached teacher.
 
     Args:
@@ -205,9 +225,10 @@ def chunked_topk_kd_loss(
         teacher_ids, teacher_logprobs: ``[N, k]``, one row per trained token of `targets`, in
             the order `trained_positions` keeps them (row-major over the batch).
         targets: next-token ids ``[...]`` (-100: not trained).
+        return_correct: as in `chunked_kd_loss`.
 
     Returns:
-        ``(kd_sum, ce_sum, num_tokens)``.
+        ``(kd_sum, ce_sum, num_tokens)``, with ``return_correct`` ``(..., num_correct)``.
     """
     hidden, flat_targets, count = trained_positions(hidden, targets)
     if teacher_ids.shape[0] != flat_targets.numel() or teacher_logprobs.shape != teacher_ids.shape:
@@ -215,9 +236,7 @@ def chunked_topk_kd_loss(
             f"the teacher cache gives {teacher_ids.shape[0]} rows (logprobs {tuple(teacher_logprobs.shape)}) for "
             f"{flat_targets.numel()} trained tokens in the batch: the cache does not match this data"
         )
-    if count == 0:
-        zero = hidden.sum() * 0.0
-        return zero, zero, count
-    sums = _chunked_sums(_cached_chunk, [hidden, teacher_ids, teacher_logprobs, flat_targets],
-                         (weight, bias, divergence, beta, temperature), len(flat_targets), chunk_size)
-    return sums[0], sums[1], count
+    sums = None if count == 0 else _chunked_sums(
+        _cached_chunk, [hidden, teacher_ids, teacher_logprobs, flat_targets],
+        (weight, bias, divergence, beta, temperature, return_correct), len(flat_targets), chunk_size)
+    return _kd_result(sums, hidden, count, return_correct)

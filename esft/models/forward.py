@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel
 
 from esft.losses import chunked_cross_entropy, cross_entropy_sum, next_token_targets
-from esft.losses.ce import IGNORE_INDEX, trained_positions
+from esft.losses.ce import IGNORE_INDEX, correct_predictions, trained_positions
 from esft.models.attention import VARLEN
 
 LossImpl = Literal["chunked", "liger"]
@@ -73,13 +73,16 @@ def liger_cross_entropy(
 
 def token_loss(
     model: PreTrainedModel, batch: dict[str, Any], chunk_size: int = 1024, impl: LossImpl = "chunked",
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    label_smoothing: float = 0.0, return_correct: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Summed next-token cross-entropy over the batch's trained tokens, and their count.
 
     With a plain LM head the loss is computed from the final hidden states: ``impl="liger"`` by
     Liger's fused kernel, else (``chunk_size > 0``) in chunks (`esft.losses.chunked_cross_entropy`).
     Otherwise it comes from the model's full logits. `label_smoothing` (0 = off) applies to all three.
+    `return_correct` adds a third value, the trained tokens whose argmax prediction is the target
+    (token accuracy's numerator), from the logits the loss computes anyway; None with ``liger``,
+    whose fused kernel never forms logits.
     """
     targets = next_token_targets(batch["labels"], batch["position_ids"])
     kwargs = forward_kwargs(model, batch)
@@ -89,11 +92,14 @@ def token_loss(
         hidden = model.get_decoder()(**kwargs).last_hidden_state
         head = model.get_output_embeddings()
         if impl == "liger":
-            return liger_cross_entropy(hidden, head.weight, targets, head.bias, label_smoothing)
-        return chunked_cross_entropy(hidden, head.weight, targets, head.bias, chunk_size, label_smoothing)
+            out = liger_cross_entropy(hidden, head.weight, targets, head.bias, label_smoothing)
+            return (*out, None) if return_correct else out
+        return chunked_cross_entropy(hidden, head.weight, targets, head.bias, chunk_size, label_smoothing, return_correct)
     logits = model(**kwargs).logits
     keep = targets != -100
-    return cross_entropy_sum(logits[keep], targets[keep], label_smoothing), keep.sum()
+    logits, targets = logits[keep], targets[keep]
+    out = cross_entropy_sum(logits, targets, label_smoothing), keep.sum()
+    return (*out, correct_predictions(logits, targets)) if return_correct else out
 
 
 def target_logprobs(

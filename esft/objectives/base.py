@@ -25,7 +25,7 @@ from esft.models.frozen import FrozenModel
 from esft.models.lora import LoraOptions, apply_lora, is_lora, merged_copy
 from esft.models.sharding import call_model, shard_fsdp2
 from esft.models.tokenizer import resolve_tokenizer_name
-from esft.optim import OptimConfig, build_optimizer, build_scheduler
+from esft.optim import OptimConfig, build_optimizer, build_scheduler, group_learning_rates
 from esft.precision import Float8Recipe, convert_torchao_fp8
 from esft.regularization import apply_regularization
 
@@ -159,11 +159,13 @@ class CausalLMModule(L.LightningModule):
         return reference
 
     # ---- loss ------------------------------------------------------------------------------
-    def token_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def token_loss(self, batch: dict[str, Any], return_correct: bool = False) -> tuple[torch.Tensor, ...]:
         """Summed next-token cross-entropy over trained tokens, and their count (label-smoothed in
-        training when `optim.label_smoothing` is set; evaluation losses stay plain)."""
+        training when `optim.label_smoothing` is set; evaluation losses stay plain); with
+        `return_correct` also the count of correct argmax predictions (`esft.models.forward.token_loss`)."""
         smoothing = self.optim.label_smoothing if self.training else 0.0
-        return call_model(self.model, token_loss, batch, self.hparams.loss_chunk_size, self.hparams.loss_impl, smoothing)
+        return call_model(self.model, token_loss, batch, self.hparams.loss_chunk_size, self.hparams.loss_impl, smoothing,
+                          return_correct)
 
     def step_denominator(self, batch: dict[str, Any], count: torch.Tensor) -> torch.Tensor:
         """The divisor of a micro-batch's summed token loss that makes an optimizer step's
@@ -192,6 +194,9 @@ class CausalLMModule(L.LightningModule):
         norm = grad_norm(optimizer)
         if norm is not None:  # before clipping, after unscaling (Lightning calls this hook there)
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
+        # the LR this step applies, per parameter group, so LR multipliers show: train/lr/<group>
+        self.log_dict({f"train/lr/{name}": lr for name, lr in group_learning_rates(optimizer).items()},
+                      on_step=True, on_epoch=False, batch_size=1)
         if not self._step_sums:
             return
         names = list(self._step_sums)

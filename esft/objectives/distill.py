@@ -31,6 +31,10 @@ Under FSDP2 (`ModelParallelStrategy`) the teacher is sharded like the student (p
 then the root; `esft.models.sharding`), so neither model is replicated on any rank; each step
 gathers the teacher's LM head once for the chunked loss, whose backward recomputes teacher logits.
 Under DDP and DeepSpeed every rank holds the whole teacher.
+
+Logged per optimizer step: ``train/loss``, ``train/kd``, ``train/ce`` and the student's
+``train/token_acc`` on the data's labels (not on on-policy steps); validation is SFT's
+(``val/loss``, ``val/token_acc``).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from esft.models.forward import forward_kwargs, plain_head
 from esft.models.frozen import FrozenModel
 from esft.models.sharding import call_model
 from esft.objectives.loading import load_model
-from esft.objectives.sft import SFTModule
+from esft.objectives.sft import SFTModule, token_accuracy
 
 
 def load_teacher(student_tokenizer, teacher: str | None, teacher_config: dict[str, Any] | None, dtype: DType) -> PreTrainedModel:
@@ -153,17 +157,19 @@ class DistillModule(SFTModule):
             self._teacher.match_attention(self.model)  # the same packed layout fits both
 
     # ---- losses --------------------------------------------------------------------------
-    def distill_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def distill_loss(self, batch: dict[str, Any], return_correct: bool = False) -> tuple[torch.Tensor, ...]:
         """``(kd_sum, ce_sum, num_tokens)`` over the batch's trained tokens, against the cached
-        teacher when the batch carries one, else the online teacher."""
-        return call_model(self.model, self._distill_loss, batch)
+        teacher when the batch carries one, else the online teacher; `return_correct` adds the
+        student's correct argmax predictions (token accuracy's numerator)."""
+        return call_model(self.model, self._distill_loss, batch, return_correct)
 
-    def _distill_loss(self, model: PreTrainedModel, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _distill_loss(self, model: PreTrainedModel, batch: dict[str, Any], return_correct: bool) -> tuple[torch.Tensor, ...]:
         hp = self.hparams
         targets = next_token_targets(batch["labels"], batch["position_ids"])
         hidden = model.get_decoder()(**forward_kwargs(model, batch)).last_hidden_state
         head = model.get_output_embeddings()
-        opts = dict(divergence=hp.divergence, beta=hp.beta, temperature=hp.temperature, chunk_size=hp.loss_chunk_size)
+        opts = dict(divergence=hp.divergence, beta=hp.beta, temperature=hp.temperature, chunk_size=hp.loss_chunk_size,
+                    return_correct=return_correct)
         if "teacher_topk_ids" in batch:
             cache = getattr(getattr(self._trainer, "datamodule", None), "cache", None)
             if cache is not None and cache.temperature != hp.temperature:
@@ -207,12 +213,15 @@ class DistillModule(SFTModule):
         if on_policy:
             batch, alpha = self.on_policy_batch(batch), 1.0
         if alpha == 0.0:  # plain SFT: no teacher needed
-            ce, count = self.token_loss(batch)
+            ce, count, correct = self.token_loss(batch, return_correct=True)
             kd = ce.new_zeros(())
         else:
-            kd, ce, count = self.distill_loss(batch)
+            kd, ce, count, correct = self.distill_loss(batch, return_correct=True)
         n = self.step_denominator(batch, count)  # the step's token mean (on-policy: see step_denominator)
         loss = (alpha * kd + (1.0 - alpha) * ce) / n
-        self.log_step(**{"train/loss": loss, "train/kd": kd / n, "train/ce": ce / n})
+        # on student samples the labels are the student's own draws: no token accuracy (the whole
+        # optimizer step is on-policy or not, on every rank, so every step logs the same names)
+        accuracy = {} if on_policy else token_accuracy("train/token_acc", correct, n)
+        self.log_step(**{"train/loss": loss, "train/kd": kd / n, "train/ce": ce / n, **accuracy})
         self.log("train/on_policy", float(on_policy), batch_size=1)
         return loss

@@ -17,15 +17,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = Path(__file__).parent
-METRIC = "eval/intent_json"
+METRICS = ("eval/intent_json/json_match", "eval/intent_json")  # the name since tasks name their metric, and before
 
 
 def main() -> None:
     runs = defaultdict(list)
     with (HERE / "results/results.csv").open() as f:
         for row in csv.DictReader(f):
-            if row.get(METRIC):
-                runs[row["cell"]].append(float(row[METRIC]))
+            value = next((row[m] for m in METRICS if row.get(m)), None)
+            if value is not None:
+                runs[row["cell"]].append(float(value))
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for cell, color, label in (("full", "k", "full pool, 600 steps (3x compute)"), ("full_200", "grey", "full pool, 200 steps")):
         if runs.get(cell):

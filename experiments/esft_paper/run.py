@@ -205,18 +205,26 @@ def lora_params() -> int:
     return _LORA[0]
 
 
+def task_score(metrics: dict, task: str) -> float | None:
+    """A task's held-out score in a done.json: ``eval/<task>/<metric>``, or ``eval/<task>`` in
+    runs recorded before tasks named their metric."""
+    named = [v for k, v in metrics.items() if k.startswith(f"eval/{task}/")]
+    return named[0] if len(named) == 1 else metrics.get(f"eval/{task}")
+
+
 def collect() -> list[dict]:
     rows = []
     for done in sorted((RUNS / "sweep").glob("*/*/seed*/done.json")):
         d = json.loads(done.read_text())
         task = done.parents[2].name
         m = d["metrics"]
-        general = [m[f"eval/{g}"] for g in GENERAL_NAMES if f"eval/{g}" in m]
+        scores = {t: task_score(m, t) for t in [task, *GENERAL_NAMES]}
+        general = [scores[g] for g in GENERAL_NAMES if scores[g] is not None]
         loss = heldout_losses(done.parent / "hf")
         rows.append({"task": task, "method": d["cell"], "seed": d["seed"],
-                     "specialized": 100 * m.get(f"eval/{task}", float("nan")),
+                     "specialized": 100 * (scores[task] if scores[task] is not None else float("nan")),
                      "general": 100 * statistics.mean(general) if general else float("nan"),
-                     **{f"general_{g}": 100 * m[f"eval/{g}"] for g in GENERAL_NAMES if f"eval/{g}" in m},
+                     **{f"general_{g}": 100 * scores[g] for g in GENERAL_NAMES if scores[g] is not None},
                      "specialized_loss": loss[task], "general_loss": statistics.mean(loss[g] for g in GENERAL_NAMES),
                      "train_loss": m.get("train/loss"), "tokens_per_s": m.get("perf/tokens_per_s"),
                      "wall_s": m["wall_s"], **sizes(done.parent, d["cell"])})

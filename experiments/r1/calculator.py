@@ -60,7 +60,7 @@ def sampled_accuracy(model_dir: Path, temperature: float, n: int = 200, k: int =
     torch.manual_seed(0)
     records = {"calculator": get_task("calculator").generate(n, seed=0, split="heldout")}
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), load_tokenizer(str(model_dir))
-    return evaluate(model, tokenizer, records, 12, n, k, do_sample=True, temperature=temperature, top_k=0)["calculator"]["score"]
+    return evaluate(model, tokenizer, records, 12, n, k, do_sample=True, temperature=temperature, top_k=0)["calculator"]["exact_match"]
 
 
 def train_scalars(run: Path, tag: str) -> list[float]:

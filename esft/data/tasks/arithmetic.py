@@ -58,6 +58,7 @@ class Arithmetic(Task):
 
     name = "arithmetic"
     domain = "math"
+    metric = "exact_match"  # the final answer (after any <think> block) equals the reference
     learning_note = ("exact match needs every digit, written most significant first, so the model must resolve "
                      "all carries and borrows before its first digit; a model trained from scratch learns this "
                      "much later than copying words: train longer (--trainer.max_steps)")

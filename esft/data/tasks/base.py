@@ -30,6 +30,9 @@ class Task(ABC):
 
     name: str = ""
     domain: str = "general"  # the task family it stands for (math, code, intent, ...), see `DOMAINS`
+    metric: str = ""
+    """The name of what `score` measures (``exact_match``, ``accuracy``, ``chrf``, ``rouge_l``, ...):
+    evaluation reports a task's mean score under it, as ``eval/<task>/<metric>``."""
     learning_note: str | None = None
     """Why a model may still score low on this task after a short run (one line, printed under the
     evaluation table by `esft.callbacks.TaskEvaluation`); None for a general reason."""

@@ -68,6 +68,7 @@ class Calculator(EpisodeTask):
 
     name = "calculator"
     domain = "math"
+    metric = "exact_match"  # the episode's final answer equals the reference
     learning_note = "the answer is only reached through the tool: single-turn generation scores about 0"
     max_turns = 4  # the records do not keep `num_operands`: with more than 3, raise GRPOModule's max_turns
 

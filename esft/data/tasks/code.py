@@ -105,6 +105,7 @@ class ListOps(Task):
 
     name = "list_ops"
     domain = "code"
+    metric = "exact_match"  # the printed output, whitespace-normalised
 
     def __init__(self, num_ops: int = 2, list_len: int = 3, max_value: int = 9) -> None:
         if list_len < 1 or num_ops < 0:

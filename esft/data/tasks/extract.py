@@ -60,6 +60,7 @@ class ExtractFields(Task):
 
     name = "extract_fields"
     domain = "summarization"
+    metric = "rouge_l"  # ROUGE-L F-measure against the reference line
 
     def __init__(self, fields: tuple[str, ...] = ("name", "city", "job"), shuffle: bool = True) -> None:
         unknown = set(fields) - {"name", *VALUES}

@@ -40,6 +40,7 @@ class General(Task):
 
     name = "general"
     domain = "general"
+    metric = "exact_match"
 
     def __init__(self, skills: tuple[str, ...] | None = None, min_words: int = 2, max_words: int = 6,
                  max_number: int = 1000) -> None:

@@ -89,6 +89,7 @@ class IntentJSON(Task):
 
     name = "intent_json"
     domain = "intent"
+    metric = "json_match"  # intent and slots equal as parsed JSON
 
     def __init__(self, intents: tuple[str, ...] | None = None, max_slots: int = 3, noise: bool = True) -> None:
         unknown = set(intents or ()) - set(TEMPLATES)

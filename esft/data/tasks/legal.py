@@ -59,6 +59,7 @@ class Verdict(Task):
 
     name = "verdict"
     domain = "legal"
+    metric = "accuracy"  # the final label (liable / not liable) is right
 
     def __init__(self, num_irrelevant: int = 0, state_rule: bool = False, think: bool = False) -> None:
         self.num_irrelevant = num_irrelevant

@@ -57,6 +57,7 @@ class MathWord(Task):
 
     name = "math_word"
     domain = "math"
+    metric = "accuracy"  # the final answer is mathematically equal to the reference
 
     def __init__(self, max_number: int = 10, max_steps: int = 3, think: bool = False) -> None:
         if max_number < 2 or max_steps < 2:

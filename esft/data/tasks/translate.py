@@ -76,6 +76,7 @@ class Translate(Task):
 
     name = "translate"
     domain = "translation"
+    metric = "chrf"  # chrF against the reference translation
 
     def __init__(self, num_nouns: int = len(NOUNS), adj_prob: float = 0.5, plural_prob: float = 0.5) -> None:
         self.nouns = list(NOUNS)[: max(1, num_nouns)]

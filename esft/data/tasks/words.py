@@ -24,6 +24,7 @@ LEXICON = (
 
 class _WordListTask(Task):
     domain = "general"
+    metric = "exact_match"
 
     def __init__(self, min_words: int = 3, max_words: int = 6) -> None:
         self.min_words = min_words
