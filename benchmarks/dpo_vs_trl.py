@@ -146,9 +146,9 @@ def step_pairs(dm, step: int, pairs: int) -> list[dict]:
 
 def esft_batch(dm, examples: list[dict], device) -> dict:
     """The data module's packed micro-batch of exactly these pairs (all of them in one micro-batch)."""
-    units, _ = dm._units(examples)
+    units, _ = dm.units(examples)
     rows = [[examples[j] for j in unit] for unit in units]
-    batch = dm._collate(units, len(units))(rows)
+    batch = dm.collate(units, len(units))(rows)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 

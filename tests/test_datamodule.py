@@ -1,9 +1,16 @@
 import json
 
+import lightning as L
 import pytest
+import yaml
 
+from esft.cli import main
 from esft.data import SFTDataModule
+from esft.data.packing import PackingNeeds
 from esft.data.records import DataFormatError
+from esft.objectives import SFTModule
+
+from conftest import TINY
 
 
 def write_jsonl(path, rows):
@@ -133,3 +140,88 @@ def test_chat_template_option_takes_a_family_or_a_file_and_multiturn(tmp_path, r
     assert dm.tokenizer.chat_template == template.read_text() and len(dm.train_examples) == 3
     with pytest.raises(ValueError, match=r"chat_template 'mistral': tokenizer .* has no single token for <s>, </s>"):
         make(path, chat_template="mistral")
+
+
+class NoModelTrainer(L.Trainer):
+    """A trainer whose model the data must not read: its packing needs come through `connect`."""
+
+    @property
+    def lightning_module(self):
+        raise AssertionError("the DataModule read trainer.lightning_module")
+
+
+def test_connect_sets_the_packed_layout_without_reading_the_model(tmp_path):
+    dm = SFTDataModule(path=write_jsonl(tmp_path / "d.jsonl", conversations(24)), tokenizer_name="builtin",
+                       max_length=64, max_tokens=256)
+    dm.trainer = NoModelTrainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, enable_progress_bar=False)
+    dm.setup("fit")
+
+    def shapes():
+        return {tuple(b["input_ids"].shape) for b in dm.train_dataloader()}
+
+    assert all(rows > 1 and width <= 64 for rows, width in shapes())  # unconnected: rows
+    dm.connect(PackingNeeds(layout="flat"))
+    assert all(rows == 1 for rows, _ in shapes()) and max(width for _, width in shapes()) > 64
+    dm.connect(PackingNeeds(layout="flat", static_shapes=True))
+    assert shapes() == {(1, 256)}
+    dm.connect(PackingNeeds(layout="rows", static_shapes=True))
+    assert shapes() == {(4, 64)}
+    dm.hparams.layout, dm.hparams.pad_to_budget = "flat", False  # the options win over the model's needs
+    assert all(rows == 1 for rows, _ in shapes()) and (1, 256) not in shapes()
+
+
+class BatchShapes(L.Callback):
+    def __init__(self) -> None:
+        self.shapes = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.shapes.append(tuple(batch["input_ids"].shape))
+
+
+def test_objective_connects_its_packing_needs_through_lightning(tmp_path):
+    """The objective's attention path decides the layout of the batches it trains on: flat for
+    varlen (on CPU: attention per document), where an unconnected DataModule packs rows."""
+    module = SFTModule(model_config=TINY["llama"], attn_implementation="esft_varlen", loss_chunk_size=16)
+    dm = SFTDataModule(tokenizer_name="builtin", tasks=["reverse_words"], num_train_per_task=32, num_val_per_task=0,
+                       max_length=64, max_tokens=256)
+    seen = BatchShapes()
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, use_distributed_sampler=False, default_root_dir=tmp_path,
+                        callbacks=[seen])
+    trainer.fit(module, dm)
+    assert dm.needs == module.packing_needs() == PackingNeeds(layout="flat")
+    assert len(seen.shapes) == 2 and all(rows == 1 for rows, _ in seen.shapes) and max(w for _, w in seen.shapes) > 64
+    compiled = SFTModule(model_config=TINY["llama"], compile=True)  # compiled later, in configure_model
+    assert compiled.packing_needs() == PackingNeeds(layout="rows", static_shapes=True)
+
+
+class ShortAnswers(SFTDataModule):
+    """Trains on the records whose answer has at most `max_chars` characters: only the records
+    stage is overridden, so the filter applies to cached file sources too."""
+
+    def __init__(self, max_chars: int = 2, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.max_chars = max_chars
+
+    def load_records(self):
+        train, val = super().load_records()
+        return [r for r in train if len(r["messages"][-1]["content"]) <= self.max_chars], val
+
+
+def test_subclass_overriding_a_public_stage_trains_through_the_cli(tmp_path):
+    rows = [{"prompt": f"Say {i}", "response": "ab" * (i % 3 + 1)} for i in range(30)]  # 2, 4, 6 characters
+    cfg = {
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "default_root_dir": str(tmp_path)},
+        "model": {"class_path": "esft.objectives.SFTModule",
+                  "init_args": {"model_config": TINY["llama"], "loss_chunk_size": 16}},
+        "data": {"class_path": "test_datamodule.ShortAnswers",
+                 "init_args": {"path": write_jsonl(tmp_path / "d.jsonl", rows), "val_fraction": 0.2,
+                               "max_length": 32, "max_tokens": 64}},
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    cli = main(["fit", "--config", str(tmp_path / "run.yaml")])
+    held = {r["messages"][0]["content"] for r in cli.datamodule.val_records}
+    kept = [r for r in rows if len(r["response"]) <= 2 and r["prompt"] not in held]
+    assert len(cli.datamodule.train_examples) == len(kept) < 24 and len(cli.datamodule.val_examples) == 6
+    assert cli.trainer.global_step == 2

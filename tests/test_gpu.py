@@ -94,7 +94,7 @@ def test_torchao_fp8_trains_on_gpu(tmp_path):
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs FP8 tensor cores")
     cli, losses = _fit(tmp_path, "--trainer.precision", "bf16-mixed", "--model.init_args.fp8", "tensorwise")
-    assert cli.datamodule._pad_to_budget()  # on by default with fp8: token counts divisible by 16
+    assert cli.datamodule.pads_to_budget()  # on by default with fp8: token counts divisible by 16
     assert sum(isinstance(m, Float8Linear) for m in cli.model.modules()) == 14
     assert losses[-1] < losses[0]
 

@@ -64,6 +64,22 @@ def test_bad_rows_name_file_line_and_field(tmp_path):
     assert len(dm.train_examples) == 4 and dm.data_report["sources"][0]["skipped"] == 1
 
 
+def test_pair_files_take_the_validation_split_and_extra_paths(tmp_path):
+    """Pairs go through `SFTDataModule`'s records stage: `val_fraction` holds out the pairs of the
+    shared seeded split, `extra_paths` add pairs; predict has no SFT records to generate for."""
+    from esft.data.datamodule import held_out
+
+    rows = [{"prompt": f"Hi {i}?", "chosen": "Hello.", "rejected": "Go away."} for i in range(10)]
+    extra = [{"prompt": f"Bye {i}?", "chosen": "Bye.", "rejected": "No."} for i in range(3)]
+    dm = PreferenceDataModule(path=str(write_rows(tmp_path / "a.jsonl", rows)), val_fraction=0.2, seed=3,
+                              extra_paths=[str(write_rows(tmp_path / "b.jsonl", extra))], max_length=32, max_tokens=64)
+    dm.setup("fit")
+    assert len(dm.train_examples) == 2 * (8 + 3) and len(dm.val_examples) == 2 * 2
+    assert {p["history"][0]["content"] for p in dm.val_records} == {rows[i]["prompt"] for i in held_out(10, 0.2, 3)[1]}
+    with pytest.raises(ValueError, match="holds preference pairs"):
+        dm.predict_dataloader()
+
+
 def test_builtin_pairs_are_verified_right_and_wrong():
     task = get_task("arithmetic", max_digits=2)
     for edits in (1, 2):

@@ -194,7 +194,7 @@ def test_compiled_training_matches_eager_first_loss(tmp_path):
         count = {"class_path": "test_speed.GraphCount"}
         cli = main(["fit", "--config", str(config(root, 4, extra_callbacks=[count], **args)),
                     "--model.init_args.compile", str(name == "compiled")])
-        assert cli.trainer.global_step == 4 and cli.datamodule._pad_to_budget()
+        assert cli.trainer.global_step == 4 and cli.datamodule.pads_to_budget()
         losses[name] = first_loss(root)
     graphs = next(c for c in cli.trainer.callbacks if isinstance(c, GraphCount)).graphs
     assert len(graphs) == 4 and len(set(graphs)) == 1  # compiled at step 1, never again

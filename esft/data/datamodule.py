@@ -1,6 +1,8 @@
 """SFTDataModule: load -> validate -> tokenize (prompt-masked) -> pack -> loaders.
 
 Run it through the CLI, e.g. ``esft fit --config configs/sft/quickstart.yaml --data.path data.jsonl``.
+Its stages (records -> examples -> batches) are public methods that other DataModules extend; the
+class docstring lists them.
 Preparation prints one report: rows read and skipped (with reasons), examples truncated or
 dropped, tokens, and how full the packed micro-batches are. Under a trainer the same counts go to
 ``data_report.json`` in the run directory (``trainer.log_dir``) and to the logger as ``data/*``
@@ -23,8 +25,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from esft.data.packing import (
+    Collate,
     Layout,
     PackedRows,
+    PackingNeeds,
     ResumableBatchSampler,
     ResumableLoader,
     best_fit_decreasing,
@@ -41,7 +45,6 @@ from esft.data.records import DataFormatError, Format, LoadStats, OnBadRecord, l
 from esft.data.store import ExampleStore, ExampleView, StoreOptions, prepare_store, record_examples
 from esft.data.tasks import TaskSpec, build_task
 from esft.data.tokenize import MultiTurn, TokenizeStats, TrainOn, Truncation, tokenize_records
-from esft.models.attention import packed_layout
 from esft.models.chat_templates import resolve_chat_template
 from esft.models.tokenizer import BUILTIN, load_tokenizer
 
@@ -56,9 +59,30 @@ def held_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
 
 
 class SFTDataModule(L.LightningDataModule):
-    CACHEABLE = True
-    """Whether file and hub sources go through the prepared-example cache (`esft.data.store`);
-    a subclass that annotates examples in memory turns it off."""
+    """Chat and prompt/response data for the causal-LM objectives, in three public stages that a
+    subclass extends by overriding any of these methods (none of them private):
+
+    - **records**: `load_records` gives the training and validation records: built-in tasks
+      (`task_records`) or files and hub sources (`read_records`, one source each), with the
+      validation split and `extra_paths`. Curation then applies to the training records.
+    - **examples**: `to_examples` tokenizes records into prompt-masked examples
+      (``input_ids``, ``labels``, ``length``).
+    - **batches**: `loader` builds a split's DataLoader from `units` (the example groups that
+      travel together, e.g. packed rows or pairs, and how many make a micro-batch), `unit_counts`
+      (what each unit adds to its optimizer step's loss denominator), `row_length` and `collate`.
+
+    File and hub sources normally skip the first two stages: the example cache (`esft.data.store`)
+    tokenizes them in worker processes. A subclass that overrides `load_records`, `read_records`
+    or `to_examples` keeps its data in memory instead, so its stages always run.
+
+    The model's needs reach the data once through `connect` (`PackingNeeds`: flat or row layout,
+    fixed shapes); the objectives call it from their `setup`, which Lightning runs after this
+    module's `setup` and before it builds any loader. Unconnected, a DataModule packs ``rows``
+    without fixed shapes; the `layout` and `pad_to_budget` options win over either.
+    """
+
+    RECORD_STAGES = ("load_records", "read_records", "to_examples")
+    """The stages the example cache replaces for file and hub sources (see the class docstring)."""
 
     def __init__(
         self,
@@ -129,13 +153,14 @@ class SFTDataModule(L.LightningDataModule):
                 micro-batch (a fresh draw every epoch).
             max_tokens: token budget of one packed micro-batch.
             layout: packed micro-batch layout: ``flat`` (one row, no padding) or ``rows`` (one
-                row per packed row, shorter rows end in filler); ``auto`` picks ``flat`` when the
-                model's attention skips cross-document work (varlen, flash, flex), else ``rows``.
+                row per packed row, shorter rows end in filler); ``auto`` takes the model's
+                (`connect`: ``flat`` when its attention skips cross-document work, i.e. varlen,
+                flash, flex), ``rows`` when none is connected.
             pad_to_budget: pad every packed micro-batch to the same shape (``flat``:
                 ``[1, max_tokens]``, ``rows``: ``[max_tokens // max_length, max_length]``) and
                 `cu_seqlens` to a fixed length, so torch.compile compiles once (and FP8 matmuls see
-                token counts divisible by 16 when `max_tokens` is); ``null`` turns it on when the
-                model has ``compile: true`` or ``fp8`` set. Filler tokens count as padding.
+                token counts divisible by 16 when `max_tokens` is); ``null`` takes the model's
+                (`connect`: on with ``compile: true`` or ``fp8``). Filler tokens count as padding.
             batch_size: examples per padded micro-batch when ``packing: false``.
             num_workers: DataLoader worker processes.
             curation: curation stages applied to the training records after loading, before
@@ -171,7 +196,7 @@ class SFTDataModule(L.LightningDataModule):
         self.sources = parse_sources(sources) if sources else None
         if self.sources and (path != BUILTIN or extra_paths or val_path):
             raise ValueError("data.sources replaces data.path, extra_paths and val_path: set one or the other")
-        if self.sources and (not cache or not self.CACHEABLE or curation or curriculum):
+        if self.sources and (not cache or self._stages_replaced() or curation or curriculum):
             raise ValueError(f"data.sources needs the example cache (cache: true, not {type(self).__name__} "
                              "if it keeps examples in memory) and neither curation nor curriculum")
         self.save_hyperparameters()
@@ -184,6 +209,12 @@ class SFTDataModule(L.LightningDataModule):
         self.data_report: dict[str, Any] = {"sources": []}  # also written to the run directory
         self._val_groups: list[tuple[str, int]] | None = None  # (source label, val examples) of a mixture
         self._stores: dict[tuple[str, str, str, str | None], ExampleStore] = {}
+        self.needs = PackingNeeds()  # the model's, once `connect` gives them
+
+    def connect(self, needs: PackingNeeds) -> None:
+        """Take the model's packing needs (the objective calls this from its `setup`, before any
+        loader is built); `layout` and `pad_to_budget`, when set, still win."""
+        self.needs = needs
 
     @property
     def tokenizer(self):
@@ -193,16 +224,42 @@ class SFTDataModule(L.LightningDataModule):
                 self._tokenizer.chat_template = resolve_chat_template(self.hp.chat_template, self._tokenizer)
         return self._tokenizer
 
-    # ---- loading -------------------------------------------------------------------------
-    def _builtin(self, split: str, n: int) -> list[dict[str, Any]]:
+    # ---- stage 1: records ----------------------------------------------------------------
+    def task_records(self, split: str, n: int) -> list[dict[str, Any]]:
+        """`n` records of each built-in task in `tasks`, from its ``train`` or ``heldout`` split."""
         return [r for spec in self.tasks for r in build_task(spec).generate(n, seed=self.hp.seed, split=split)]
 
-    def _load(self, source: str, split: str) -> list[dict[str, Any]]:
+    def read_records(self, source: str, split: str) -> list[dict[str, Any]]:
+        """The records of one file, directory or hub source (`split`: the hub split), with its
+        rows read and skipped reported."""
         records, stats = load_records(source, self.hp.format, self.hp.on_bad_record, split=split, name=self.hp.name)
-        self._report_load(source, stats)
+        self.report_load(source, stats)
         return records
 
-    def _report_load(self, source: str, stats: LoadStats, note: str = "") -> None:
+    def load_records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The training and validation records: built-in tasks, or `path` with its validation
+        data (`val_path` / `val_split`, else `val_fraction` of it held out by a seeded shuffle);
+        then `extra_paths` added to the training records."""
+        hp = self.hp
+        if hp.path == BUILTIN:
+            train = self.task_records("train", hp.num_train_per_task)
+            val = self.task_records("heldout", hp.num_val_per_task) if hp.num_val_per_task > 0 else []
+        else:
+            train = self.read_records(hp.path, hp.split)
+            if hp.val_path or hp.val_split:
+                val = self.read_records(hp.val_path or hp.path, hp.val_split or hp.split)
+            elif hp.val_fraction > 0:
+                kept, held = held_out(len(train), hp.val_fraction, hp.seed)
+                train, val = [train[i] for i in kept], [train[i] for i in held]
+            else:
+                val = []
+        for source in hp.extra_paths or []:
+            train = train + self.read_records(source, hp.split)
+        return train, val
+
+    def report_load(self, source: str, stats: LoadStats, note: str = "") -> None:
+        """Print, log and record one source's rows read and skipped (a `read_records` that reads
+        another format reports through it)."""
         formats = ", ".join(f"{k}: {v}" for k, v in stats.formats.items())
         msg = f"[data] {source}: {stats.read} rows read ({formats}{'; ' + note if note else ''})"
         if stats.num_skipped:
@@ -215,7 +272,10 @@ class SFTDataModule(L.LightningDataModule):
         })
         self._write_report()
 
-    def _tokenize(self, records: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+    # ---- stage 2: examples ---------------------------------------------------------------
+    def to_examples(self, records: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+        """`records` tokenized and prompt-masked (`esft.data.tokenize`), with the counts reported
+        under `label` (``train``, ``val``)."""
         show = len(records) >= 20_000 and (self.trainer is None or self.trainer.is_global_zero)
         examples, stats = tokenize_records(
             records, self.tokenizer, self.hp.max_length, self.hp.train_on, self.hp.truncation, progress=show,
@@ -257,9 +317,13 @@ class SFTDataModule(L.LightningDataModule):
             path.write_text(json.dumps(self.data_report, indent=2) + "\n", encoding="utf-8")
 
     # ---- prepared sources (`esft.data.store`) ----------------------------------------------
+    def _stages_replaced(self) -> bool:
+        """Whether this class overrides a stage that the example cache would skip."""
+        return any(getattr(type(self), name) is not getattr(SFTDataModule, name) for name in self.RECORD_STAGES)
+
     def _uses_store(self) -> bool:
         hp = self.hp
-        return (self.CACHEABLE and hp.cache and (self.sources is not None or hp.path != BUILTIN)
+        return (hp.cache and not self._stages_replaced() and (self.sources is not None or hp.path != BUILTIN)
                 and not (hp.curation or hp.curriculum))
 
     def _source_list(self) -> list[Source]:
@@ -296,8 +360,8 @@ class SFTDataModule(L.LightningDataModule):
         meta, load = store.meta, store.meta["load"]
         stats = LoadStats(read=load["read"], skipped=Counter(load["skip_reasons"]), formats=Counter(load["formats"]),
                           examples=load["skip_examples"])
-        self._report_load(meta["source"], stats, f"prepared in {meta['seconds']} s by {meta['num_proc']} "
-                                                  f"processes, cached in {store.directory}")
+        self.report_load(meta["source"], stats, f"prepared in {meta['seconds']} s by {meta['num_proc']} "
+                                                 f"processes, cached in {store.directory}")
 
     def prepare_data(self) -> None:
         """Prepare (tokenize and cache) every file and hub source, once per node (Lightning calls
@@ -393,11 +457,11 @@ class SFTDataModule(L.LightningDataModule):
         records = []
         for source in self._source_list():
             if (val := self._val_source(source)) is not None:
-                records += self._load(val[0], val[1])
+                records += self.read_records(val[0], val[1])
                 continue
             fraction = source.val_fraction if source.val_fraction is not None else self.hp.val_fraction
             if fraction > 0:
-                rows = self._load(source.path, source.split)
+                rows = self.read_records(source.path, source.split)
                 records += [rows[i] for i in held_out(len(rows), fraction, self.hp.seed)[1]]
         return records
 
@@ -408,34 +472,22 @@ class SFTDataModule(L.LightningDataModule):
             self._setup_stores()
             return
         hp = self.hp
-        if hp.path == BUILTIN:
-            train = self._builtin("train", hp.num_train_per_task)
-            val = self._builtin("heldout", hp.num_val_per_task) if hp.num_val_per_task > 0 else []
-        else:
-            train = self._load(hp.path, hp.split)
-            if hp.val_path or hp.val_split:
-                val = self._load(hp.val_path or hp.path, hp.val_split or hp.split)
-            elif hp.val_fraction > 0:
-                kept, held = held_out(len(train), hp.val_fraction, hp.seed)
-                train, val = [train[i] for i in kept], [train[i] for i in held]
-            else:
-                val = []
-        for source in hp.extra_paths or []:
-            train = train + self._load(source, hp.split)
+        train, val = self.load_records()
         if hp.curation or hp.curriculum:
             from esft.curation import prepare
 
             train = prepare(train, hp.curation, hp.curriculum, hp.seed, self.trainer.logger if self.trainer else None)
-        self.train_examples = self._tokenize(train, "train")
+        self.train_examples = self.to_examples(train, "train")
         if not self.train_examples:
             raise DataFormatError(f"{hp.path}: no training examples left after tokenization (see the report above)")
-        self.val_examples = self._tokenize(val, "val") if val else []
+        self.val_examples = self.to_examples(val, "val") if val else []
         self.val_records = val
 
-    # ---- loaders -------------------------------------------------------------------------
-    def _units(self, examples: list[dict[str, Any]]) -> tuple[list[list[int]], int]:
-        """Packed rows of <= max_length tokens, grouped max_tokens // max_length to a micro-batch;
-        or single examples, batch_size to a micro-batch."""
+    # ---- stage 3: batches ----------------------------------------------------------------
+    def units(self, examples: Sequence[dict[str, Any]]) -> tuple[list[list[int]], int]:
+        """The units of `examples` (lists of example indices that travel together) and units per
+        micro-batch: packed rows of <= max_length tokens, max_tokens // max_length to a
+        micro-batch; or single examples, batch_size to a micro-batch."""
         if self.hp.packing:
             lengths = example_lengths(examples)
             per_batch = self.hp.max_tokens // self.hp.max_length
@@ -460,29 +512,26 @@ class SFTDataModule(L.LightningDataModule):
         source = np.searchsorted(ends, [unit[0] for unit in units], side="right")
         return [(label, int((source == g).sum())) for g, (label, _) in enumerate(self._val_groups)]
 
-    def _layout(self) -> Layout:
-        if self.hp.layout != "auto":
-            return self.hp.layout
-        module = self.trainer.lightning_module if self.trainer else None
-        attn = getattr(getattr(getattr(module, "model", None), "config", None), "_attn_implementation", None)
-        return packed_layout(attn)
+    def batch_layout(self) -> Layout:
+        """The packed layout: the `layout` option, else the connected model's."""
+        return self.hp.layout if self.hp.layout != "auto" else self.needs.layout
 
-    def _pad_to_budget(self) -> bool:
-        if self.hp.pad_to_budget is not None:
-            return self.hp.pad_to_budget
-        module = self.trainer.lightning_module if self.trainer else None
-        hparams = getattr(module, "hparams", {})
-        return bool(hparams.get("compile") or hparams.get("fp8"))
+    def pads_to_budget(self) -> bool:
+        """Whether packed micro-batches get one fixed shape: `pad_to_budget`, else the connected
+        model's need for static shapes."""
+        return self.hp.pad_to_budget if self.hp.pad_to_budget is not None else self.needs.static_shapes
 
-    def _collate(self, units: list[list[int]], per_batch: int):
+    def collate(self, units: list[list[int]], per_batch: int) -> Collate:
+        """The function that turns a micro-batch (its units, as lists of examples) into tensors,
+        with the step's ``step_tokens``; `units` and `per_batch` size the fixed shapes."""
         if not self.hp.packing:
             collate = partial(collate_padded, pad_token_id=self.tokenizer.pad_token_id)
-        elif self._pad_to_budget():
+        elif self.pads_to_budget():
             segments = max_segments(units, per_batch, self.hp.max_tokens, self.hp.max_length)
-            collate = partial(collate_fixed, layout=self._layout(), max_tokens=self.hp.max_tokens,
+            collate = partial(collate_fixed, layout=self.batch_layout(), max_tokens=self.hp.max_tokens,
                               max_length=self.hp.max_length, num_segments=segments)
         else:
-            collate = partial(collate_packed, layout=self._layout())
+            collate = partial(collate_packed, layout=self.batch_layout())
         return partial(with_step_tokens, collate=collate)
 
     def _progress(self) -> tuple[int, int]:
@@ -490,17 +539,19 @@ class SFTDataModule(L.LightningDataModule):
         loop = self.trainer.fit_loop
         return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
 
-    def _row_length(self) -> int:
+    def row_length(self) -> int:
         """Capacity of a packed row in tokens."""
         return self.hp.max_length
 
-    def _unit_tokens(self, examples: list[dict[str, Any]], units: list[list[int]]) -> list[int]:
+    def unit_counts(self, examples: Sequence[dict[str, Any]], units: list[list[int]]) -> list[int]:
         """What each unit adds to its optimizer step's loss denominator: its trained tokens."""
         tokens = example_trained_tokens(examples).tolist()
         return [sum(tokens[i] for i in unit) for unit in units]
 
-    def _loader(self, examples: list[dict[str, Any]], train: bool) -> DataLoader:
-        units, per_batch = self._units(examples)
+    def loader(self, examples: Sequence[dict[str, Any]], train: bool) -> DataLoader:
+        """The DataLoader of a split: `units` drawn into micro-batches by a rank-aware sampler
+        (shuffled every epoch and resumable mid-epoch when `train`), put together by `collate`."""
+        units, per_batch = self.units(examples)
         trainer = self.trainer
         sampler = ResumableBatchSampler(
             len(units),
@@ -511,28 +562,28 @@ class SFTDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             # each micro-batch carries its optimizer step's trained tokens: the loss is the
             # step's token mean over all micro-batches and ranks (`esft.objectives.base`)
-            unit_tokens=self._unit_tokens(examples, units) if train else None,
+            unit_tokens=self.unit_counts(examples, units) if train else None,
             accumulate=trainer.accumulate_grad_batches if trainer else 1,
             groups=self._unit_groups(examples, units),
         )
         if train and self.hp.packing:
             total = int(example_lengths(examples).sum())
             rank_zero_info(
-                f"[data] packed {len(examples)} examples into {len(units)} rows of <= {self._row_length()} tokens "
-                f"({total / (len(units) * self._row_length()):.1%} full), {per_batch} rows per micro-batch "
+                f"[data] packed {len(examples)} examples into {len(units)} rows of <= {self.row_length()} tokens "
+                f"({total / (len(units) * self.row_length()):.1%} full), {per_batch} rows per micro-batch "
                 f"of <= {self.hp.max_tokens} tokens: {len(sampler)} micro-batches per epoch"
             )
-        kwargs = dict(collate_fn=self._collate(units, per_batch), num_workers=self.hp.num_workers,
+        kwargs = dict(collate_fn=self.collate(units, per_batch), num_workers=self.hp.num_workers,
                       persistent_workers=self.hp.num_workers > 0)
         if train:
             return ResumableLoader(PackedRows(examples, units), batch_sampler=sampler, progress=self._progress, **kwargs)
         return DataLoader(PackedRows(examples, units), batch_sampler=sampler, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_examples, train=True)
+        return self.loader(self.train_examples, train=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_examples, train=False) if self.val_examples else []
+        return self.loader(self.val_examples, train=False) if self.val_examples else []
 
     def test_dataloader(self) -> DataLoader | list:
         """The validation data (``esft test`` reports ``test/loss`` on it)."""

@@ -19,6 +19,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 
 from esft.data.datamodule import SFTDataModule
+from esft.data.packing import Collate
 from esft.data.teacher_cache import TeacherCache, collate_with_teacher_cache
 from esft.losses.ce import IGNORE_INDEX
 
@@ -45,7 +46,9 @@ def packed_prompts(batch: dict[str, Any]) -> list[list[int]]:
 
 
 class DistillDataModule(SFTDataModule):
-    CACHEABLE = False  # examples are annotated with their teacher-cache index, records kept for prompts
+    """`SFTDataModule` that keeps the training records (`to_examples`: the prompts of on-policy
+    distillation, hence in memory, not in the example cache) and attaches the teacher cache to
+    every training batch (`collate`)."""
 
     def __init__(self, teacher_cache: str | None = None, **kwargs: Any) -> None:
         """
@@ -60,10 +63,10 @@ class DistillDataModule(SFTDataModule):
         self._train_records: list[dict[str, Any]] = []
         self._prompts: dict[tuple[int, ...], list[dict[str, str]]] | None = None
 
-    def _tokenize(self, records: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+    def to_examples(self, records: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
         if label == "train":
             self._train_records = records
-        return super()._tokenize(records, label)
+        return super().to_examples(records, label)
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
@@ -76,8 +79,8 @@ class DistillDataModule(SFTDataModule):
             rank_zero_info(f"[data] teacher cache {cache.path}: top-{cache.k} log-probs at temperature "
                            f"{cache.temperature} of {cache.teacher} for {len(cache.ids)} trained tokens")
 
-    def _collate(self, units: list[list[int]], per_batch: int):
-        collate = super()._collate(units, per_batch)
+    def collate(self, units: list[list[int]], per_batch: int) -> Collate:
+        collate = super().collate(units, per_batch)
         return collate if self.cache is None else partial(collate_with_teacher_cache, collate=collate, cache=self.cache)
 
     def prompt_conversation(self, prompt_ids: list[int]) -> list[dict[str, str]]:

@@ -17,6 +17,7 @@ import bisect
 import heapq
 import random
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -26,6 +27,21 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from esft.data.tokenize import IGNORE_INDEX
 
 Layout = Literal["flat", "rows"]
+Collate = Callable[[Sequence[Sequence[dict[str, Any]]]], dict[str, Any]]  # a micro-batch's rows -> tensors
+
+
+@dataclass(frozen=True)
+class PackingNeeds:
+    """What a model asks of packed micro-batches: the objective states it once through
+    `esft.data.SFTDataModule.connect`, so the data never reads the model. The defaults are what a
+    DataModule without a connection uses."""
+
+    layout: Layout = "rows"
+    """``flat`` (all documents in one row, kept apart by ``cu_seqlens``) for attention whose cost
+    follows the documents (varlen, flash, flex); ``rows`` where a block mask costs O(width^2)."""
+    static_shapes: bool = False
+    """Every micro-batch the same shape (a compiled model compiles once; FP8 matmuls see token
+    counts divisible by 16 when the budget is)."""
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

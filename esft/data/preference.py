@@ -34,16 +34,16 @@ step (the preference loss is a mean over pairs).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import torch
 
 from esft.data.datamodule import SFTDataModule
-from esft.data.packing import Layout, best_fit_decreasing, collate_packed, collate_padded, with_step_tokens
+from esft.data.packing import Collate, Layout, best_fit_decreasing, collate_packed, collate_padded, with_step_tokens
 from esft.data.records import ROLES, DataFormatError, LoadStats, Record, _text, _turns, read_rows
 from esft.data.tasks import build_task
-from esft.models.tokenizer import BUILTIN
 
 _ROLE_MAP = {r: r for r in ROLES}
 KINDS = {False: "preference", True: "kto"}
@@ -195,7 +195,9 @@ def collate_pairs(rows, collate, layout: Layout | None) -> dict[str, Any]:
 
 
 class PreferenceDataModule(SFTDataModule):
-    CACHEABLE = False  # pairs are read and tokenized here (`setup`), not through the example cache
+    """`SFTDataModule`'s stages over pairs: records are pairs (`task_records`, `read_records`),
+    examples their documents (`to_examples`), units whole pairs (`units`, `unit_counts`,
+    `row_length`, `collate`)."""
 
     def __init__(self, num_edits: int = 1, **kwargs: Any) -> None:
         """
@@ -214,7 +216,12 @@ class PreferenceDataModule(SFTDataModule):
         self.num_edits = num_edits
         self.unpaired: bool | None = None  # KTO rows (completion + label); known once a file is read
 
-    def _load_pairs(self, source: str, split: str) -> list[dict[str, Any]]:
+    def task_records(self, split: str, n: int) -> list[dict[str, Any]]:
+        """`n` built-in pairs of every task (`task_pairs`)."""
+        return [p for spec in self.tasks for p in task_pairs(spec, n, self.hp.seed, split, self.num_edits)]
+
+    def read_records(self, source: str, split: str) -> list[dict[str, Any]]:
+        """The pairs of one source (KTO rows become `kl_pairs`); a bad row raises or is counted."""
         stats, pairs = LoadStats(), []
         for where, row in read_rows(source, split=split, name=self.hp.name):
             stats.read += 1
@@ -230,17 +237,17 @@ class PreferenceDataModule(SFTDataModule):
                     raise
                 stats.skip(e)
         stats.formats[KINDS[bool(self.unpaired)]] = len(pairs)
-        self._report_load(source, stats)
+        self.report_load(source, stats)
         if not pairs:
             raise DataFormatError(f"{source}: no usable preference rows ({stats.read} read, {stats.num_skipped} skipped)")
         return kl_pairs(pairs) if self.unpaired else pairs
 
-    def _tokenize(self, pairs: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+    def to_examples(self, pairs: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
         """Chosen and rejected documents alternating; a pair that lost either is dropped whole."""
         records = [Record({"messages": p["history"] + p[side], "train_from_turn": len(p["history"]), "pair": i},
                           origin=getattr(p, "origin", None))
                    for i, p in enumerate(pairs) for side in ("chosen", "rejected")]
-        examples = super()._tokenize(records, label)
+        examples = super().to_examples(records, label)
         by_pair: dict[int, list[dict[str, Any]]] = {}
         for e in examples:
             by_pair.setdefault(e["pair"], []).append(e)
@@ -248,43 +255,29 @@ class PreferenceDataModule(SFTDataModule):
                 e["desirable"] = pairs[e["pair"]]["desirable"]
         return [e for i in sorted(by_pair) if len(by_pair[i]) == 2 for e in by_pair[i]]
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_examples or self.val_examples:
-            return
-        hp = self.hp
-        if hp.path == BUILTIN:
-            train = [p for s in self.tasks for p in task_pairs(s, hp.num_train_per_task, hp.seed, "train", self.num_edits)]
-            val = [p for s in self.tasks for p in task_pairs(s, hp.num_val_per_task, hp.seed, "heldout", self.num_edits)] \
-                if hp.num_val_per_task > 0 else []
-        else:
-            train = self._load_pairs(hp.path, hp.split)
-            val = self._load_pairs(hp.val_path or hp.path, hp.val_split or hp.split) if hp.val_path or hp.val_split else []
-            if not val and hp.val_fraction > 0:
-                random.Random(hp.seed).shuffle(train)
-                k = max(1, round(len(train) * hp.val_fraction))
-                train, val = train[k:], train[:k]
-        self.train_examples = self._tokenize(train, "train")
-        if not self.train_examples:
-            raise DataFormatError(f"{hp.path}: no preference pairs left after tokenization (see the report above)")
-        self.val_examples = self._tokenize(val, "val") if val else []
-
-    def _units(self, examples: list[dict[str, Any]]) -> tuple[list[list[int]], int]:
+    def units(self, examples: Sequence[dict[str, Any]]) -> tuple[list[list[int]], int]:
+        """Whole pairs: packed best-fit into rows of `row_length`, or `batch_size` pairs unpacked."""
         pairs = len(examples) // 2
         if not self.hp.packing:
             return [[2 * i, 2 * i + 1] for i in range(pairs)], self.hp.batch_size
         lengths = [examples[2 * i]["length"] + examples[2 * i + 1]["length"] for i in range(pairs)]
-        rows = best_fit_decreasing(lengths, self._row_length())
-        return [[j for i in row for j in (2 * i, 2 * i + 1)] for row in rows], self.hp.max_tokens // self._row_length()
+        rows = best_fit_decreasing(lengths, self.row_length())
+        return [[j for i in row for j in (2 * i, 2 * i + 1)] for row in rows], self.hp.max_tokens // self.row_length()
 
-    def _row_length(self) -> int:
+    def row_length(self) -> int:
         return 2 * self.hp.max_length  # a row holds whole pairs
 
-    def _unit_tokens(self, examples: list[dict[str, Any]], units: list[list[int]]) -> list[int]:
+    def unit_counts(self, examples: Sequence[dict[str, Any]], units: list[list[int]]) -> list[int]:
         return [len(unit) // 2 for unit in units]  # pairs: the loss is a mean over an optimizer step's pairs
 
-    def _collate(self, units: list[list[int]], per_batch: int):
+    def collate(self, units: list[list[int]], per_batch: int) -> Collate:
+        """Packed or padded pairs with ``doc_index`` (`collate_pairs`); never fixed shapes."""
         if not self.hp.packing:
             return partial(collate_pairs, collate=partial(collate_padded, pad_token_id=self.tokenizer.pad_token_id),
                            layout=None)
-        layout = self._layout()
+        layout = self.batch_layout()
         return partial(collate_pairs, collate=partial(collate_packed, layout=layout), layout=layout)
+
+    def predict_dataloader(self):
+        raise ValueError("esft predict generates for SFT records (messages); "
+                         "PreferenceDataModule holds preference pairs")

@@ -14,12 +14,13 @@ import lightning as L
 import torch
 from torch.distributed.fsdp import FSDPModule
 
+from esft.data.packing import PackingNeeds
 from esft.data.tasks import TASKS, get_task
 from esft.evaluation import generate
 from esft.experts.config import ExpertConfig
 from esft.experts.trainable import apply_expert_config, merged_state_dict
 from esft.models import DType, Head, build_model, load_tokenizer
-from esft.models.attention import AttnImplementation, resolve_attn_implementation
+from esft.models.attention import AttnImplementation, packed_layout, resolve_attn_implementation
 from esft.models.forward import LossImpl, token_loss
 from esft.models.frozen import FrozenModel
 from esft.models.lora import LoraOptions, apply_lora, is_lora, merged_copy
@@ -130,6 +131,16 @@ class CausalLMModule(L.LightningModule):
             name = resolve_attn_implementation("auto", self.trainer.strategy.root_device, half)
             if name != self.model.config._attn_implementation:
                 self.model.set_attn_implementation(name)
+        connect = getattr(self.trainer.datamodule, "connect", None)  # Lightning has run the data's setup
+        if connect is not None:
+            connect(self.packing_needs())
+
+    def packing_needs(self) -> PackingNeeds:
+        """What this model asks of packed batches (`esft.data.SFTDataModule.connect`): the
+        ``flat`` layout where its attention's cost follows the documents, fixed shapes when it is
+        compiled or FP8."""
+        return PackingNeeds(layout=packed_layout(self.model.config._attn_implementation),
+                            static_shapes=bool(self.hparams.compile or self.hparams.fp8))
 
     def configure_model(self) -> None:
         """Under Lightning's `ModelParallelStrategy` (FSDP2): ``fully_shard`` every decoder layer,
