@@ -6,6 +6,7 @@
     esft fit --config configs/sft/quickstart.yaml --ckpt_path last     # resume
     esft fit --config configs/sft/quickstart.yaml --print_config       # the full, resolved config
     esft eval --model runs/quickstart/hf --tasks reverse_words          # generation-based evaluation
+    esft eval --config eval.yaml --num-examples 50                      # options from a file (--print_config writes one)
     esft sweep --config BASE.yaml --grid GRID.yaml --out DIR             # ablation grid x seeds
     esft export --tasks reverse_words --n 1000 --out data/               # built-in tasks as JSONL
     esft tune --config BASE.yaml --space SPACE.yaml --out DIR            # Optuna search (or --lr-find)

@@ -3,6 +3,7 @@ the extra to install when one is missing.
 
     pip install 'esft[tune]'       # optuna + matplotlib: esft tune
     pip install 'esft[lora]'       # peft: model.init_args.lora
+    pip install 'esft[qlora]'      # peft + bitsandbytes: model.init_args.lora.quantize (CUDA)
     pip install 'esft[curation]'   # datasketch, sentence-transformers (+ offline MiniLM): curation
     pip install 'esft[plots]'      # matplotlib: sweep, expert-score and curation plots
     pip install 'esft[te]'         # Transformer Engine: FP8 through TE (CUDA)

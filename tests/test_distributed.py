@@ -199,6 +199,42 @@ def test_esft_under_two_processes(tmp_path, esft_single, strategy):
         torch.testing.assert_close(adapter[name], single_adapter[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("variant", [{}, pytest.param({"use_dora": True}, marks=pytest.mark.slow)], ids=["lora", "dora"])
+def test_lora_under_fsdp2_exports_the_full_merged_model(tmp_path, variant):
+    """LoRA on 2 FSDP2 ranks: the merged export is a plain transformers checkpoint (the base's
+    names, no peft or FSDP ones) with the full weights, equal to the export of one process taking
+    the same global batch; the adapter, gathered from the shards, loads on the base with peft and
+    gives the merged model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from esft.models import build_model, load_tokenizer
+
+    torch.manual_seed(0)
+    build_model(load_tokenizer("builtin"), model_config=TINY["llama"]).save_pretrained(tmp_path / "base")
+    runs = {}
+    for name, trainer in {"single": {"devices": 1, "accumulate_grad_batches": 2}, "fsdp2": {"devices": 2, "strategy": FSDP2}}.items():
+        export = [{"class_path": "esft.callbacks.ExportHF", "init_args": {"dirpath": str(tmp_path / name / "hf")}}]
+        model = {"class_path": "esft.objectives.SFTModule",
+                 "init_args": {"model_name_or_path": str(tmp_path / "base"), "tokenizer": "builtin",
+                               "lora": {"r": 4, "alpha": 8.0, **variant}, "optim": {"lr": 1e-2, "warmup_steps": 0}}}
+        fit(_with_model(write_config(tmp_path / name, max_steps=3, callbacks=export, **trainer), model))
+        runs[name] = load_file(tmp_path / name / "hf" / "model.safetensors")
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    assert runs["fsdp2"].keys() == base.keys()
+    for name, tensor in base.items():
+        assert runs["fsdp2"][name].shape == tensor.shape, name
+        torch.testing.assert_close(runs["fsdp2"][name], runs["single"][name], atol=2e-5, rtol=1e-4, msg=name)
+    moved = {name for name in base if not torch.equal(runs["fsdp2"][name], base[name])}
+    assert moved and all(name.endswith("proj.weight") for name in moved)  # the adapted linear layers only
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                        tmp_path / "fsdp2" / "hf" / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp2" / "hf").eval()
+    ids = torch.randint(3, 500, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapter(ids).logits, atol=1e-4, rtol=0)
+
+
 def _with_model(config: Path, model: dict, data: dict | None = None) -> Path:
     cfg = yaml.safe_load(config.read_text())
     cfg["model"] = model

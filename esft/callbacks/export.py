@@ -3,7 +3,8 @@
 An export directory holds a marker file (`MARKER`); an existing `dirpath` is replaced only when
 it holds that marker, i.e. when an earlier export wrote it: a directory with other files, or a
 base model, is never deleted. Non-finite weights are never exported. With LoRA the export is the
-merged model plus the adapter alone in peft's format under ``adapter/``.
+merged model (unsharded, a 4-bit QLoRA base dequantized: `esft.models.lora.merged_copy`) plus the
+adapter alone in peft's format under ``adapter/``.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class ExportHF(L.Callback):
         shutil.rmtree(tmp, ignore_errors=True)
         full_state = state_dict  # the gathered state of a sharded model (peft picks the adapter's keys)
         # LoRA and trained expert slices are merged: the export is a plain transformers model
-        model = pl_module.export_model() if hasattr(pl_module, "export_model") else pl_module.model
+        model = pl_module.export_model(state_dict) if hasattr(pl_module, "export_model") else pl_module.model
         if hasattr(pl_module, "export_state_dict"):
             state_dict = pl_module.export_state_dict(state_dict)
         bad = non_finite(state_dict if state_dict is not None else model.state_dict())

@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from esft.commands.options import CommandParser
+
 SHAPES = {
     "tiny": dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=4, max_position_embeddings=4096, tie_word_embeddings=True),
@@ -297,7 +299,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="esft bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog="esft bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     p.add_argument("--data", choices=["builtin", "lognormal"], default="builtin")

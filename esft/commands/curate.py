@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from esft.commands.options import CommandParser
 from esft.curation.pipeline import curate
 from esft.curation.report import write_report
 from esft.data.records import SUFFIXES, DataFormatError, Format, LoadStats, detect_format, read_rows, to_record
@@ -81,9 +82,9 @@ def write_rows(rows: list[dict[str, Any]], source: str, out: Path) -> Path:
     return target
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="esft curate", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = CommandParser(prog="esft curate", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, options_flag="--options")
     parser.add_argument("--input", required=True, help="data file, directory, HF dataset id, or 'builtin'")
     parser.add_argument("--config", required=True, help="YAML with the curation stages")
     parser.add_argument("--out", required=True, help="output directory")
@@ -92,8 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="default seed of stages that take one")
     parser.add_argument("--tasks", nargs="+", default=["arithmetic", "reverse_words"], help="built-in tasks (--input builtin)")
     parser.add_argument("--n", type=int, default=1000, help="records per built-in task (--input builtin)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     stages = load_stages(args.config)
     rows, records = read_source(args.input, args.format, args.on_bad_record == "skip", args.tasks, args.n, args.seed)
     start = time.perf_counter()

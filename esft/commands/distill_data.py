@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from esft.commands.options import CommandParser
 from esft.data.distill import first_prompt
 from esft.data.tasks import TASKS, build_task, get_task
 
@@ -155,10 +156,10 @@ def run_topk(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="esft distill-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     for name, helptext in (("responses", "teacher-generated SFT data (sequence-level KD)"),
                            ("topk", "teacher top-k log-prob cache of a config's training data")):
-        s = sub.add_parser(name, help=helptext)
+        s = sub.add_parser(name, help=helptext, options_flag="--options")  # topk's --config is a fit config
         s.add_argument("--teacher", required=True, help="HF directory, hub id, or Lightning .ckpt")
         s.add_argument("--out", required=True)
         s.add_argument("--device", default="auto")

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from esft.commands.options import CommandParser
 from esft.data.records import load_records
 from esft.data.tasks import TASKS, get_task
 from esft.evaluation.generate import evaluate
@@ -64,7 +65,7 @@ def markdown(results: dict[str, dict[str, float]]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="esft eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog="esft eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF directory, hub id, or Lightning .ckpt")
     p.add_argument("--tasks", nargs="*", default=[], help=f"built-in tasks: {', '.join(sorted(TASKS))}")
     p.add_argument("--num-examples", type=int, default=100, help="records per task")

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from esft.checkpoint import CheckpointError, reading
+from esft.commands.options import CommandParser
 
 
 def _score(args) -> None:
@@ -100,7 +101,7 @@ def _merge(args) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="esft experts", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     p = sub.add_parser("score", help="gate and token scores of every routed expert on a dataset")
     p.add_argument("--model", required=True, help="HF model directory or hub id")
     p.add_argument("--data", default="builtin", help="data file/directory/hub id, or builtin")

@@ -22,6 +22,7 @@ import argparse
 import json
 from pathlib import Path
 
+from esft.commands.options import CommandParser
 from esft.data.tasks import TASKS, Split, get_task
 
 FORMATS = ("messages", "prompt_response", "alpaca", "sharegpt")
@@ -58,8 +59,8 @@ def export_task(name: str, n: int, seed: int = 0, split: Split = "train", path: 
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="esft export", description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = CommandParser(prog="esft export", description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS), metavar="TASK",
                         help=f"tasks to write (default: all): {', '.join(sorted(TASKS))}")
     parser.add_argument("--n", type=int, default=1000, help="records per task")
@@ -69,7 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="data", help="output directory; one <task>.<split>.jsonl per task")
     parser.add_argument("--kwargs", type=json.loads, default={},
                         help='JSON task arguments for every task, e.g. \'{"think": true}\'')
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     for name in args.tasks:
         path = Path(args.out) / f"{name}.{args.split}.jsonl"
         export_task(name, args.n, args.seed, args.split, path, args.format, **args.kwargs)

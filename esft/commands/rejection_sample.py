@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from esft.commands.options import CommandParser
 from esft.data.prompts import prompt_messages
 from esft.data.records import load_records
 from esft.data.tasks import build_task
@@ -94,7 +95,7 @@ def rejection_sample(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="esft rejection-sample", description=__doc__,
+    p = CommandParser(prog="esft rejection-sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF directory, hub id, or Lightning .ckpt")
     p.add_argument("--task", action="append", default=[],

@@ -9,14 +9,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from esft.commands.options import CommandParser
 from esft.models.tokenizer import BUILTIN_DIR, train_builtin_tokenizer
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="esft train-tokenizer", description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = CommandParser(prog="esft train-tokenizer", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(BUILTIN_DIR), help=f"output directory (default: the shipped {BUILTIN_DIR})")
     p.add_argument("--vocab-size", type=int, default=2048)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     saved = train_builtin_tokenizer(Path(args.out), args.vocab_size)
     print(f"saved a {len(saved)}-token tokenizer to {args.out}")
 

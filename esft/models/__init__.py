@@ -27,6 +27,7 @@ def build_model(
     attn_implementation: AttnImplementation = "auto",
     device: torch.device | None = None,
     head: Head = "lm",
+    quantization_config: Any = None,
 ) -> PreTrainedModel:
     """Exactly one of `model_name_or_path` (pretrained weights) or `model_config` (random init).
 
@@ -34,12 +35,20 @@ def build_model(
     size and special token ids default to the tokenizer's. `head`: ``lm``, a causal LM; ``score``,
     a scalar reward model (``AutoModelForSequenceClassification`` with one label and the
     tokenizer's pad token; from a causal LM checkpoint its decoder is loaded and the head is new).
+    `quantization_config`: a transformers quantization config for pretrained weights (QLoRA's
+    4-bit base, `esft.models.lora.quantization_config`); the weights are quantized as they are
+    loaded onto `device`.
     """
     if (model_name_or_path is None) == (model_config is None):
         raise ValueError("give exactly one of model_name_or_path (pretrained) or model_config (random init)")
     attn = resolve_attn_implementation(attn_implementation, device)
     auto = AutoModelForCausalLM if head == "lm" else AutoModelForSequenceClassification
     extra = {} if head == "lm" else {"num_labels": 1}
+    if quantization_config is not None:
+        if model_name_or_path is None:
+            raise ValueError("a quantized base (lora.quantize) needs pretrained weights (model_name_or_path): "
+                             "a random-init model_config has none to quantize")
+        extra.update(quantization_config=quantization_config, device_map={"": device})
     if model_name_or_path is not None:
         model = auto.from_pretrained(model_name_or_path, dtype=torch_dtype(dtype), attn_implementation=attn, **extra)
         if head == "score" and model.config.pad_token_id is None:

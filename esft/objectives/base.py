@@ -23,7 +23,8 @@ from esft.models import DType, Head, build_model, load_tokenizer
 from esft.models.attention import AttnImplementation, packed_layout, resolve_attn_implementation
 from esft.models.forward import LossImpl, token_loss
 from esft.models.frozen import FrozenModel
-from esft.models.lora import LoraOptions, apply_lora, is_lora, merged_copy
+from esft.models.lora import (LoraOptions, apply_lora, is_lora, is_quantized, lora_options, merged_copy,
+                              quantization_config, quantized_load_device)
 from esft.models.sharding import call_model, shard_fsdp2
 from esft.models.tokenizer import resolve_tokenizer_name
 from esft.optim import OptimConfig, build_optimizer, build_scheduler, group_learning_rates
@@ -92,7 +93,12 @@ class CausalLMModule(L.LightningModule):
         self.tokenizer = load_tokenizer(resolve_tokenizer_name(tokenizer, model_name_or_path))
         # "auto" starts on SDPA; `setup` moves to varlen once the device is known to be CUDA.
         first = "sdpa" if attn_implementation == "auto" else attn_implementation
-        self.model = build_model(self.tokenizer, model_name_or_path, model_config, dtype, first, head=self.head)
+        lora = lora_options(lora)
+        quantized = quantization_config(lora)  # QLoRA: a 4-bit base, loaded onto this process's GPU
+        if quantized is not None and fp8 is not None:
+            raise ValueError("model options 'fp8' and 'lora.quantize' cannot be combined: the base is either 4-bit or FP8")
+        self.model = build_model(self.tokenizer, model_name_or_path, model_config, dtype, first, head=self.head,
+                                 device=quantized_load_device() if quantized else None, quantization_config=quantized)
         apply_regularization(self.model, self.optim.dropout, self.optim.neftune_alpha)  # dropout override, NEFTune
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -105,17 +111,20 @@ class CausalLMModule(L.LightningModule):
             self.expert_config = ExpertConfig.load(experts)
             apply_expert_config(self.model, self.expert_config)
         if lora is not None:
-            self.model = apply_lora(self.model, lora)
+            self.model = apply_lora(self.model, lora, gradient_checkpointing)
         self._step_sums: dict[str, torch.Tensor] = {}
 
-    def export_model(self):
-        """The model as a plain transformers model for `ExportHF`: LoRA merged (a copy), trained
-        expert slices merged (the state dict of `export_state_dict`)."""
-        return merged_copy(self.model) if is_lora(self.model) else self.model
+    def export_model(self, state: dict[str, torch.Tensor] | None = None):
+        """The model as a plain transformers model for `ExportHF`: LoRA merged (an unsharded,
+        unquantized copy, built from `state` when given: a full state dict gathered from shards),
+        trained expert slices merged (the state dict of `export_state_dict`)."""
+        return merged_copy(self.model, state) if is_lora(self.model) else self.model
 
     def export_state_dict(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor] | None:
         """The state dict to save with `export_model` (None: the model's own), from `state` when
-        given (a full state dict gathered from shards)."""
+        given (a full state dict gathered from shards). With LoRA the merged copy's own."""
+        if is_lora(self.model):
+            return None
         return merged_state_dict(self.model, state) if self.expert_config is not None else state
 
     def setup(self, stage: str) -> None:
@@ -151,6 +160,9 @@ class CausalLMModule(L.LightningModule):
         if mesh is not None and not isinstance(self.model, FSDPModule):
             if mesh["tensor_parallel"].size() > 1:
                 raise ValueError("tensor parallelism is not supported: set ModelParallelStrategy(tensor_parallel_size=1)")
+            if is_quantized(self.model):
+                raise ValueError("model.init_args.lora.quantize (QLoRA) is not supported under FSDP2 (ModelParallelStrategy): "
+                                 "its 4-bit weights are not sharded; use DDP, or LoRA on an unquantized base")
             shard_fsdp2(self.model, mesh["data_parallel"], self.hparams.compile)
         decoder = self.model.get_decoder()
         if self.hparams.compile and mesh is None and getattr(decoder, "_compiled_call_impl", None) is None:
