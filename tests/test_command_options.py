@@ -28,6 +28,10 @@ RUNS = [
     ("rejection_sample", "--config", ["--model", "m", "--task", "arithmetic", "--task", '{"name": "sort_words"}',
                                       "--no-format", "--out", "rs.jsonl"]),
     ("train_tokenizer", "--config", ["--out", "tok", "--vocab-size", "512"]),
+    ("sweep", "--options", ["--config", "base.yaml", "--grid", "grid.yaml", "--seeds", "0", "1", "--metrics", "val/*",
+                            "--max-cells", "2"]),
+    ("tune", "--options", ["--config", "base.yaml", "--space", "space.yaml", "--n-trials", "3", "--timeout", "60"]),
+    ("pipeline", "--options", ["--config", "p.yaml", "--out", "o", "--seed", "2"]),
 ]
 
 

@@ -51,6 +51,7 @@ from typing import Any
 
 import yaml
 
+from esft.commands.options import CommandParser
 from esft.reports import markdown_table, write_csv
 from esft.runconfig import (DONE, RUN_YAML, ConfigError, atomic_write, load_config, load_yaml, read_json, run_config,
                             set_callback, write_json)
@@ -257,12 +258,16 @@ def _run_stage(cfg: dict[str, Any], stage: dict[str, Any], out: Path, seed: int)
     print(f"[pipeline] {stage['name']}: finished in {result['wall_s']} s\n" + write_summary(out, cfg["stages"]), flush=True)
 
 
-def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(prog="esft pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = CommandParser(prog="esft pipeline", options_flag="--options", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--out", help="output directory (default: the config's 'out')")
     p.add_argument("--seed", type=int, help="seed of every stage (default: the config's 'seed')")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
     try:
         table = run_pipeline(load_pipeline(args.config), args.out, args.seed)
     except (ConfigError, RunDirBusy, OSError, yaml.YAMLError) as e:

@@ -53,6 +53,7 @@ from typing import Any
 
 import yaml
 
+from esft.commands.options import CommandParser
 from esft.reports import bar_plot, markdown_table, select_metrics, summarise, write_csv
 from esft.runconfig import (DONE, FAILED, ConfigError, atomic_write, format_value, load_config, load_yaml, log_tail,
                             read_json, read_metrics, run_config, short_keys, write_json)
@@ -178,8 +179,8 @@ def write_reports(out: Path, runs: list[Run], metrics: list[str] | None = None) 
 
 # ---- command ---------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="esft sweep",
+    p = CommandParser(
+        prog="esft sweep", options_flag="--options",
         description="Run a grid of config overrides x seeds over a base `esft fit` config; "
                     "skip finished runs; summarise metrics (CSV, Markdown, PNG).",
     )

@@ -61,6 +61,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from esft.callbacks.tuning import OptunaPruning
 from esft.extras import require
+from esft.commands.options import CommandParser
 from esft.runconfig import RUN_YAML, ConfigError, load_config, read_metrics, run_config, set_callback
 from esft.runs import RunDirBusy, lock_dir
 from esft.search import Space, base_params, create_study, load_space, recover, save_sampler, suggest, write_reports
@@ -186,7 +187,7 @@ def lr_find(base: dict, out: Path, min_lr: float, max_lr: float, steps: int) -> 
 
 # ---- command ---------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="esft tune", description="Optuna search over config keys (TPE, median pruning, "
+    p = CommandParser(prog="esft tune", options_flag="--options", description="Optuna search over config keys (TPE, median pruning, "
                                 "SQLite storage that resumes), or Lightning's LR finder.")
     p.add_argument("--config", required=True, help="base LightningCLI config for `esft fit`")
     p.add_argument("--space", help="search-space YAML (metric, direction, n_trials, set, space)")
