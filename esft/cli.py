@@ -14,6 +14,7 @@
     esft distill-data responses|topk ...                                 # sequence-level KD data, teacher cache
     esft rejection-sample --model runs/grpo_arithmetic/hf --task arithmetic --k 8 --out rs.jsonl
     esft pipeline --config configs/pipelines/r1_tiny.yaml                 # R1-style multi-stage run
+    esft base --config configs/base/dense.yaml                           # build (once) a pretrained base
     esft experts score|select|save|merge ...                            # expert-specialized FT (MoE)
     esft curate --input data.jsonl --config configs/sft/curated.yaml --out curated/   # curation + report
 """
@@ -39,6 +40,7 @@ PROJECT_COMMANDS = {
     "sweep": ("esft.commands.sweep", "an ablation grid x seeds over a base config, with a results table"),
     "tune": ("esft.commands.tune", "hyperparameter search with Optuna (or a learning-rate range test)"),
     "pipeline": ("esft.commands.pipeline", "a multi-stage run (SFT -> RL -> rejection sampling -> ...)"),
+    "base": ("esft.commands.base", "build a pretrained base once (text, then chat), cached by its config"),
     "bench": ("esft.commands.bench", "the throughput and memory suite beside TRL's SFTTrainer"),
     "experts": ("esft.commands.experts", "expert-specialized fine-tuning: score, select, save, merge experts"),
     "curate": ("esft.commands.curate", "data curation (filters, dedup, scored selection) with a report"),
