@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from esft.commands import base, pipeline
-from esft.commands.base import BaseConfigError, base_dir, load_base
+from esft.commands.base import base_dir, load_base
+from esft.runconfig import ConfigError
 
 from conftest import hold_lock
 from test_pipeline import in_process
@@ -49,7 +50,7 @@ def test_a_base_is_built_once_then_reused_and_loads(tmp_path, monkeypatch, capsy
     printed = capsys.readouterr().out
     d = hf.parent
     assert d.parent == out and d.name.startswith("base_tiny-") and printed.splitlines()[-1] == str(hf)
-    assert "base_tiny: built" in printed and (d / "stages" / "chat" / "DONE").exists()
+    assert "base_tiny: built" in printed and (d / "stages" / "chat" / "done.json").exists()
     record = json.loads((d / "base.json").read_text())
     assert record["model_name_or_path"] == str(hf) and record["seed"] == 0
     assert set(record["heldout_loss"]) == {"text", "chat"}
@@ -136,7 +137,7 @@ def test_a_specialised_task_in_the_data_stops_the_build_before_training(tmp_path
     path = write_base(tmp_path, specialised=["sort_words"], decontaminate={"ngram": 5, "field": "prompt"})
     stage = tmp_path / "cfg" / "base_tiny_chat.yaml"
     stage.write_text(stage.read_text().replace("seed: 1", f"seed: 1\n    extra_paths: [{tmp_path / 'leak.jsonl'}]"))
-    with pytest.raises(BaseConfigError, match=r"3 of 195 training records share a word 5-gram \(prompt\) with held-out "
+    with pytest.raises(ConfigError, match=r"3 of 195 training records share a word 5-gram \(prompt\) with held-out "
                                               r"problems of sort_words \(e.g. chat: sort_words-heldout-0-0"):
         base.build_base(path, out)
 

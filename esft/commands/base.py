@@ -60,12 +60,14 @@ from typing import Any
 
 import yaml
 
-from esft.commands.pipeline import PipelineError, check_pipeline, run_pipeline
+from esft.commands.options import CommandParser
+from esft.commands.pipeline import check_pipeline, run_pipeline
 from esft.data import SFTDataModule
 from esft.data.mixture import parse_sources
 from esft.data.records import load_records
 from esft.data.tasks import TaskSpec, build_task
 from esft.models.tokenizer import BUILTIN
+from esft.runconfig import DONE, ConfigError, load_yaml, read_json, write_json
 from esft.runs import SAFE_NAME_RULE, RunDirBusy, is_safe_name, lock_dir
 
 BASE_KEYS = ("name", "specialised", "decontaminate", "report")  # a base config's keys beside the pipeline's
@@ -74,37 +76,33 @@ DATA_CLASS = "esft.data.SFTDataModule"
 REPORT_DEFAULTS = {"num_examples": 100, "max_new_tokens": 48, "batch_size": 100, "seed": 0}
 
 
-class BaseConfigError(ValueError):
-    """A base config that cannot build; the message names the file, the stage and the field."""
-
-
 # ---- the config and its key ------------------------------------------------------------------
 def load_base(path: str | Path) -> dict[str, Any]:
     """Read and check a base config; each stage's ``fit`` becomes the absolute path of its file
     (a relative one is relative to the base config's directory)."""
     path = Path(path)
-    cfg = yaml.safe_load(path.read_text())
+    cfg = load_yaml(path)
     if not isinstance(cfg, dict):
-        raise BaseConfigError(f"{path}: a base config is a mapping with 'stages'")
+        raise ConfigError(f"{path}: a base config is a mapping with 'stages'")
     if "out" in cfg:
-        raise BaseConfigError(f"{path}: a base config has no 'out': its directory is named by its content "
+        raise ConfigError(f"{path}: a base config has no 'out': its directory is named by its content "
                               "(choose the cache root with --out)")
     cfg.setdefault("name", path.stem)
     if not is_safe_name(cfg["name"]):
-        raise BaseConfigError(f"{path}: name {cfg['name']!r} is not a safe directory name ({SAFE_NAME_RULE})")
+        raise ConfigError(f"{path}: name {cfg['name']!r} is not a safe directory name ({SAFE_NAME_RULE})")
     check_pipeline(cfg, str(path))
     for stage in cfg["stages"]:
         where = f"{path}: stage {stage['name']!r}"
         if "fit" not in stage:
-            raise BaseConfigError(f"{where}: a base is built from fit stages")
+            raise ConfigError(f"{where}: a base is built from fit stages")
         file = Path(stage["fit"]).expanduser()
         file = file if file.is_absolute() else path.parent / file
         if not file.is_file():
-            raise BaseConfigError(f"{where}: no config file {file} (stage configs are relative to the base config's directory)")
+            raise ConfigError(f"{where}: no config file {file} (stage configs are relative to the base config's directory)")
         stage["fit"] = str(file.resolve())
         for key in stage.get("overrides") or {}:
             if key.startswith("data.") and (not key.startswith("data.init_args.") or key.count(".") != 2):
-                raise BaseConfigError(f"{where}: override {key!r}: data options are overridden one "
+                raise ConfigError(f"{where}: override {key!r}: data options are overridden one "
                                       "data.init_args.<name> at a time (the decontamination check reads them)")
     return cfg
 
@@ -113,7 +111,7 @@ def inline_stages(cfg: dict[str, Any]) -> dict[str, Any]:
     """`cfg` with each stage's ``fit`` path replaced by that file's parsed content."""
     inlined = copy.deepcopy(cfg)
     for stage in inlined["stages"]:
-        stage["fit"] = yaml.safe_load(Path(stage["fit"]).read_text())
+        stage["fit"] = load_yaml(stage["fit"])
     return inlined
 
 
@@ -156,7 +154,7 @@ def stage_data(stage: dict[str, Any]) -> dict[str, Any]:
     config's ``data.init_args`` and the stage's ``data.init_args.*`` overrides."""
     data = stage["fit"].get("data") or {}
     if data.get("class_path") != DATA_CLASS:
-        raise BaseConfigError(f"stage {stage['name']!r}: a base stage trains on {DATA_CLASS}, "
+        raise ConfigError(f"stage {stage['name']!r}: a base stage trains on {DATA_CLASS}, "
                               f"got {data.get('class_path')!r}")
     defaults = {k: p.default for k, p in inspect.signature(SFTDataModule.__init__).parameters.items() if k != "self"}
     overrides = {k.removeprefix("data.init_args."): v for k, v in (stage.get("overrides") or {}).items()
@@ -169,7 +167,7 @@ def builtin_tasks(stage: dict[str, Any], args: dict[str, Any]) -> list[TaskSpec]
     if args["path"] != BUILTIN or args["sources"]:
         return []
     if not args["tasks"]:
-        raise BaseConfigError(f"stage {stage['name']!r}: list the built-in tasks it trains on (data.init_args.tasks)")
+        raise ConfigError(f"stage {stage['name']!r}: list the built-in tasks it trains on (data.init_args.tasks)")
     return list(args["tasks"])
 
 
@@ -190,7 +188,7 @@ def training_records(stage: dict[str, Any]) -> list[dict[str, Any]]:
 def decontamination(cfg: dict[str, Any], inlined: dict[str, Any]) -> dict[str, Any]:
     """Check that no stage trains on a ``specialised`` task: none of its built-in tasks is one by
     name, and none of its training records shares a word n-gram with their held-out problems
-    (`Decontaminate`); raise `BaseConfigError` naming the first offence. Records the counts, the
+    (`Decontaminate`); raise `ConfigError` naming the first offence. Records the counts, the
     check's power (the share of each specialised task's own training problems, as many as its
     held-out ones and disjoint from them, that it flags: records shorter than the n-gram are
     compared whole, so short templated tasks slip through it, hence the name check) and the
@@ -208,7 +206,7 @@ def decontamination(cfg: dict[str, Any], inlined: dict[str, Any]) -> dict[str, A
     for stage in inlined["stages"]:
         same = sorted({build_task(t).name for t in builtin_tasks(stage, stage_data(stage))} & names)
         if same:
-            raise BaseConfigError(f"stage {stage['name']!r} trains on {', '.join(same)}, which the base config names "
+            raise ConfigError(f"stage {stage['name']!r} trains on {', '.join(same)}, which the base config names "
                                   "specialised (evaluation) tasks; take them out of the stage's data")
         stage_records = training_records(stage)
         result["stages"][stage["name"]] = {"checked": len(stage_records), "flagged": 0}
@@ -216,7 +214,7 @@ def decontamination(cfg: dict[str, Any], inlined: dict[str, Any]) -> dict[str, A
     flagged = [r for r, keep in zip(records, check(records).tolist()) if not keep]
     if flagged:
         ids = ", ".join(f"{r['stage']}: {r.get('id', '?')}" for r in flagged[:5])
-        raise BaseConfigError(f"{len(flagged)} of {len(records)} training records share a word {check.ngram}-gram "
+        raise ConfigError(f"{len(flagged)} of {len(records)} training records share a word {check.ngram}-gram "
                               f"({check.field}) with held-out problems of {', '.join(result['tasks'])} (e.g. {ids}); "
                               "take them out of the stages' data")
     result["vocabulary"] = vocabulary(inlined, records, {label: build_task(t).generate(check.num_examples, check.seed, "heldout")
@@ -302,12 +300,6 @@ def _publish(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 # ---- the build -------------------------------------------------------------------------------
 def build_base(config: str | Path, out: str | Path | None = None, seed: int | None = None) -> tuple[Path, bool]:
     """Build the base of `config` unless its directory holds a finished one; returns the
@@ -330,13 +322,12 @@ def build_base(config: str | Path, out: str | Path | None = None, seed: int | No
         pipeline_cfg = {k: v for k, v in cfg.items() if k not in BASE_KEYS}
         run_pipeline(pipeline_cfg, d / "stages", seed)
         _publish(d / "stages" / cfg["stages"][-1]["name"] / "hf", d / "hf")
-        walls = {s["name"]: json.loads((d / "stages" / s["name"] / "result.json").read_text()).get("wall_s")
-                 for s in cfg["stages"]}
+        walls = {s["name"]: (read_json(d / "stages" / s["name"] / DONE) or {}).get("wall_s") for s in cfg["stages"]}
         record = {"name": cfg["name"], "key": d.name, "seed": seed, "model_name_or_path": str((d / "hf").resolve()),
                   **measure(d / "hf", cfg, inlined), "decontamination": checked, "stage_wall_s": walls,
                   "build_wall_s": round(time.perf_counter() - start, 1), "built": time.strftime("%Y-%m-%dT%H:%M:%S"),
                   "config": inlined}
-        _write_json(d / BASE_JSON, record)
+        write_json(d / BASE_JSON, record)
     return d, True
 
 
@@ -348,14 +339,15 @@ def summary(record: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="esft base", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog="esft base", options_flag="--options", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="base config YAML (configs/base/dense.yaml)")
     p.add_argument("--out", help="cache root (default: $ESFT_BASE_CACHE, else ~/.cache/esft/bases)")
     p.add_argument("--seed", type=int, help="seed of every stage (default: the config's 'seed', else 0); part of the key")
     args = p.parse_args(argv)
     try:
         d, built = build_base(args.config, args.out, args.seed)
-    except (BaseConfigError, PipelineError, RunDirBusy, OSError, yaml.YAMLError) as e:
+    except (ConfigError, RunDirBusy, OSError, yaml.YAMLError) as e:
         print(f"esft base: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     record = json.loads((d / BASE_JSON).read_text())
