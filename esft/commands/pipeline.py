@@ -52,6 +52,7 @@ from typing import Any
 import yaml
 
 from esft.commands.options import CommandParser
+from esft.evaluation.preference import preference_accuracy
 from esft.reports import markdown_table, write_csv
 from esft.runconfig import (DONE, RUN_YAML, ConfigError, atomic_write, load_config, load_yaml, read_json, run_config,
                             set_callback, write_json)
@@ -163,44 +164,6 @@ def evaluate_stage(model_dir: Path, eval_cfg: dict[str, Any]) -> dict[str, float
     return evaluate_reasoning(model, tokenizer, records, eval_cfg.get("max_new_tokens", 64), eval_cfg.get("batch_size", 200))
 
 
-def preference_accuracy(model_dir: Path, fit_cfg: dict[str, Any]) -> float | None:
-    """The share of the stage config's held-out pairs whose chosen completion the exported model
-    ranks higher: by reward (a reward model) or by summed completion log-prob (a policy, as
-    `PreferenceModule`'s ``val/accuracy``). None when the config holds out no pairs."""
-    import importlib
-
-    import torch
-
-    from esft.models.forward import document_logprobs
-    from esft.objectives.reward import pair_rewards
-
-    module_name, _, name = fit_cfg["data"]["class_path"].rpartition(".")
-    data = getattr(importlib.import_module(module_name), name)(**{**fit_cfg["data"].get("init_args", {}),
-                                                                 "tokenizer_name": str(model_dir)})
-    data.setup("fit")
-    if not data.val_examples:
-        return None
-    reward_model = fit_cfg["model"]["class_path"].endswith("RewardModule")
-    if reward_model:
-        from transformers import AutoModelForSequenceClassification
-
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
-    else:
-        from esft.objectives.loading import load_model
-
-        model = load_model(str(model_dir), torch.device("cpu"), "float32")[0]
-    right = total = 0
-    with torch.no_grad():
-        for batch in data.val_dataloader():
-            if reward_model:
-                scores = pair_rewards(model, batch)
-            else:
-                scores = document_logprobs(model, batch)[0][batch["doc_index"]].view(-1, 2)
-            right += int((scores[:, 0] > scores[:, 1]).sum())
-            total += scores.shape[0]
-    return right / total
-
-
 def write_summary(out: Path, stages: list[dict[str, Any]]) -> str:
     """Rewrite ``summary.md`` and ``summary.csv`` from the finished stages' ``done.json``."""
     rows = [r for stage in stages if (r := read_json(out / stage["name"] / DONE)) is not None]
@@ -247,7 +210,7 @@ def _run_stage(cfg: dict[str, Any], stage: dict[str, Any], out: Path, seed: int)
         generates = not model_class or not model_class.endswith("RewardModule")
         result.update(evaluate_stage(d / "hf", eval_cfg) if eval_cfg.get("tasks") and generates else {})
         if kind == "preference":
-            result["pref_accuracy"] = preference_accuracy(d / "hf", fit_cfg)
+            result["pref_accuracy"] = preference_accuracy(d / "hf", fit_cfg["data"], model_class.endswith("RewardModule"))
     else:
         result["kind"] = "rejection_sample"
         _run(["rejection-sample", *rejection_args(stage, d, seed)], d / "stage.log")

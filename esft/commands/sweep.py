@@ -27,8 +27,8 @@ moved into the run dir, the base's loggers kept: `esft.runconfig.run_config`), `
 ``metrics.json``, the logger's files, checkpoints and ``eval.json``. Runs go seed by seed (seed 0
 of every cell first, so a partial sweep already compares all cells), each in its own ``esft fit``
 process. A finished run writes ``done.json`` (overrides; metrics: the last value of each logged
-metric, ``eval/<task>/<metric>`` "after" scores, ``wall_s``) and is skipped by a rerun, which restarts any
-other run from scratch; a failed run writes ``failed.json`` (exit code, log tail), the sweep goes
+metric, ``eval/<task>/<metric>`` "after" scores, ``wall_s``) and is skipped by a rerun, which
+restarts any other run from scratch; a failed run writes ``failed.json`` (exit code, log tail), the sweep goes
 on and ends with status 1. One sweep per OUT (``OUT/.lock``); stopping the sweep ends its child
 (see `esft.runs`).
 
