@@ -7,6 +7,7 @@ import csv
 import fnmatch
 import io
 import math
+import os
 import statistics
 import sys
 from collections.abc import Sequence
@@ -117,5 +118,4 @@ def bar_plot(path: Path, groups: list[str], metrics: list[str], stats: dict) -> 
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    path.unlink(missing_ok=True)
-    tmp.rename(path)
+    os.replace(tmp, path)

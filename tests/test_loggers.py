@@ -42,6 +42,9 @@ def test_metrics_file_with_no_logger_and_beside_a_csv_logger(tmp_path):
     logged = json.loads((off / "metrics.json").read_text())
     assert logged["step"] >= 3 and {"train/loss", "val/loss", "eval/reverse_words/exact_match"} <= set(logged["metrics"])
     assert (off / "checkpoints" / "last.ckpt").exists() and not list(off.rglob("events.out.tfevents.*"))
+    # validating the run's checkpoint adds to its metrics; it does not start the file anew
+    main(["validate", "--config", str(off / "run.yaml"), "--ckpt_path", str(off / "checkpoints" / "last.ckpt")])
+    assert "train/loss" in json.loads((off / "metrics.json").read_text())["metrics"]
 
     csv = tmp_path / "csv"
     main(["fit", "--config", str(tiny_config(csv, {"class_path": "lightning.pytorch.loggers.CSVLogger",

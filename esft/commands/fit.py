@@ -79,6 +79,7 @@ class ESFTCLI(LightningCLI):
         # metrics.json in the run directory beside the user's loggers (after them: the first
         # logger still decides log_dir and the checkpoint directory)
         self.metrics_file = MetricsFile(trainer.log_dir if trainer.loggers else trainer.default_root_dir)
+        self.metrics_file.resume = self.subcommand != "fit"  # validate / test add to a run's metrics; fit: before_fit
         trainer.loggers = [*trainer.loggers, self.metrics_file]
         return trainer
 
