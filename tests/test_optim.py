@@ -304,7 +304,8 @@ def test_steps_to_loss_follows_the_smoothed_loss():
 
     def run(losses, target):
         cb = StepsToLoss(target=target, smoothing=0.5)
-        trainer = SimpleNamespace(callback_metrics={}, global_step=0, max_steps=10, logger=Logger())
+        logger = Logger()
+        trainer = SimpleNamespace(callback_metrics={}, global_step=0, max_steps=10, logger=logger, loggers=[logger])
         for step, value in enumerate(losses, 1):
             trainer.global_step, trainer.callback_metrics = step, {"train/loss": torch.tensor(value)}
             cb.on_train_batch_end(trainer, None, None, None, 0)
