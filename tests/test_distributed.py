@@ -57,10 +57,12 @@ def single(tmp_path_factory) -> dict[str, torch.Tensor]:
     return load_file(root / "hf" / "model.safetensors")
 
 
-# Some DeepSpeed variants run under -m slow to keep the default suite short: there, ZeRO-3 SFT
-# covers DeepSpeed's wiring (and more of it than ZeRO-2)
+# Two-process runs take 20-60 s each on 2 cores: the default suite keeps DDP and FSDP2 SFT against
+# one process, ESFT and the LoRA export under FSDP2, and sharded rollouts; DeepSpeed ZeRO, DDP
+# variants of the other objectives and the checks' own power run under -m slow
 ZERO2_SLOW = pytest.param(2, marks=pytest.mark.slow)
 ZERO3_SLOW = pytest.param(3, marks=pytest.mark.slow)
+DDP_SLOW = pytest.param("ddp", marks=pytest.mark.slow)
 
 FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
          "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1, "save_distributed_checkpoint": False}}
@@ -76,7 +78,7 @@ def zero(stage: int) -> dict:
     return {"class_path": "cpu_deepspeed.CPUDeepSpeedStrategy", "init_args": {"config": config}}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", FSDP2, ZERO2_SLOW, 3], ids=["ddp", "fsdp2", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2, ZERO2_SLOW, ZERO3_SLOW], ids=["ddp", "fsdp2", "zero2", "zero3"])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, single, strategy):
     if isinstance(strategy, int):
         strategy = zero(strategy)
@@ -88,6 +90,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, si
         torch.testing.assert_close(two[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow  # 40 s; DDP and FSDP2 against one process stay in the default suite
 def test_two_ranks_match_one_micro_batch_holding_both(tmp_path, single):
     """The step's loss is the token mean over both ranks' rows (whose trained-token counts
     differ), not the mean of two per-rank means: DDP ends where one process ends that takes
@@ -102,6 +105,7 @@ def test_two_ranks_match_one_micro_batch_holding_both(tmp_path, single):
         torch.testing.assert_close(ddp[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow  # 27 s
 def test_fsdp2_with_activation_checkpointing_matches_one_process(tmp_path, single):
     config = write_config(tmp_path, strategy=FSDP2, devices=2)
     cfg = yaml.safe_load(config.read_text())
@@ -113,6 +117,7 @@ def test_fsdp2_with_activation_checkpointing_matches_one_process(tmp_path, singl
         torch.testing.assert_close(two[name], single[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow  # 16 s: checks that the equality tests above can fail
 def test_the_comparison_has_power(tmp_path, single):
     fit(write_config(tmp_path, devices=1))  # half the global batch ends elsewhere
     half = load_file(tmp_path / "hf" / "model.safetensors")
@@ -176,7 +181,7 @@ def esft_single(tmp_path_factory):
     return root / "base", experts, _esft_fit(root / "single", root / "base", experts, devices=1, accumulate_grad_batches=2)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", FSDP2, ZERO2_SLOW, ZERO3_SLOW], ids=["ddp", "fsdp2", "zero2", "zero3"])
+@pytest.mark.parametrize("strategy", [DDP_SLOW, FSDP2, ZERO2_SLOW, ZERO3_SLOW], ids=["ddp", "fsdp2", "zero2", "zero3"])
 def test_esft_under_two_processes(tmp_path, esft_single, strategy):
     """Expert-specialized fine-tuning on 2 ranks: the same weights as one process with the same
     global batch, every frozen tensor and frozen expert slice bit-identical to the base, the
@@ -257,7 +262,8 @@ def distill_single(tmp_path_factory) -> dict[str, torch.Tensor]:
     return load_file(root / "hf" / "model.safetensors")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", FSDP2, ZERO2_SLOW, ZERO3_SLOW], ids=["ddp", "fsdp2", "zero2", "zero3"])
+@pytest.mark.slow  # 25-30 s each plus a 14 s one-process run; distillation on one process is in test_distill.py
+@pytest.mark.parametrize("strategy", ["ddp", FSDP2, 2, 3], ids=["ddp", "fsdp2", "zero2", "zero3"])
 def test_distillation_under_two_processes_matches_one_process(tmp_path, distill_single, strategy):
     """Logit KD with a frozen teacher (sharded under FSDP2, whole on every rank otherwise): the
     student ends where one process with the same global batch ends."""
@@ -313,6 +319,7 @@ def test_grpo_with_a_reference_model_under_every_strategy(tmp_path):
             torch.testing.assert_close(runs[other][name], runs["ddp"][name], atol=2e-5, rtol=1e-4, msg=f"{other}: {name}")
 
 
+@pytest.mark.slow  # 56 s; one-process equality of skipping is in test_grpo.py
 def test_grpo_skipping_zero_advantage_rows_on_two_ranks(tmp_path):
     """DDP, no KL term, the dapo loss (normalised by an optimizer step's tokens over both ranks):
     ranks that run different subsets of their rows (2 samples of 1 token per prompt: many groups
