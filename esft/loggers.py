@@ -25,6 +25,8 @@ from typing import Any
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
+from esft.runconfig import atomic_write, read_json
+
 FILE_NAME = "metrics.json"
 
 
@@ -59,12 +61,9 @@ class MetricsFile(Logger):
     def _load(self) -> dict[str, float]:
         if self._metrics is None:
             self._metrics = {}
-            if self.resume:
-                try:
-                    saved = json.loads(self.path.read_text())
-                    self._metrics, self._step = dict(saved["metrics"]), int(saved.get("step", 0))
-                except (OSError, ValueError, KeyError, TypeError):
-                    pass
+            saved = read_json(self.path) if self.resume else None
+            if saved is not None and isinstance(saved.get("metrics"), dict):
+                self._metrics, self._step = dict(saved["metrics"]), int(saved.get("step", 0))
         return self._metrics
 
     @rank_zero_only
@@ -87,11 +86,16 @@ class MetricsFile(Logger):
         if self._metrics is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{FILE_NAME}.tmp")
-        tmp.write_text(json.dumps({"step": self._step, "metrics": self._metrics}, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps({"step": self._step, "metrics": self._metrics}, indent=1, sort_keys=True) + "\n")
         self._written = time.monotonic()
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
         self.save()
+
+
+def log_to_all(trainer, metrics: dict[str, float], step: int) -> None:
+    """`metrics` at `step` to every logger of `trainer` (None: none), ``metrics.json`` included:
+    for values logged outside ``self.log``, which reaches them all by itself."""
+    for logger in trainer.loggers if trainer is not None else []:
+        logger.log_metrics(metrics, step=step)

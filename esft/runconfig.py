@@ -79,6 +79,14 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_run_config(cfg: dict, run_dir: Path) -> Path:
+    """`cfg` as the run's ``run.yaml`` (created with `run_dir`), the file ``esft fit --config`` reads."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RUN_YAML
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
 def write_json(path: Path, record: dict) -> None:
     atomic_write(path, json.dumps(record, indent=2) + "\n")
 
@@ -115,6 +123,12 @@ def _child(node: Any, part: str, key: str, done: str) -> tuple[Any, Any]:
 
 def _class_name(item: Any) -> str:
     return str(item.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(item, dict) else ""
+
+
+def base_seed(cfg: dict) -> int:
+    """The base config's ``seed_everything`` when it is a number, else 0: the seed a run uses unless told."""
+    seed = cfg.get("seed_everything")
+    return seed if isinstance(seed, int) else 0
 
 
 def set_dotted(cfg: dict, key: str, value: Any) -> None:

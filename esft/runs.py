@@ -37,9 +37,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import yaml
-
-from esft.runconfig import RUN_YAML
+from esft.runconfig import write_run_config
 
 LOCK_FILE = ".lock"
 RUNNING_FILE = "RUNNING"
@@ -244,7 +242,4 @@ def esft_child(argv: Sequence[str], run_dir: Path, log: Path | None = None) -> t
 
 def fit_child(cfg: dict, run_dir: Path, extra_args: Sequence[str] = (), log: Path | None = None) -> tuple[int, float]:
     """``esft fit`` of `cfg`, written to ``<run_dir>/run.yaml``, in a child (`esft_child`)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / RUN_YAML
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return esft_child(["fit", "--config", str(path), *extra_args], run_dir, log)
+    return esft_child(["fit", "--config", str(write_run_config(cfg, run_dir)), *extra_args], run_dir, log)

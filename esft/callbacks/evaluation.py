@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from esft.data.tasks import TaskSpec, build_task
 from esft.evaluation import evaluate
 from esft.evaluation.metrics import eval_tag
+from esft.loggers import log_to_all
 from esft.models.sharding import is_sharded
 
 GENERAL_REASON = "the model has not learned it yet at this budget: train longer (--trainer.max_steps) or start from a pretrained model"
@@ -104,8 +105,7 @@ class TaskEvaluation(L.Callback):
             self.results[when] = {task: row[self.metrics[task]] for task, row in rows.items()}
             self.scalars[when] = values
         if trainer.is_global_zero:
-            for logger in trainer.loggers:  # metrics.json too (esft.loggers.MetricsFile)
-                logger.log_metrics(values, step=trainer.global_step)
+            log_to_all(trainer, values, trainer.global_step)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if self.before_fit and self._runs_here(trainer, pl_module):

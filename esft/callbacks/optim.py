@@ -16,6 +16,7 @@ import math
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from esft.loggers import log_to_all
 from esft.optim import optimizer_state_bytes
 
 
@@ -31,8 +32,7 @@ class OptimizerStateSize(L.Callback):
         if self.state_mib is not None or trainer.global_step < 1:
             return
         self.state_mib = sum(optimizer_state_bytes(o) for o in trainer.optimizers) / 2**20
-        for logger in trainer.loggers:
-            logger.log_metrics({"optim/state_mib": self.state_mib}, step=trainer.global_step)
+        log_to_all(trainer, {"optim/state_mib": self.state_mib}, trainer.global_step)
 
 
 class StepsToLoss(L.Callback):
@@ -77,6 +77,5 @@ class StepsToLoss(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         reached = self.reached_at is not None
         steps = self.reached_at if reached else (trainer.max_steps if trainer.max_steps > 0 else trainer.global_step) + 1
-        for logger in trainer.loggers:
-            logger.log_metrics({"optim/steps_to_target": float(steps), "optim/reached_target": float(reached)},
-                               step=trainer.global_step)
+        log_to_all(trainer, {"optim/steps_to_target": float(steps), "optim/reached_target": float(reached)},
+                   trainer.global_step)

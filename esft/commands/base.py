@@ -86,7 +86,7 @@ def load_base(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: a base config is a mapping with 'stages'")
     if "out" in cfg:
         raise ConfigError(f"{path}: a base config has no 'out': its directory is named by its content "
-                              "(choose the cache root with --out)")
+                          "(choose the cache root with --out)")
     cfg.setdefault("name", path.stem)
     if not is_safe_name(cfg["name"]):
         raise ConfigError(f"{path}: name {cfg['name']!r} is not a safe directory name ({SAFE_NAME_RULE})")
@@ -103,7 +103,7 @@ def load_base(path: str | Path) -> dict[str, Any]:
         for key in stage.get("overrides") or {}:
             if key.startswith("data.") and (not key.startswith("data.init_args.") or key.count(".") != 2):
                 raise ConfigError(f"{where}: override {key!r}: data options are overridden one "
-                                      "data.init_args.<name> at a time (the decontamination check reads them)")
+                                  "data.init_args.<name> at a time (the decontamination check reads them)")
     return cfg
 
 
@@ -155,7 +155,7 @@ def stage_data(stage: dict[str, Any]) -> dict[str, Any]:
     data = stage["fit"].get("data") or {}
     if data.get("class_path") != DATA_CLASS:
         raise ConfigError(f"stage {stage['name']!r}: a base stage trains on {DATA_CLASS}, "
-                              f"got {data.get('class_path')!r}")
+                          f"got {data.get('class_path')!r}")
     defaults = {k: p.default for k, p in inspect.signature(SFTDataModule.__init__).parameters.items() if k != "self"}
     overrides = {k.removeprefix("data.init_args."): v for k, v in (stage.get("overrides") or {}).items()
                  if k.startswith("data.init_args.")}
@@ -207,7 +207,7 @@ def decontamination(cfg: dict[str, Any], inlined: dict[str, Any]) -> dict[str, A
         same = sorted({build_task(t).name for t in builtin_tasks(stage, stage_data(stage))} & names)
         if same:
             raise ConfigError(f"stage {stage['name']!r} trains on {', '.join(same)}, which the base config names "
-                                  "specialised (evaluation) tasks; take them out of the stage's data")
+                              "specialised (evaluation) tasks; take them out of the stage's data")
         stage_records = training_records(stage)
         result["stages"][stage["name"]] = {"checked": len(stage_records), "flagged": 0}
         records += [dict(r, stage=stage["name"]) for r in stage_records]
@@ -215,8 +215,8 @@ def decontamination(cfg: dict[str, Any], inlined: dict[str, Any]) -> dict[str, A
     if flagged:
         ids = ", ".join(f"{r['stage']}: {r.get('id', '?')}" for r in flagged[:5])
         raise ConfigError(f"{len(flagged)} of {len(records)} training records share a word {check.ngram}-gram "
-                              f"({check.field}) with held-out problems of {', '.join(result['tasks'])} (e.g. {ids}); "
-                              "take them out of the stages' data")
+                          f"({check.field}) with held-out problems of {', '.join(result['tasks'])} (e.g. {ids}); "
+                          "take them out of the stages' data")
     result["vocabulary"] = vocabulary(inlined, records, {label: build_task(t).generate(check.num_examples, check.seed, "heldout")
                                                         for label, t in zip(result["tasks"], tasks)})
     own = [r for t in tasks for r in build_task(t).generate(check.num_examples, check.seed, "train")]

@@ -54,8 +54,8 @@ import yaml
 from esft.commands.options import CommandParser
 from esft.evaluation.preference import preference_accuracy
 from esft.reports import markdown_table, write_csv
-from esft.runconfig import (DONE, RUN_YAML, ConfigError, atomic_write, load_config, load_yaml, read_json, run_config,
-                            set_callback, write_json)
+from esft.runconfig import (DONE, ConfigError, atomic_write, load_config, load_yaml, read_json, run_config,
+                            set_callback, write_json, write_run_config)
 from esft.runs import SAFE_NAME_RULE, RunDirBusy, claim, esft_child, is_safe_name, lock_dir
 
 KINDS = ("fit", "preference", "rejection_sample")
@@ -205,8 +205,7 @@ def _run_stage(cfg: dict[str, Any], stage: dict[str, Any], out: Path, seed: int)
         if kind == "preference" and model_class not in PREFERENCE_MODULES:
             raise ConfigError(f"stage {stage['name']!r}: a preference stage trains one of {', '.join(PREFERENCE_MODULES)}; "
                                 f"{stage[kind]} has model.class_path {model_class!r} (use a fit stage)")
-        (d / RUN_YAML).write_text(yaml.safe_dump(fit_cfg, sort_keys=False))
-        _run(["fit", "--config", str(d / RUN_YAML), "--ckpt_path", "last"], d / "stage.log")  # continues a killed stage
+        _run(["fit", "--config", str(write_run_config(fit_cfg, d)), "--ckpt_path", "last"], d / "stage.log")  # continues a killed stage
         generates = not model_class or not model_class.endswith("RewardModule")
         result.update(evaluate_stage(d / "hf", eval_cfg) if eval_cfg.get("tasks") and generates else {})
         if kind == "preference":

@@ -55,7 +55,7 @@ import yaml
 
 from esft.commands.options import CommandParser
 from esft.reports import bar_plot, markdown_table, select_metrics, summarise, write_csv
-from esft.runconfig import (DONE, FAILED, ConfigError, atomic_write, format_value, load_config, load_yaml, log_tail,
+from esft.runconfig import (DONE, FAILED, ConfigError, atomic_write, base_seed, format_value, load_config, load_yaml, log_tail,
                             read_json, read_metrics, run_config, short_keys, write_json)
 from esft.runs import RunDirBusy, claim, fit_child, lock_dir, running_pid, safe_name
 
@@ -199,8 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else Path(args.grid).parent / "results"
     try:
         base = load_config(args.config)
-        default_seed = base.get("seed_everything") if isinstance(base.get("seed_everything"), int) else 0
-        grid = load_grid(args.grid, args.seeds, default_seed)
+        grid = load_grid(args.grid, args.seeds, base_seed(base))
         runs = plan(base, grid, out.resolve())
     except (ConfigError, OSError, yaml.YAMLError) as e:
         print(f"esft sweep: error: {e}", file=sys.stderr)

@@ -62,7 +62,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from esft.callbacks.tuning import OptunaPruning
 from esft.extras import require
 from esft.commands.options import CommandParser
-from esft.runconfig import RUN_YAML, ConfigError, load_config, read_metrics, run_config, set_callback
+from esft.runconfig import (ConfigError, base_seed, load_config, read_metrics, run_config, set_callback,
+                            write_run_config)
 from esft.runs import RunDirBusy, lock_dir
 from esft.search import Space, base_params, create_study, load_space, recover, save_sampler, suggest, write_reports
 
@@ -70,13 +71,9 @@ from esft.search import Space, base_params, create_study, load_space, recover, s
 # ---- running trials --------------------------------------------------------------------------
 def _fit(cfg: dict, run_dir: Path) -> None:
     """``esft fit`` of `cfg` (written to ``run.yaml``) in this process, so that pruning can stop it."""
-    import yaml
-
     from esft.cli import main as cli_main
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_YAML).write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cli_main(["fit", "--config", str(run_dir / RUN_YAML)])
+    cli_main(["fit", "--config", str(write_run_config(cfg, run_dir))])
 
 
 def objective_value(run_dir: Path, cfg: dict, metric: str) -> float:
@@ -89,8 +86,7 @@ def objective_value(run_dir: Path, cfg: dict, metric: str) -> float:
 
 
 def trial_config(base: dict, space: Space, overrides: dict[str, Any], run_dir: Path) -> dict:
-    seed = base.get("seed_everything") if isinstance(base.get("seed_everything"), int) else 0
-    cfg, _ = run_config(base, {"trainer.enable_progress_bar": False, **space.common, **overrides}, seed, run_dir,
+    cfg, _ = run_config(base, {"trainer.enable_progress_bar": False, **space.common, **overrides}, base_seed(base), run_dir,
                         label=run_dir.name)
     if space.pruner is not None and space.metric.startswith("val/"):
         set_callback(cfg, "esft.callbacks.tuning.OptunaPruning", monitor=space.metric)
@@ -173,8 +169,7 @@ def _search(base: dict, space: Space, out: Path, max_failures: int, timeout: flo
 # ---- LR finder -------------------------------------------------------------------------------
 def lr_find(base: dict, out: Path, min_lr: float, max_lr: float, steps: int) -> dict:
     """Lightning's LR range test on the base config; returns ``{"suggestion", "lr", "loss"}``."""
-    seed = base.get("seed_everything") if isinstance(base.get("seed_everything"), int) else 0
-    cfg, _ = run_config(base, {}, seed, out)
+    cfg, _ = run_config(base, {}, base_seed(base), out)
     trainer = cfg["trainer"]
     trainer.update({"logger": False, "enable_checkpointing": False, "max_steps": max(int(trainer.get("max_steps") or 0), steps + 1),
                     "callbacks": [{"class_path": "esft.callbacks.tuning.LRFinder",

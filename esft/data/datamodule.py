@@ -45,6 +45,7 @@ from esft.data.records import DataFormatError, Format, LoadStats, OnBadRecord, l
 from esft.data.store import ExampleStore, ExampleView, StoreOptions, prepare_store, record_examples
 from esft.data.tasks import TaskSpec, build_task
 from esft.data.tokenize import MultiTurn, TokenizeStats, TrainOn, Truncation, tokenize_records
+from esft.loggers import log_to_all
 from esft.models.chat_templates import resolve_chat_template
 from esft.models.tokenizer import BUILTIN, load_tokenizer
 
@@ -303,8 +304,7 @@ class SFTDataModule(L.LightningDataModule):
             sources = self.data_report["sources"]
             counts = {"rows_read": sum(x["read"] for x in sources), "skipped": sum(x["skipped"] for x in sources), **counts}
         prefix = "data/" if label == "train" else f"data/{label}/"
-        for logger in self.trainer.loggers if self.trainer else []:
-            logger.log_metrics({prefix + k: float(v) for k, v in counts.items()}, step=0)
+        log_to_all(self.trainer, {prefix + k: float(v) for k, v in counts.items()}, 0)
 
     def _write_report(self) -> None:
         """`data_report` to ``data_report.json`` in the run directory (global rank 0)."""
@@ -449,8 +449,7 @@ class SFTDataModule(L.LightningDataModule):
             + f", {r['examples']} examples, {r['epochs']:.2f} passes" for r in rows]
         rank_zero_info("\n".join(lines))
         self._write_report()
-        for logger in self.trainer.loggers if self.trainer else []:
-            logger.log_metrics({f"data/mixture/{r['label']}/share": r["share"] for r in rows}, step=0)
+        log_to_all(self.trainer, {f"data/mixture/{r['label']}/share": r["share"] for r in rows}, 0)
 
     def _val_records_of_stores(self) -> list[dict[str, Any]]:
         """The validation records of the prepared sources (read again; for ``esft predict``)."""

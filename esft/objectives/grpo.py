@@ -54,6 +54,7 @@ from esft.losses.grpo import LossType, ScaleRewards, group_advantages, grpo_loss
 from esft.models.forward import target_logprobs
 from esft.models.frozen import FrozenModel
 from esft.models.sharding import call_model, gathered, is_sharded
+from esft.loggers import log_to_all
 from esft.objectives.base import CausalLMModule
 from esft.rewards import RewardSet, Sample
 from esft.rewards.evaluate import evaluate_reasoning, reasoning_metrics
@@ -418,8 +419,7 @@ class GRPOModule(CausalLMModule):
                                          hp.max_turns)
             metrics.pop("n")
             if self.trainer.is_global_zero:
-                for logger in self.trainer.loggers:
-                    logger.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=0)
+                log_to_all(self.trainer, {f"val/{k}": v for k, v in metrics.items()}, 0)
 
     def validation_step(self, records: list[dict[str, Any]], batch_idx: int) -> None:
         hp = self.hparams
