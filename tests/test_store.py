@@ -67,6 +67,22 @@ def test_the_cache_hits_on_the_same_inputs_and_misses_on_any_change(tmp_path, ch
     assert different[0].lengths.max() <= 96 < first.lengths.max()
 
 
+def test_the_tokenizer_fingerprint_ignores_truncation_and_padding_state():
+    """A fast tokenizer keeps the truncation and padding of its last call; the fingerprint (and so
+    the cache entry) must not change with it, or the cache misses depending on what ran before."""
+    from esft.data.store import tokenizer_fingerprint
+    from esft.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("builtin")
+    before = tokenizer_fingerprint(tok)
+    tok(["hello world"], truncation=True, max_length=8)
+    tok(["hello world"], padding="max_length", max_length=8)
+    assert tokenizer_fingerprint(tok) == before
+    other = load_tokenizer("builtin")
+    other.chat_template = "{{ messages }}"
+    assert tokenizer_fingerprint(other) != before
+
+
 def test_cached_batches_equal_in_memory_batches(tmp_path, chats):
     extra = tmp_path / "extra.jsonl"
     extra.write_text("".join(json.dumps({"prompt": f"say {i}", "response": f"{i}"}) + "\n" for i in range(20)))

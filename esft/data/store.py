@@ -99,9 +99,15 @@ class StoreOptions:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of what decides a tokenizer's output: its vocabulary and rules (the fast backend's
-    serialisation, else its vocabulary), its special tokens and its chat template."""
+    serialisation less its truncation and padding state, else its vocabulary), its special tokens
+    and its chat template."""
     backend = getattr(tokenizer, "_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    rules = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    if backend is not None:
+        # without the truncation and padding state: any call with other settings changes it, not the tokens
+        rules = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        rules = json.dumps(rules, sort_keys=True)
+    else:
+        rules = json.dumps(sorted(tokenizer.get_vocab().items()))
     parts = [type(tokenizer).__name__, rules, json.dumps(tokenizer.special_tokens_map, sort_keys=True),
              tokenizer.chat_template or ""]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
