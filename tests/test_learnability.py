@@ -34,7 +34,7 @@ def trivial_baseline(spec: dict, heldout: list[dict]) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("task", sorted(set(TASKS) - {"lexicon"}))  # lexicon: random words, nothing to learn
 def test_task_is_learnable(task, tmp_path):
     options, steps, n_train = HARDER.get(task, ({}, STEPS, TRAIN))
     spec = {"name": task, **options}

@@ -14,7 +14,7 @@ from esft.data.tasks import DOMAINS, TASKS, get_task, split_of
 from esft.commands.export import FORMATS, export_task, main
 from esft.data.tasks.math import extract_answer, math_equal, normalize_number, reference_answer, score_rows
 
-EXACT = {"arithmetic", "reverse_words", "sort_words", "math_word", "list_ops", "intent_json", "verdict", "general"}
+EXACT = {"arithmetic", "reverse_words", "sort_words", "math_word", "list_ops", "intent_json", "verdict", "general", "lexicon"}
 
 
 def wrong_answer(name: str, record: dict) -> str:
@@ -52,6 +52,31 @@ def test_tasks_deterministic_disjoint_and_verified(name):
         assert wrong == 0.0 if name in EXACT else 0.0 <= wrong < 1.0
         for bad in ("", "garbage !!", '{"intent": ', "</think>", "\\boxed{"):
             assert task.score(record, bad) <= 0.2
+
+
+def test_lexicon_holds_every_token_of_the_other_tasks_but_none_of_their_word_sequences():
+    """A base pretrained with `lexicon` has met each token the other tasks' problems use (else their
+    embeddings stay as initialised), without any task's prompt: its lines are random words."""
+    from esft.data.tasks.lexicon import Lexicon
+    from esft.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("builtin")
+    lexicon = get_task("lexicon")
+    records = lexicon.generate(3000, seed=0)
+    texts = lambda rs: [m["content"] for r in rs for m in r["messages"]]  # noqa: E731
+    seen = {i for row in tokenizer(texts(records), add_special_tokens=False)["input_ids"] for i in row}
+    for name in sorted(set(TASKS) - {"lexicon"}):
+        heldout = get_task(name).generate(200, seed=3, split="heldout")
+        ids = [i for row in tokenizer(texts(heldout), add_special_tokens=False)["input_ids"] for i in row]
+        assert all(i in seen for i in ids), (name, tokenizer.convert_ids_to_tokens([i for i in ids if i not in seen][:5]))
+        words = " ".join(texts(heldout)).split()
+        fivegrams = {tuple(words[k:k + 5]) for k in range(len(words) - 4)}
+        lines = [t.split() for t in texts(records)]
+        assert not {tuple(w[k:k + 5]) for w in lines for k in range(len(w) - 4)} & fivegrams, name
+    assert 1 < len(records[0]["messages"][0]["content"].split()) and records == lexicon.generate(3000, seed=0)
+    assert Lexicon(sources=["sort_words"], min_words=2, max_words=2).generate(1)[0]["answer"].count(" ") <= 1
+    with pytest.raises(ValueError, match="lexicon: cannot draw words from \\['nope'\\]"):
+        Lexicon(sources=["nope"])
 
 
 @pytest.mark.parametrize("name", ["math_word", "verdict"])

@@ -19,6 +19,7 @@ from esft.data.tasks.extract import ExtractFields
 from esft.data.tasks.general import General
 from esft.data.tasks.intent import IntentJSON
 from esft.data.tasks.legal import Verdict
+from esft.data.tasks.lexicon import Lexicon
 from esft.data.tasks.math import MathWord
 from esft.data.tasks.translate import Translate
 from esft.data.tasks.words import ReverseWords, SortWords
@@ -26,7 +27,7 @@ from esft.data.tasks.words import ReverseWords, SortWords
 TASKS: dict[str, type[Task]] = {
     cls.name: cls
     for cls in (Arithmetic, ReverseWords, SortWords, MathWord, ListOps, IntentJSON, Translate, ExtractFields,
-                Verdict, General, Calculator)
+                Verdict, General, Calculator, Lexicon)
 }
 DOMAINS: dict[str, list[str]] = {}
 for _name, _cls in TASKS.items():
