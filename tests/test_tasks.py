@@ -10,7 +10,7 @@ import json
 import pytest
 
 from esft.data.records import load_records
-from esft.data.tasks import DOMAINS, TASKS, get_task, split_of
+from esft.data.tasks import DOMAINS, TASKS, build_task, get_task, split_of
 from esft.commands.export import FORMATS, export_task, main
 from esft.data.tasks.math import extract_answer, math_equal, normalize_number, reference_answer, score_rows
 
@@ -65,8 +65,8 @@ def test_lexicon_holds_every_token_of_the_other_tasks_but_none_of_their_word_seq
     records = lexicon.generate(3000, seed=0)
     texts = lambda rs: [m["content"] for r in rs for m in r["messages"]]  # noqa: E731
     seen = {i for row in tokenizer(texts(records), add_special_tokens=False)["input_ids"] for i in row}
-    for name in sorted(set(TASKS) - {"lexicon"}):
-        heldout = get_task(name).generate(200, seed=3, split="heldout")
+    for name in [*sorted(set(TASKS) - {"lexicon"}), {"name": "arithmetic", "think": True}]:  # <think> of R1
+        heldout = build_task(name).generate(200, seed=3, split="heldout")
         ids = [i for row in tokenizer(texts(heldout), add_special_tokens=False)["input_ids"] for i in row]
         assert all(i in seen for i in ids), (name, tokenizer.convert_ids_to_tokens([i for i in ids if i not in seen][:5]))
         words = " ".join(texts(heldout)).split()

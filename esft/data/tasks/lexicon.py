@@ -3,10 +3,10 @@
 A pretrained model has met every word of its vocabulary in general text before it is fine-tuned
 on a task. A base pretrained only on a few built-in tasks has not: the tokens that only other
 tasks use keep their initial embeddings, and a later fine-tune on those tasks starts from noise
-there. `Lexicon` fills that gap: each record is two lines of words drawn uniformly, with
+there. `Lexicon` fills that gap: each record is two runs of words drawn uniformly, with
 replacement, from the distinct words of every other built-in task's training problems (letter
-runs, single digits, punctuation runs, each with its leading space, and line breaks, as the built-in tokenizer's
-pre-tokenizer splits text) plus every ASCII punctuation character. It carries the tasks' words but
+runs, single digits, punctuation runs, each with its leading space, and line breaks, as the
+built-in tokenizer's pre-tokenizer splits text) plus every ASCII punctuation character. It carries the tasks' words but
 no order of them: no prompt, no answer, no word n-gram of a task beyond chance (the
 decontamination filter of `esft base` checks this). Its score (exact match of the second line)
 stays near 0: there is nothing to learn but the words.
@@ -47,7 +47,7 @@ def inventory(sources: tuple[str, ...], num_source: int) -> tuple[str, ...]:
 
 
 class Lexicon(Task):
-    """Two lines of `min_words`..`max_words` random words each from the words of the built-in
+    """Two runs of `min_words`..`max_words` random words each from the words of the built-in
     tasks `sources` (all others by default), `num_source` training problems per task."""
 
     name = "lexicon"
@@ -62,7 +62,8 @@ class Lexicon(Task):
         self.sources = tuple(sorted(sources if sources is not None else set(TASKS) - {self.name}))
         unknown = sorted(set(self.sources) - set(TASKS) | ({self.name} & set(self.sources)))
         if unknown:
-            raise ValueError(f"lexicon: cannot draw words from {unknown}; built-in tasks: {', '.join(sorted(set(TASKS) - {self.name}))}")
+            others = ", ".join(sorted(set(TASKS) - {self.name}))
+            raise ValueError(f"lexicon: cannot draw words from {unknown}; built-in tasks: {others}")
         if not 1 <= min_words <= max_words:
             raise ValueError(f"lexicon: need 1 <= min_words <= max_words, got {min_words} and {max_words}")
         self.min_words, self.max_words, self.num_source = min_words, max_words, num_source
