@@ -177,7 +177,7 @@ def test_the_repository_base_configs_keep_the_studies_tasks_out():
         assert "intent_json" in cfg["specialised"]
         inlined = base.inline_stages(cfg)
         text, chat = (base.stage_data(s) for s in inlined["stages"])
-        assert text["train_on"] == "all" and text["chat_template"] and text["tasks"] == chat["tasks"]
+        assert text["train_on"] == "all" and text["chat_template"] and text["tasks"] == [*chat["tasks"], "lexicon"]
         assert chat["train_on"] == "assistant" and chat["chat_template"] is None
         names = {base.build_task(t).name for t in cfg["specialised"]}
         assert not names & {base.build_task(t).name for t in text["tasks"]}
