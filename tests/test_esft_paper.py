@@ -52,3 +52,11 @@ def test_grid_fine_tunes_the_study_base_and_crosses_learning_rates(study_mod, tm
     assert {(name.split(",")[0], o["model.init_args.optim.lr"]) for name, o in cells.items()} == \
         {(m, lr) for m in ("fft", "esft_token") for lr in (3e-3, 1e-2)}
     assert "model.init_args.experts" not in cells["fft,lr=0.003"]
+
+
+def test_task_score_reads_the_task_own_metric(study_mod):
+    # translate logs BLEU beside its chrF: the score is chrF, the task's own metric
+    assert study_mod.task_score({"eval/translate/bleu": 0.1, "eval/translate/chrf": 0.25}, "translate") == 0.25
+    assert study_mod.task_score({"eval/sort_words/exact_match": 0.5}, "sort_words") == 0.5
+    assert study_mod.task_score({"eval/translate": 0.3}, "translate") == 0.3  # runs recorded before metric names
+    assert study_mod.task_score({}, "translate") is None

@@ -284,10 +284,13 @@ def lora_params(base: Path) -> int:
 
 
 def task_score(metrics: dict, task: str) -> float | None:
-    """A task's held-out score in a done.json: ``eval/<task>/<metric>``, or ``eval/<task>`` in
-    runs recorded before tasks named their metric."""
-    named = [v for k, v in metrics.items() if k.startswith(f"eval/{task}/")]
-    return named[0] if len(named) == 1 else metrics.get(f"eval/{task}")
+    """A task's held-out score in a done.json: ``eval/<task>/<metric>`` under the task's own
+    metric (translate also logs BLEU beside its chrF), or ``eval/<task>`` in runs recorded
+    before tasks named their metric."""
+    from esft.data.tasks import get_task
+
+    own = f"eval/{task}/{get_task(task).metric}"
+    return metrics[own] if own in metrics else metrics.get(f"eval/{task}")
 
 
 def collect(study: Study) -> list[dict]:
