@@ -3,6 +3,10 @@
     python experiments/esft_paper/run.py                      # everything, resumable
     python experiments/esft_paper/run.py --seeds 0 --no-ablations
     python experiments/esft_paper/run.py --report-only         # rebuild tables and plots
+    python experiments/esft_paper/run.py --lr-check extract_fields # FFT, ESFT-Token x 4 learning rates
+    python experiments/esft_paper/run.py --base runs/bases/moe-<hash>/hf --name moe --seeds 0 1 2
+        # another base (an HF directory, e.g. `esft base --config configs/base/moe.yaml`'s) instead
+        # of pretraining base.yaml: runs/esft_paper_moe/, results_moe/, experts_moe/
 
 1. Base: `base.yaml` pretrains a tiny DeepSeek-V2-shaped MoE on the general mixture plus three
    domains (`base_data`: 4 general tasks x 6000 problems + 300 of each specialized task), once
@@ -15,6 +19,9 @@
    (FFT, LoRA r=8, ESFT-Token, ESFT-Gate, and the ablations), into runs/esft_paper/sweep/<task>.
 4. Report: results/results.csv (one row per run), results/tables.md (our numbers beside the
    paper's), results/methods.png.
+
+With --base, steps 2-4 run on that model instead (its vanilla row, expert scores and sizes too),
+into runs/esft_paper_<name>/, experts_<name>/ and results_<name>/; the own base's stay untouched.
 
 Runs on a GPU with a real MoE by editing base.yaml / finetune.yaml (model_name_or_path, data
 paths, steps): nothing here assumes the tiny model.
@@ -29,6 +36,7 @@ import statistics
 import subprocess
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -36,8 +44,6 @@ import yaml
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 RUNS = ROOT / "runs" / "esft_paper"
-BASE = RUNS / "base" / "hf"
-RESULTS = HERE / "results"
 TASKS = ["intent_json", "extract_fields", "translate"]
 GENERAL = ["general", {"name": "arithmetic", "max_digits": 2, "ops": "+"}, "sort_words", "list_ops"]
 GENERAL_NAMES = ["general", "arithmetic", "sort_words", "list_ops"]
@@ -53,6 +59,34 @@ PAPER = {
     "random_token": {"specialized_delta": -2.8},
     "random_gate": {"specialized_delta": -4.4},
 }
+
+
+@dataclass(frozen=True)
+class Study:
+    """Where one reproduction reads its base and writes its runs, expert configs and results: the
+    study's own base (pretrained from base.yaml when missing) or a given HF directory, whose
+    results stay apart from the own base's."""
+
+    base: Path
+    runs: Path
+    results: Path
+    experts: Path
+    own_base: bool
+
+    @classmethod
+    def own(cls) -> Study:
+        return cls(RUNS / "base" / "hf", RUNS, HERE / "results", HERE / "experts", own_base=True)
+
+    @classmethod
+    def given(cls, base: Path, name: str | None = None) -> Study:
+        """A study on `base`, named `name` (default: the base's directory, or its parent's when the
+        directory is an ``hf`` export)."""
+        base = base.resolve()
+        if not (base / "model.safetensors").exists():
+            raise SystemExit(f"run.py --base: no model.safetensors in {base} (give an HF model directory)")
+        name = name or (base.parent.name if base.name == "hf" else base.name)
+        return cls(base, ROOT / "runs" / f"esft_paper_{name}", HERE / f"results_{name}", HERE / f"experts_{name}",
+                   own_base=False)
 
 
 def sh(*cmd: str) -> None:
@@ -76,13 +110,13 @@ def base_data() -> Path:
     return path
 
 
-def ensure_base() -> None:
-    if not (BASE / "model.safetensors").exists():
+def ensure_base(study: Study) -> None:
+    if study.own_base and not (study.base / "model.safetensors").exists():
         sh("-m", "esft.cli", "fit", "--config", str(HERE / "base.yaml"), "--data.init_args.path", str(base_data()))
 
 
-def vanilla() -> dict[str, float]:
-    path = RESULTS / "vanilla.json"
+def vanilla(study: Study) -> dict[str, float]:
+    path = study.results / "vanilla.json"
     if path.exists():
         return json.loads(path.read_text())
     from esft.callbacks.evaluation import TaskEvaluation
@@ -94,19 +128,20 @@ def vanilla() -> dict[str, float]:
 
     cb = TaskEvaluation(tasks=[], num_examples=100)  # the fine-tuning runs' evaluation settings
     settings = yaml.safe_load((HERE / "finetune.yaml").read_text())["trainer"]["callbacks"][1]["init_args"]
-    model, tokenizer = load_model(str(BASE), torch.device("cpu"), "float32")
+    model, tokenizer = load_model(str(study.base), torch.device("cpu"), "float32")
     records = {t.name: t.generate(settings["num_examples"], cb.seed, "heldout")
                for t in (build_task(s) for s in TASKS + GENERAL)}
     scores = evaluate_tasks(model, tokenizer, records, settings["max_new_tokens"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    study.results.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(scores, indent=1) + "\n")
     return scores
 
 
-def heldout_losses(model_dir: Path) -> dict[str, float]:
+def heldout_losses(model_dir: Path, cache: Path | None = None) -> dict[str, float]:
     """Mean next-token loss on the answers of the same held-out problems as the exact-match
-    evaluation (a continuous signal where exact match is still 0 at this scale); cached."""
-    cache = model_dir / "heldout_loss.json"
+    evaluation (a continuous signal where exact match is still 0 at this scale); cached in
+    `cache` (default: the model directory's heldout_loss.json)."""
+    cache = cache or model_dir / "heldout_loss.json"
     if cache.exists():
         return json.loads(cache.read_text())
     from esft.callbacks.evaluation import TaskEvaluation
@@ -120,14 +155,21 @@ def heldout_losses(model_dir: Path) -> dict[str, float]:
     seed = TaskEvaluation(tasks=[]).seed
     losses = {t.name: perplexity(model, tokenizer, t.generate(100, seed, "heldout"), max_length=256)["loss"]
               for t in (build_task(s) for s in TASKS + GENERAL)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(losses, indent=1) + "\n")
     return losses
 
 
-def expert_configs(task: str) -> dict[str, Path]:
-    out = HERE / "experts" / task
+def base_losses(study: Study) -> dict[str, float]:
+    """The base's held-out losses, cached in the study's runs (a given base's directory is not ours
+    to write)."""
+    return heldout_losses(study.base, study.runs / "base_heldout_loss.json")
+
+
+def expert_configs(study: Study, task: str) -> dict[str, Path]:
+    out = study.experts / task
     if not (out / "scores.json").exists():
-        sh("-m", "esft.cli", "experts", "score", "--model", str(BASE), "--tokenizer", "builtin", "--tasks", task,
+        sh("-m", "esft.cli", "experts", "score", "--model", str(study.base), "--tokenizer", "builtin", "--tasks", task,
            "--num-per-task", "4000", "--tokens", "32768", "--max-length", "256", "--max-tokens", "2048",
            "--out", str(out))
     variants = {
@@ -146,7 +188,10 @@ def expert_configs(task: str) -> dict[str, Path]:
     return paths
 
 
-def grid(task: str, configs: dict[str, Path], cells: list[str]) -> Path:
+def grid(study: Study, task: str, configs: dict[str, Path], cells: list[str], lrs: list[float] | None = None,
+         stem: str | None = None) -> Path:
+    """The sweep grid of `cells` on `task` (crossed with the learning rates `lrs` when given),
+    written to the study's grids/<stem or task>.yaml."""
     ft = "model.init_args"
     cell_overrides = {"fft": {}, "lora": {f"{ft}.lora": {"r": 8, "alpha": 16.0}}}
     cell_overrides.update({name: {f"{ft}.experts": str(configs[name].relative_to(ROOT))} for name in configs})
@@ -155,20 +200,53 @@ def grid(task: str, configs: dict[str, Path], cells: list[str]) -> Path:
         # the seed also draws the training problems and their order: the weights come from the
         # base, so seed_everything alone would make FFT and ESFT runs of two seeds identical
         "seed_keys": ["data.init_args.seed"],
-        "set": {"data.init_args.tasks": [task], "trainer.callbacks.TaskEvaluation.init_args.tasks": [task, *GENERAL]},
+        "set": {"model.init_args.model_name_or_path": str(study.base), "data.init_args.tasks": [task],
+                "trainer.callbacks.TaskEvaluation.init_args.tasks": [task, *GENERAL]},
         "cells": {c: cell_overrides[c] for c in cells},
     }
-    path = RUNS / "grids" / f"{task}.yaml"
+    if lrs:
+        spec["axes"] = {f"{ft}.optim.lr": lrs}
+    path = study.runs / "grids" / f"{stem or task}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 
-def sizes(run_dir: Path, cell: str) -> dict[str, float]:
+def sweep(grid_path: Path, out: Path, seed: int) -> None:
+    """One `esft sweep` of a grid's cells at `seed` over finetune.yaml, into `out` (resumable)."""
+    sh("-m", "esft.commands.sweep", "--config", str(HERE / "finetune.yaml"), "--grid", str(grid_path),
+       "--out", str(out), "--seeds", str(seed), "--metrics", "eval/*", "wall_s")
+
+
+def lr_check(study: Study, task: str, cells: list[str], lrs: list[float], seed: int) -> None:
+    """The learning-rate check: `cells` x `lrs` on one task and seed, into the study's
+    lr/<task> sweep and results/lr_<task>.md (a row per method, a column per learning rate)."""
+    configs = expert_configs(study, task)
+    out = study.runs / "lr" / task
+    sweep(grid(study, task, configs, cells, lrs, stem=f"lr_{task}"), out, seed)
+    done = {}
+    for path in out.glob(f"*/seed{seed}/done.json"):
+        d = json.loads(path.read_text())
+        m = d["metrics"]
+        method = d["cell"].split(",")[0]  # the sweep names a cell "<method>,lr=<lr>"
+        done[method, d["overrides"]["model.init_args.optim.lr"]] = (
+            100 * task_score(m, task), 100 * statistics.mean(task_score(m, g) for g in GENERAL_NAMES))
+    lines = [f"Learning-rate check on {task}, seed {seed}: specialized exact match % / general avg % "
+             "(100 held-out problems per task).", "",
+             "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for c in cells:
+        cols = [done.get((c, lr)) for lr in lrs]
+        lines.append(f"| {c} | " + " | ".join(f"{v[0]:.1f} / {v[1]:.1f}" if v else "-" for v in cols) + " |")
+    study.results.mkdir(parents=True, exist_ok=True)
+    (study.results / f"lr_{task}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def sizes(study: Study, run_dir: Path, cell: str) -> dict[str, float]:
     """Trainable parameters and stored bytes of what a run ships."""
     from safetensors import safe_open
 
-    full = BASE / "model.safetensors"
+    full = study.base / "model.safetensors"
     with safe_open(full, "pt") as f:
         total = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
     if cell.startswith(("esft", "random")):
@@ -177,7 +255,7 @@ def sizes(run_dir: Path, cell: str) -> dict[str, float]:
             trainable = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())
         stored = adapter.stat().st_size
     elif cell == "lora":
-        trainable = lora_params()
+        trainable = lora_params(study.base)
         stored = trainable * 4
     else:
         trainable, stored = total, full.stat().st_size
@@ -191,30 +269,33 @@ def _prod(shape) -> int:
     return n
 
 
-_LORA: list[int] = []
+_LORA: dict[Path, int] = {}
 
 
-def lora_params() -> int:
-    if not _LORA:
+def lora_params(base: Path) -> int:
+    if base not in _LORA:
         from transformers import AutoModelForCausalLM
 
         from esft.models.lora import apply_lora
 
-        model = apply_lora(AutoModelForCausalLM.from_pretrained(BASE), {"r": 8, "alpha": 16.0})
-        _LORA.append(sum(p.numel() for p in model.parameters() if p.requires_grad))
-    return _LORA[0]
+        model = apply_lora(AutoModelForCausalLM.from_pretrained(base), {"r": 8, "alpha": 16.0})
+        _LORA[base] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return _LORA[base]
 
 
 def task_score(metrics: dict, task: str) -> float | None:
-    """A task's held-out score in a done.json: ``eval/<task>/<metric>``, or ``eval/<task>`` in
-    runs recorded before tasks named their metric."""
-    named = [v for k, v in metrics.items() if k.startswith(f"eval/{task}/")]
-    return named[0] if len(named) == 1 else metrics.get(f"eval/{task}")
+    """A task's held-out score in a done.json: ``eval/<task>/<metric>`` under the task's own
+    metric (translate also logs BLEU beside its chrF), or ``eval/<task>`` in runs recorded
+    before tasks named their metric."""
+    from esft.data.tasks import get_task
+
+    own = f"eval/{task}/{get_task(task).metric}"
+    return metrics[own] if own in metrics else metrics.get(f"eval/{task}")
 
 
-def collect() -> list[dict]:
+def collect(study: Study) -> list[dict]:
     rows = []
-    for done in sorted((RUNS / "sweep").glob("*/*/seed*/done.json")):
+    for done in sorted((study.runs / "sweep").glob("*/*/seed*/done.json")):
         d = json.loads(done.read_text())
         task = done.parents[2].name
         m = d["metrics"]
@@ -227,7 +308,7 @@ def collect() -> list[dict]:
                      **{f"general_{g}": 100 * scores[g] for g in GENERAL_NAMES if scores[g] is not None},
                      "specialized_loss": loss[task], "general_loss": statistics.mean(loss[g] for g in GENERAL_NAMES),
                      "train_loss": m.get("train/loss"), "tokens_per_s": m.get("perf/tokens_per_s"),
-                     "wall_s": m["wall_s"], **sizes(done.parent, d["cell"])})
+                     "wall_s": m["wall_s"], **sizes(study, done.parent, d["cell"])})
     return rows
 
 
@@ -239,11 +320,11 @@ def _mean_std(values: list[float], digits: int = 1) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def report(rows: list[dict], base: dict[str, float]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def report(study: Study, rows: list[dict], base: dict[str, float]) -> None:
+    study.results.mkdir(parents=True, exist_ok=True)
     if rows:
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(RESULTS / "results.csv", "w", newline="") as f:
+        with open(study.results / "results.csv", "w", newline="") as f:
             w = csv.DictWriter(f, keys)
             w.writeheader()
             w.writerows(rows)
@@ -258,7 +339,7 @@ def report(rows: list[dict], base: dict[str, float]) -> None:
              "| method | " + " | ".join(TASKS) + " | specialized avg | paper | general avg | paper | "
              "specialized loss | general loss | trainable % | stored MB | paper GB | wall s / run | train tok/s |",
              "|---|" + "---|" * (len(TASKS) + 11)]
-    van_loss = heldout_losses(BASE)
+    van_loss = base_losses(study)
     lines.append("| vanilla (base) | " + " | ".join(f"{100 * base[t]:.1f}" for t in TASKS) +
                  f" | {van_spec:.1f} | 33.6 | {van_gen:.1f} | 62.4 "
                  f"| {statistics.mean(van_loss[t] for t in TASKS):.3f} "
@@ -297,13 +378,13 @@ def report(rows: list[dict], base: dict[str, float]) -> None:
               "better; the general loss averages the base's four tasks).",
               "", "Paper training time (min): FFT 28.5, LoRA 16.5, ESFT-Token 19.8, ESFT-Gate 20.9. "
               "Paper Table 4: random experts of the same count lose 2.8 (token) and 4.4 (gate) points."]
-    (RESULTS / "tables.md").write_text("\n".join(lines) + "\n")
+    (study.results / "tables.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(by, {"exact match %": (van_gen, van_spec),
+    plot(study.results / "methods.png", by, {"exact match %": (van_gen, van_spec),
               "held-out loss": (statistics.mean(van_loss[g] for g in GENERAL_NAMES), statistics.mean(van_loss[t] for t in TASKS))})
 
 
-def plot(by: dict, vanilla: dict[str, tuple[float, float]]) -> None:
+def plot(path: Path, by: dict, vanilla: dict[str, tuple[float, float]]) -> None:
     """Specialized vs general, per method (mean over tasks and seeds): exact match and loss."""
     import matplotlib
 
@@ -327,31 +408,48 @@ def plot(by: dict, vanilla: dict[str, tuple[float, float]]) -> None:
         ax.set_title(f"{what} ({better})")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "methods.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1], help="seeds of the main methods (none: ablations only)")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS,
+                        help="the specialized tasks to fine-tune on (default: all; the report shows every finished run)")
     parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--ablation-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--ablations", nargs="+", choices=ABLATIONS, default=ABLATIONS,
+                        help="which ablation cells to run (default: all)")
+    parser.add_argument("--base", type=Path, help="an HF model directory to fine-tune instead of pretraining base.yaml")
+    parser.add_argument("--name", help="with --base: names its runs/esft_paper_<name>, results_<name>, experts_<name> "
+                                       "(default: the base's directory name)")
+    parser.add_argument("--lr-check", metavar="TASK", choices=TASKS,
+                        help="instead of the tables: --lr-methods x --lrs on TASK, seed --lr-seed")
+    parser.add_argument("--lr-methods", nargs="+", choices=MAIN + ABLATIONS, default=["fft", "esft_token"])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2])
+    parser.add_argument("--lr-seed", type=int, default=0)
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
+    if args.name and not args.base:
+        parser.error("--name needs --base")
+    study = Study.given(args.base, args.name) if args.base else Study.own()
+    if args.lr_check:
+        ensure_base(study)
+        lr_check(study, args.lr_check, args.lr_methods, args.lrs, args.lr_seed)
+        return
     if not args.report_only:
-        ensure_base()
-        base = vanilla()
-        configs = {t: expert_configs(t) for t in TASKS}
+        ensure_base(study)
+        base = vanilla(study)
+        configs = {t: expert_configs(study, t) for t in args.tasks}
         plan = [(MAIN, s) for s in args.seeds]
         if not args.no_ablations:
-            plan += [(ABLATIONS, s) for s in args.ablation_seeds]
+            plan += [(args.ablations, s) for s in args.ablation_seeds]
         for cells, seed in plan:
-            for task in TASKS:
-                path = grid(task, configs[task], cells)
-                sh("-m", "esft.commands.sweep", "--config", str(HERE / "finetune.yaml"), "--grid", str(path),
-                   "--out", str(RUNS / "sweep" / task), "--seeds", str(seed), "--metrics", "eval/*", "wall_s")
-                report(collect(), base)
-    report(collect(), vanilla())
+            for task in args.tasks:
+                sweep(grid(study, task, configs[task], cells), study.runs / "sweep" / task, seed)
+                report(study, collect(study), base)
+    report(study, collect(study), vanilla(study))
 
 
 if __name__ == "__main__":
