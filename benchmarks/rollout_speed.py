@@ -10,13 +10,17 @@ tokens (``min_new_tokens``), so every setup produces the same number of tokens. 
 
 * ``generate(num_return_sequences=G)``: `esft.evaluation.rollout` with ``share_prefix=False``,
   which runs every prompt G times;
-* esft shared prefix: `esft.evaluation.rollout` (each prompt runs once, its KV cache is copied);
+* esft shared prefix: `esft.evaluation.rollout` (each prompt runs once, its KV cache is copied
+  into a static cache), its decode step eager (``compile_decode=False``) and compiled
+  (``compile_decode=True``: Inductor, dynamic shapes);
 * TRL ``GRPOTrainer``: its generation path (``_generate_single_turn``, transformers ``generate``,
   no vLLM) on the prompt ids repeated G times, as its sampler hands them over.
 
 The setups take turns within each repeat (the machine's load hits all alike); rollout tokens/s
-= completion tokens / seconds, median over ``--repeats`` after one warm-up round. TRL is an
-optional dependency of this benchmark only: ``pip install trl``.
+= completion tokens / seconds, median over ``--repeats`` after one warm-up round. The warm-up
+round's seconds are reported too (``first_call_s``): for the compiled setup they hold the
+compilation, and ``graphs`` counts the graphs Dynamo made over the whole run (1: no recompile).
+TRL is an optional dependency of this benchmark only: ``pip install trl``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 from grpo_vs_trl import SIZES as GRPO_SIZES, SYSTEM, TASK  # the GRPO benchmark's model, task and prompts
 
@@ -90,16 +95,19 @@ def main() -> None:
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]  # as `rollout` encodes them
     sampling = dict(do_sample=True, temperature=1.0, top_k=0, min_new_tokens=args.new_tokens)
 
-    def ours(share: bool):
+    def ours(share: bool, compile_decode: bool = False):
         return lambda: [r.completion_ids for r in rollout(model, tokenizer, convs, args.new_tokens, args.prompts,
-                                                          args.generations, share_prefix=share, **sampling)]
+                                                          args.generations, share_prefix=share,
+                                                          compile_decode=compile_decode, **sampling)]
 
-    setups = {"generate(num_return_sequences=G)": ours(False), "esft rollout, shared prefix": ours(True)}
+    setups = {"generate(num_return_sequences=G)": ours(False), "esft rollout, shared prefix": ours(True),
+              "esft rollout, shared prefix, compiled decode": ours(True, True)}
     if not args.no_trl:
         trl = trl_generator(copy.deepcopy(model), tokenizer, args)
         repeated = [ids for ids in prompt_ids for _ in range(args.generations)]
         setups["TRL GRPOTrainer generation"] = lambda: trl(repeated)
     times: dict[str, list[float]] = {name: [] for name in setups}
+    first: dict[str, float] = {}
     for round_ in range(args.repeats + 1):
         for name, fn in setups.items():
             if args.device == "cuda":
@@ -111,8 +119,10 @@ def main() -> None:
             seconds = time.perf_counter() - start
             tokens = sum(len(c) for c in completions)
             assert tokens == args.prompts * args.generations * args.new_tokens, (name, tokens)
-            if round_:  # the first round warms up
+            if round_:  # the first round warms up (and compiles)
                 times[name].append(seconds)
+            else:
+                first[name] = seconds
     tokens = args.prompts * args.generations * args.new_tokens
     lengths = [len(ids) for ids in prompt_ids]
     baseline = statistics.median(times["generate(num_return_sequences=G)"])
@@ -121,17 +131,22 @@ def main() -> None:
     for name, ts in times.items():
         s = statistics.median(ts)
         rows.append({"setup": name, "seconds": round(s, 3), "tokens_per_s": round(tokens / s),
-                     "vs_generate": round(baseline / s, 2), "vs_trl": round(trl_s / s, 2) if trl_s else None})
+                     "vs_generate": round(baseline / s, 2), "vs_trl": round(trl_s / s, 2) if trl_s else None,
+                     "first_call_s": round(first[name], 3)})
     n_params = sum(p.numel() for p in model.parameters())
     print(f"\n{args.prompts} prompts ({min(lengths)}-{max(lengths)} tokens, mean {statistics.mean(lengths):.0f}) x "
           f"G={args.generations} x {args.new_tokens} new tokens, {n_params / 1e6:.1f}M parameters, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print("| setup | seconds | rollout tokens/s | vs generate(G) | vs TRL |\n|---|---|---|---|---|")
+    print("| setup | seconds | rollout tokens/s | vs generate(G) | vs TRL | first call s |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setup']} | {r['seconds']} | {r['tokens_per_s']:,} | {r['vs_generate']} | {r['vs_trl']} |")
+        print(f"| {r['setup']} | {r['seconds']} | {r['tokens_per_s']:,} | {r['vs_generate']} | {r['vs_trl']} | "
+              f"{r['first_call_s']} |")
+    graphs = counters["stats"]["unique_graphs"]
+    print(f"compiled decode: {graphs} graph(s) over the run")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        report = {"config": vars(args), "prompt_tokens": [min(lengths), max(lengths)], "parameters": n_params, "rows": rows}
+        report = {"config": vars(args), "prompt_tokens": [min(lengths), max(lengths)], "parameters": n_params,
+                  "graphs": graphs, "rows": rows}
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 

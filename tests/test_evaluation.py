@@ -140,6 +140,30 @@ def test_rollout_token_ids_match_text(trained):
 
 
 
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def sharp_model(tokenizer, model_type: str = "llama"):
+    """A tiny random model whose greedy completions depend on the prompt: at init attention is
+    near uniform and blind to positions, so its q and k projections are scaled up."""
+    from esft.models import build_model
+
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    model = build_model(tokenizer, None, dict(TINY[model_type]), "float32", "sdpa")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(30)
+    return model
+
+
+def prompts(*words: int) -> list[list[dict[str, str]]]:
+    """One user turn per count: the first that many of `WORDS`."""
+    return [[{"role": "user", "content": " ".join(WORDS[:n])}] for n in words]
+
+
 @pytest.mark.parametrize("model_type, cache", [("llama", "static"), ("llama", "dynamic"), ("qwen2", "static")])
 def test_shared_prefix_rollout_equals_generate_with_copies(tokenizer, monkeypatch, model_type, cache):
     """Prompts run once with their KV cache copied to the G samples give the same greedy
@@ -148,18 +172,9 @@ def test_shared_prefix_rollout_equals_generate_with_copies(tokenizer, monkeypatc
     import importlib
 
     from esft.evaluation import rollout
-    from esft.models import build_model
 
-    from conftest import TINY
-
-    torch.manual_seed(0)
-    model = build_model(tokenizer, None, dict(TINY[model_type]), "float32", "sdpa")
-    with torch.no_grad():  # sharp attention: at init it is near uniform and blind to positions
-        for name, p in model.named_parameters():
-            if "q_proj" in name or "k_proj" in name:
-                p.mul_(30)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    convs = [[{"role": "user", "content": " ".join(words[:n])}] for n in (1, 7, 3, 12)]
+    model = sharp_model(tokenizer, model_type)
+    convs = prompts(1, 7, 3, 12)
     gen = importlib.import_module("esft.evaluation.generate")  # the module, not the function of that name
     prefill, calls = gen.prefill_shared, []
     monkeypatch.setattr(gen, "prefill_shared", lambda m, enc, *a: calls.append(enc["input_ids"].shape[0]) or prefill(m, enc, *a))
@@ -178,3 +193,58 @@ def test_shared_prefix_rollout_equals_generate_with_copies(tokenizer, monkeypatc
     sampled = ids(True, do_sample=True, top_k=0)
     assert sampled == ids(False, do_sample=True, top_k=0)
     assert len({tuple(x) for x in sampled}) == 12
+
+
+@pytest.mark.parametrize("backend", [pytest.param("inductor", marks=pytest.mark.slow), "eager"])
+def test_compiled_decode_gives_the_eager_greedy_completions(tokenizer, monkeypatch, backend):
+    """``compile_decode=True`` compiles ``generate``'s decode step on CPU (``auto`` does not:
+    transformers' rule), once: other prompt widths and batch sizes (dynamic shapes), and the
+    plain path's own static cache after the shared prefix's (fresh tensors, not views), reuse
+    the graph. The greedy completions are the eager ones, token for token, on both paths (shared:
+    3 samples per prompt). Inductor, the backend rollouts use, takes one to two minutes to
+    compile here (slow); the ``eager`` backend runs Dynamo's capture and guards, which decide what
+    recompiles, without Inductor's code, in seconds."""
+    import functools
+    import importlib
+
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from esft.evaluation import rollout
+
+    gen = importlib.import_module("esft.evaluation.generate")
+    monkeypatch.setattr(gen, "CompileConfig", functools.partial(CompileConfig, backend=backend))
+    torch._dynamo.reset()  # a graph of an earlier test would be reused
+    model = sharp_model(tokenizer)
+    decided = []  # per generate call: whether transformers compiles its decode step
+    criteria = model._valid_auto_compile_criteria
+    monkeypatch.setattr(model, "_valid_auto_compile_criteria", lambda *a: decided.append(criteria(*a)) or decided[-1])
+
+    def ids(compile_decode, convs, num_samples=3, share_prefix=True) -> list[list[int]]:
+        decided.clear()
+        outs = rollout(model, tokenizer, convs, 10, num_samples=num_samples, share_prefix=share_prefix,
+                       compile_decode=compile_decode, do_sample=False)
+        return [r.prompt_ids + r.completion_ids for r in outs]
+
+    first, second = prompts(1, 7, 3, 12), prompts(2, 9)
+    eager = ids("auto", first)
+    assert decided == [False]
+    assert len({tuple(x) for x in eager}) == 4  # the prompts lead to different completions
+    graphs = counters["stats"]["unique_graphs"]
+    assert ids(True, first) == eager and decided == [True]
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert ids(True, second) == ids(False, second)
+    assert ids(True, first, num_samples=1, share_prefix=False) == eager[::3] and decided == [True]
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # no recompile
+
+
+def test_compiled_decode_needs_the_static_cache(tokenizer):
+    """``compile_decode=True`` with the dynamic cache, or a value other than auto/True/False, is
+    an error naming it, raised before any generation."""
+    from esft.evaluation import rollout
+
+    model = sharp_model(tokenizer)
+    with pytest.raises(ValueError, match="compile_decode=True .* static cache; got cache='dynamic'"):
+        rollout(model, tokenizer, prompts(3), 4, num_samples=2, cache="dynamic", compile_decode=True)
+    with pytest.raises(ValueError, match="compile_decode must be 'auto', True or False, got 'yes'"):
+        rollout(model, tokenizer, prompts(3), 4, num_samples=2, compile_decode="yes")

@@ -31,7 +31,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from esft.data.tasks import EpisodeTask, TASKS, get_task
-from esft.evaluation.generate import CacheKind, Rollout, _cache_argument, _select_rows, generation_mode, prefill_shared
+from esft.evaluation.generate import (CacheKind, CompileDecode, Rollout, _cache_argument, _select_rows, compile_options,
+                                     generation_mode, prefill_shared)
 from esft.models.sharding import synced_generation
 
 
@@ -81,6 +82,7 @@ def episode_rollout(
     max_turns: int | None = None,
     max_env_tokens: int = 64,
     cache: CacheKind = "static",
+    compile_decode: CompileDecode = "auto",
     **sampling: Any,
 ) -> list[Rollout]:
     """Play each record's episode ``num_samples`` times; greedy unless ``do_sample=True``.
@@ -94,6 +96,8 @@ def episode_rollout(
         max_env_tokens: the limit of one rendered environment reply (sizes the static cache); a
             longer reply is an error naming the task and the reply.
         cache: ``static`` (preallocated for the longest episode) or ``dynamic``.
+        compile_decode: compile ``generate``'s decode step: ``auto`` where transformers does (CUDA,
+            static cache), True on any device (static cache only), False never (`compile_options`).
         **sampling: passed to ``model.generate`` (``do_sample``, ``temperature``, ``top_p``, ...).
 
     Returns:
@@ -108,6 +112,7 @@ def episode_rollout(
             raise ValueError(f"episode_rollout: record {r.get('id', '?')!r} has task {r.get('task')!r}, which is not "
                              f"a multi-turn episode task")
     sampling.setdefault("do_sample", num_samples > 1)
+    sampling.update(compile_options(compile_decode, cache))
     prompts = [tokenizer.apply_chat_template(EpisodeTask.prompt(r), tokenize=False, add_generation_prompt=True)
                for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
+from transformers import CompileConfig, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from esft.data.tasks import EpisodeTask, get_task
 from esft.evaluation.metrics import summarize
@@ -48,24 +48,45 @@ def _cache_argument(model: PreTrainedModel) -> str:
 
 
 CacheKind = Literal["dynamic", "static"]
+CompileDecode = Literal["auto"] | bool
+
+
+def compile_options(compile_decode: CompileDecode, cache: CacheKind) -> dict[str, Any]:
+    """The ``model.generate`` options for `compile_decode`: ``auto`` leaves transformers' rule (it
+    compiles the decode step for a static cache on CUDA, XPU, TPU and Neuron, not on CPU); False
+    never compiles; True compiles it on any device, which needs the static cache. True compiles
+    with dynamic shapes: a rollout's batch size and cache length change with its prompts, and
+    transformers' default (static, then dynamic on the first change) compiles twice. (A batch
+    without left padding after padded ones still compiles once more: transformers' decode mask
+    is then a fresh tensor, not a view.)"""
+    if compile_decode == "auto":
+        return {}
+    if compile_decode is False:
+        return {"disable_compile": True}
+    if compile_decode is not True:
+        raise ValueError(f"compile_decode must be 'auto', True or False, got {compile_decode!r}")
+    if cache != "static":
+        raise ValueError(f"compile_decode=True compiles the decode step for a static cache; got cache={cache!r}")
+    config = CompileConfig(dynamic=True)
+    config._compile_all_devices = True  # transformers' switch for devices other than CUDA, XPU, TPU, Neuron
+    return {"compile_config": config}
 
 
 def _repeat_rows(cache: DynamicCache | StaticCache, repeats: int) -> None:
     """Each row of the cache `repeats` times, consecutive. A static layer has no
-    ``batch_repeat_interleave``: its preallocated tensors are repeated and marked static again."""
+    ``batch_repeat_interleave``: its rows are indexed (`_select_rows`), which makes fresh tensors
+    as ``generate``'s own static cache holds; ``repeat_interleave`` makes views, whose ``_base``
+    a compiled decode step guards on (a second compilation for the other kind)."""
     if isinstance(cache, DynamicCache):
         cache.batch_repeat_interleave(repeats)
         return
-    for layer in cache.layers:
-        layer.keys = layer.keys.repeat_interleave(repeats, dim=0)
-        layer.values = layer.values.repeat_interleave(repeats, dim=0)
-        layer.batch_size = layer.keys.shape[0]
-        torch._dynamo.mark_static_address(layer.keys)
-        torch._dynamo.mark_static_address(layer.values)
+    keys = cache.layers[0].keys
+    _select_rows(cache, torch.arange(keys.shape[0], device=keys.device).repeat_interleave(repeats))
 
 
 def _select_rows(cache: DynamicCache | StaticCache, rows: torch.Tensor) -> None:
-    """Keep only the cache rows `rows` (in that order)."""
+    """Keep only the cache rows `rows` (in that order); a static layer's new tensors are marked
+    static again."""
     if isinstance(cache, DynamicCache):
         cache.batch_select_indices(rows)
         return
@@ -87,8 +108,8 @@ def prefill_shared(model: PreTrainedModel, enc: dict[str, torch.Tensor], num_sam
 
     ``static`` preallocates the cache for ``max_new_tokens`` more tokens: a dynamic cache grows by
     concatenation, copying every layer's keys and values at every step (61% of a shared-prefix
-    rollout's time on CPU, 16 prompts of 195 tokens x 8 samples); on CUDA ``generate`` also
-    compiles its decoding step for a static cache."""
+    rollout's time on CPU, 16 prompts of 195 tokens x 8 samples); with a static cache ``generate``
+    can also compile its decode step (`rollout`'s ``compile_decode``)."""
     mask = enc["attention_mask"]
     position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     width = enc["input_ids"].shape[1]
@@ -124,6 +145,7 @@ def rollout(
     progress: bool = False,
     share_prefix: bool = True,
     cache: CacheKind = "static",
+    compile_decode: CompileDecode = "auto",
     **sampling: Any,
 ) -> list[Rollout]:
     """Complete each conversation with an assistant turn; greedy unless ``do_sample=True``
@@ -136,8 +158,16 @@ def rollout(
     through ``generate`` alone); greedy completions are the same token for token either way. A
     sharded model (FSDP2, ZeRO-3) generates in lockstep across ranks (``synced_gpus``); every rank
     must then pass the same number of conversations.
+
+    ``cache`` is the shared path's KV cache (`prefill_shared`). ``compile_decode`` (`compile_options`):
+    ``auto`` compiles ``generate``'s decode step where transformers does (CUDA, static cache; not
+    on CPU), True on any device (the plain path then has ``generate`` allocate a static cache),
+    False never. On CPU the compiled step gave 1.06-1.09x the eager one's tokens/s after 1-2
+    minutes of compilation per process (benchmarks/README.md): worth it for long runs only.
     """
     device = next(model.parameters()).device
+    compiled = compile_options(compile_decode, cache)
+    plain = dict(compiled, cache_implementation="static") if compile_decode is True else compiled
     sampling.setdefault("do_sample", num_samples > 1)
     if synced_generation(model):
         sampling.setdefault("synced_gpus", True)
@@ -159,6 +189,7 @@ def rollout(
                     num_return_sequences=1 if shared else num_samples,
                     pad_token_id=tokenizer.pad_token_id,
                     eos_token_id=eos,
+                    **(compiled if shared else plain),
                     **sampling,
                 )
                 width = enc["input_ids"].shape[1]

@@ -49,6 +49,7 @@ from esft.data.prompts import prompt_messages
 from esft.data.tokenize import completion_example
 from esft.evaluation import Rollout, rollout
 from esft.evaluation.episodes import all_episodes, episode_rollout, policy_tokens
+from esft.evaluation.generate import CompileDecode
 from esft.losses.ce import IGNORE_INDEX, next_token_targets
 from esft.losses.grpo import LossType, ScaleRewards, group_advantages, grpo_loss
 from esft.models.forward import target_logprobs
@@ -107,6 +108,7 @@ class GRPOModule(CausalLMModule):
         generation_batch_size: int = 256,
         skip_zero_advantage: bool = True,
         share_prefix: bool = True,
+        compile_decode: CompileDecode = "auto",
         dynamic_sampling: bool = False,
         max_refill_rounds: int = 3,
         ref_refresh_steps: int | None = None,
@@ -140,6 +142,10 @@ class GRPOModule(CausalLMModule):
                 is not 0 (the others add nothing to the loss or gradient; `_update`).
             share_prefix: run each prompt once and copy its KV cache to its G samples (the same
                 samples as ``generate(num_return_sequences=G)``, without its G prefills).
+            compile_decode: compile the decode step of generation (static KV cache): ``auto`` where
+                transformers does (CUDA, not CPU); True on any device (on CPU 1.06-1.09x the rollout
+                tokens/s after 1-2 minutes of compilation, benchmarks/README.md); False never
+                (`esft.evaluation.generate.compile_options`).
             dynamic_sampling: DAPO's dynamic sampling: keep only groups whose rewards differ, and
                 generate for more prompts until the batch is full again (`_sample`).
             max_refill_rounds: the cap on extra generation rounds per step with `dynamic_sampling`.
@@ -222,10 +228,11 @@ class GRPOModule(CausalLMModule):
         sampling = dict(do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=0)
         if all_episodes(records):
             outs = episode_rollout(self.model, self.tokenizer, records, hp.max_completion_length, hp.generation_batch_size,
-                                   hp.num_generations, hp.max_turns, **sampling)
+                                   hp.num_generations, hp.max_turns, compile_decode=hp.compile_decode, **sampling)
         else:
             outs = rollout(self.model, self.tokenizer, [prompt_messages(r) for r in records], hp.max_completion_length,
-                           hp.generation_batch_size, hp.num_generations, share_prefix=hp.share_prefix, **sampling)
+                           hp.generation_batch_size, hp.num_generations, share_prefix=hp.share_prefix,
+                           compile_decode=hp.compile_decode, **sampling)
         records_g = [r for r in records for _ in range(hp.num_generations)]
         return outs, [Sample(r, o.text, policy_tokens(o), o.truncated) for r, o in zip(records_g, outs)]
 
