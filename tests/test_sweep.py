@@ -258,7 +258,11 @@ if mode != "quick":
     time.sleep(120)
 """
 DRIVER = """
+import signal
 import sys
+# as a shell's foreground command has it, whatever the test process left: Ctrl-C on, unblocked
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 import esft.commands.sweep as sweep
 import esft.runs as runs
 fake, mode, *args = sys.argv[1:]
@@ -325,7 +329,7 @@ def test_a_killed_sweep_ends_its_child(tmp_path, sig):
     grandchild = int(run_dir.joinpath("grandchild.pid").read_text()) if sig != signal.SIGKILL else None
     try:
         proc.send_signal(sig)
-        proc.wait(timeout=60)  # seconds when idle; generous for a loaded machine
+        proc.communicate(timeout=60)  # seconds when idle; generous for a loaded machine (reads the pipes: no stall on a full one)
         assert proc.returncode == {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: -signal.SIGINT,
                                    signal.SIGKILL: -signal.SIGKILL}[sig]
         for pid in (child, grandchild or child):
