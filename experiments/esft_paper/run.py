@@ -221,6 +221,8 @@ def sweep(grid_path: Path, out: Path, seed: int) -> None:
 def lr_check(study: Study, task: str, cells: list[str], lrs: list[float], seed: int) -> None:
     """The learning-rate check: `cells` x `lrs` on one task and seed, into the study's
     lr/<task> sweep and results/lr_<task>.md (a row per method, a column per learning rate)."""
+    from esft.reports import markdown_table
+
     configs = expert_configs(study, task)
     out = study.runs / "lr" / task
     sweep(grid(study, task, configs, cells, lrs, stem=f"lr_{task}"), out, seed)
@@ -231,12 +233,11 @@ def lr_check(study: Study, task: str, cells: list[str], lrs: list[float], seed: 
         method = d["cell"].split(",")[0]  # the sweep names a cell "<method>,lr=<lr>"
         done[method, d["overrides"]["model.init_args.optim.lr"]] = (
             100 * task_score(m, task), 100 * statistics.mean(task_score(m, g) for g in GENERAL_NAMES))
+    columns = ["method", *(f"lr {lr:g}" for lr in lrs)]
+    rows = [{"method": c, **{f"lr {lr:g}": f"{v[0]:.1f} / {v[1]:.1f}" for lr in lrs if (v := done.get((c, lr)))}}
+            for c in cells]
     lines = [f"Learning-rate check on {task}, seed {seed}: specialized exact match % / general avg % "
-             "(100 held-out problems per task).", "",
-             "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
-    for c in cells:
-        cols = [done.get((c, lr)) for lr in lrs]
-        lines.append(f"| {c} | " + " | ".join(f"{v[0]:.1f} / {v[1]:.1f}" if v else "-" for v in cols) + " |")
+             "(100 held-out problems per task).", "", markdown_table(columns, rows)]
     study.results.mkdir(parents=True, exist_ok=True)
     (study.results / f"lr_{task}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
