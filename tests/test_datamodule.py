@@ -79,6 +79,32 @@ def test_extra_paths_add_training_records_beside_builtin(tmp_path):
         make("builtin", tasks=["arithmetic"], num_train_per_task=4, extra_paths=[str(tmp_path / "missing.jsonl")])
 
 
+def test_builtin_validation_from_the_training_split(tmp_path):
+    """``val_split: train`` validates on training-split problems that are not trained on: apart
+    from the held-out problems evaluations score, and without any prompt the training data holds
+    (an `extra_paths` file of samples on training prompts included)."""
+    from esft.data.datamodule import prompt_key
+    from esft.data.tasks import build_task
+    from esft.data.tasks.base import split_of
+
+    kw = dict(tasks=["reverse_words"], num_train_per_task=40, num_val_per_task=10)
+    dm = make("builtin", val_split="train", **kw)
+    train, val = dm.load_records()
+    prompts = lambda rs: {r["messages"][-2]["content"] for r in rs}  # noqa: E731
+    assert len(train) == 40 and len(val) == 10 and not prompts(train) & prompts(val)
+    assert all(split_of(p) == "train" for p in prompts(val))
+    heldout = make("builtin", **kw).load_records()[1]
+    assert all(split_of(p) == "heldout" for p in prompts(heldout))
+    assert [e["input_ids"] for e in dm.train_examples] == [e["input_ids"] for e in make("builtin", **kw).train_examples]
+    # samples on three of the validation prompts arrive as extra training data: those three leave
+    extra = build_task("reverse_words").generate(50, seed=0, split="train")[40:43]
+    dm = make("builtin", val_split="train", extra_paths=[write_jsonl(tmp_path / "rs.jsonl", extra)], **kw)
+    train, val = dm.load_records()
+    assert len(val) == 7 and not {prompt_key(r) for r in train} & {prompt_key(r) for r in val}
+    with pytest.raises(ValueError, match="val_split='validation': with path: builtin"):
+        make("builtin", val_split="validation", **kw)
+
+
 def test_skip_policy_reports_counts(tmp_path, report):
     rows = conversations(5) + [{"prompt": "p", "response": ""}, {"prompt": "p", "response": " "}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)

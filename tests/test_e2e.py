@@ -322,3 +322,30 @@ def test_data_report_is_written_to_the_run_directory_and_logged(tmp_path):
     logged = {tag: scalars.Scalars(tag)[0].value for tag in scalars.Tags()["scalars"] if tag.startswith("data/")}
     assert logged == {"data/rows_read": 7, "data/skipped": 1, "data/examples": 6, "data/truncated": 1, "data/dropped": 0,
                       "data/tokens": train["tokens"], "data/trained_tokens": train["trained_tokens"]}
+
+
+def test_a_pretrained_model_fine_tunes_in_train_mode(tmp_path):
+    """`from_pretrained` returns eval mode and Lightning keeps each module's mode: without the
+    module's switch a model with dropout would fine-tune with dropout off."""
+    from transformers import AutoConfig
+
+    from esft.models.tokenizer import load_tokenizer
+    from esft.objectives import SFTModule
+    from esft.data import SFTDataModule
+
+    tok = load_tokenizer("builtin")
+    config = AutoConfig.for_model(**TINY["llama"], vocab_size=len(tok), attention_dropout=0.1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "pretrained")
+    tok.save_pretrained(tmp_path / "pretrained")
+    seen = []
+
+    class Modes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(all(m.training for m in pl_module.model.modules()))
+
+    module = SFTModule(model_name_or_path=str(tmp_path / "pretrained"))
+    data = SFTDataModule(tokenizer_name=str(tmp_path / "pretrained"), tasks=["reverse_words"], num_train_per_task=8,
+                         num_val_per_task=0, max_length=64, max_tokens=128)
+    L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[Modes()]).fit(module, datamodule=data)
+    assert seen == [True, True]

@@ -145,11 +145,12 @@ def test_pipeline_resumes_at_interrupted_stage(tmp_path, monkeypatch):
     stage_cfg = yaml.safe_load((run / "rl" / "run.yaml").read_text())
     assert stage_cfg["model"]["init_args"]["model_name_or_path"] == str(run / "sft" / "hf")
     lines = table.splitlines()
-    assert lines[0].startswith("| stage | kind | pass@1 | format") and len(lines) == 5
+    assert lines[0].startswith("| stage | kind | step | pass@1 | format") and len(lines) == 5
     assert [line.split(" | ")[0][2:] for line in lines[2:]] == ["sft", "rs", "rl"]
     result = json.loads((run / "rl" / "done.json").read_text())
     assert 0.0 <= result["pass@1"] <= 1.0 and 0.0 <= result["format"] <= 1.0 and result["n"] == 4
-    assert (run / "summary.csv").read_text().splitlines()[0] == "stage,kind,pass@1,format,length,pref_accuracy,kept,wall_s"
+    assert result["step"] == 2 and "step" not in json.loads((run / "rs" / "done.json").read_text())  # the exported weights' step
+    assert (run / "summary.csv").read_text().splitlines()[0] == "stage,kind,step,pass@1,format,length,pref_accuracy,kept,wall_s"
 
 
 @pytest.mark.slow

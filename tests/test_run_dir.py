@@ -166,3 +166,48 @@ def test_export_refuses_the_base_model_directory(tmp_path, monkeypatch, capsys):
                      "--trainer.callbacks+", json.dumps([{"class_path": "esft.callbacks.ExportHF", "init_args": {"dirpath": str(base)}}]))
     assert code == 2 and f"{base}: holds files that no esft export wrote" in err
     assert (base / "model.safetensors").exists()
+
+
+def best_export_config(root: Path, mode: str, monitor: str | None = "val/loss") -> Path:
+    """`shipped_style_config` validated every 2 of 6 steps, one checkpoint kept by `monitor` and
+    exported with ``ExportHF(best=True)``."""
+    cfg = yaml.safe_load(shipped_style_config(root, max_steps=6).read_text())
+    cfg["trainer"].update(limit_val_batches=1.0, val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0)
+    cfg["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"monitor": monitor, "mode": mode, "save_top_k": 1}},
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",  # the last step's weights, to compare with
+         "init_args": {"dirpath": str(root / "final"), "every_n_train_steps": 6, "save_top_k": -1}},
+        {"class_path": "esft.callbacks.ExportHF", "init_args": {"best": True}},
+    ]
+    path = root / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_export_best_writes_the_monitored_optimum(tmp_path, mode):
+    """``mode: max`` on the validation loss selects an early checkpoint, so the export differs
+    from the last step's weights and equals the selected checkpoint's."""
+    main(["fit", "--config", str(best_export_config(tmp_path, mode))])
+    run = tmp_path / "run"
+    source = json.loads((run / "hf" / "export.json").read_text())
+    best = list((run / "checkpoints").glob("*.ckpt"))
+    assert len(best) == 1 and source["weights"] == "best" and source["steps_trained"] == 6
+    ckpt = torch.load(best[0], map_location="cpu", weights_only=False)
+    last = torch.load(next((tmp_path / "final").glob("*step=6.ckpt")), map_location="cpu", weights_only=False)
+    assert source["step"] == ckpt["global_step"] and source["monitor"] == "val/loss"
+    state = ckpt["callbacks"][next(k for k in ckpt["callbacks"] if k.startswith("ModelCheckpoint"))]
+    assert source["score"] == pytest.approx(float(state["best_model_score"]))
+    exported = load_file(run / "hf" / "model.safetensors")
+    for key, value in exported.items():
+        assert torch.equal(value, ckpt["state_dict"]["model." + key]), key
+    if mode == "max":  # the loss falls at lr 1e-2: the highest validation loss is the first one, not the last step
+        assert source["step"] == 2
+        assert not all(torch.equal(v, last["state_dict"]["model." + k]) for k, v in exported.items())
+
+
+def test_export_best_needs_a_monitored_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="ModelCheckpoint with a monitor"):
+        main(["fit", "--config", str(best_export_config(tmp_path, "min", monitor=None))])
+    assert not (tmp_path / "run" / "hf").exists()

@@ -9,11 +9,13 @@ adapter alone in peft's format under ``adapter/``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
@@ -37,17 +39,50 @@ class ExportHF(L.Callback):
     Sharded models (FSDP2, DeepSpeed ZeRO-3) are gathered on every rank and written once.
     """
 
-    def __init__(self, dirpath: str | None = None) -> None:
+    def __init__(self, dirpath: str | None = None, best: bool = False) -> None:
+        """
+        Args:
+            dirpath: where the model goes (default ``<log_dir>/hf``).
+            best: export the weights of the best checkpoint of the run's ``ModelCheckpoint`` (by
+                its ``monitor``, e.g. ``val/loss``) instead of the last step's, so that a run trained
+                past its validation optimum exports that optimum; the module holds those weights
+                after `fit`. ``export.json`` in the export says which step was written.
+        """
         self.dirpath = dirpath
+        self.best = best
 
     def _target(self, trainer) -> Path:
         return Path(self.dirpath or os.path.join(trainer.log_dir or trainer.default_root_dir, "hf"))
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        if self.best:
+            monitored = trainer.checkpoint_callback is not None and trainer.checkpoint_callback.monitor
+            if not monitored:
+                raise ValueError("ExportHF(best=True) exports the best checkpoint of a ModelCheckpoint with a "
+                                 "monitor (add one to trainer.callbacks, e.g. monitor: val/loss, save_top_k: 1)")
+            if isinstance(pl_module.model, FSDPModule) or "deepspeed" in type(trainer.strategy).__name__.lower():
+                raise ValueError("ExportHF(best=True) reloads whole weights from a checkpoint: not with "
+                                 f"{type(trainer.strategy).__name__} (sharded); export the last step instead")
         if trainer.is_global_zero:  # refuse before training, not after it
             check_replaceable(self._target(trainer))
 
+    def _restore_best(self, trainer, pl_module) -> dict:
+        """Load the best checkpoint's weights into `pl_module`; returns what `export.json` records."""
+        cb = trainer.checkpoint_callback
+        if not cb.best_model_path:
+            raise ValueError(f"ExportHF(best=True): no checkpoint was selected by {cb.monitor!r} (did validation run? "
+                             "set trainer.val_check_interval and data with validation records); nothing exported")
+        ckpt = torch.load(cb.best_model_path, map_location="cpu", weights_only=False)
+        pl_module.load_state_dict(ckpt["state_dict"])
+        score = cb.best_model_score
+        rank_zero_info(f"[export] best checkpoint: step {ckpt['global_step']} ({cb.monitor} = {float(score):.4f}), "
+                       f"of {trainer.global_step} steps")
+        return {"weights": "best", "step": ckpt["global_step"], "monitor": cb.monitor, "score": float(score),
+                "steps_trained": trainer.global_step, "checkpoint": cb.best_model_path}
+
     def on_fit_end(self, trainer, pl_module) -> None:
+        self._source = (self._restore_best(trainer, pl_module) if self.best
+                        else {"weights": "last", "step": trainer.global_step, "steps_trained": trainer.global_step})
         model = pl_module.model
         if isinstance(model, FSDPModule):  # FSDP2: every rank takes part in gathering the full weights
             state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -78,6 +113,7 @@ class ExportHF(L.Callback):
         if is_lora(pl_module.model):  # the adapter alone too, in peft's format (`PeftModel.from_pretrained`)
             pl_module.model.save_pretrained(tmp / "adapter", safe_serialization=True, state_dict=full_state)
         (tmp / MARKER).write_text("written by esft.callbacks.ExportHF; replaced by the next export\n")
+        (tmp / "export.json").write_text(json.dumps(self._source, indent=2) + "\n")
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
             target.rename(old)

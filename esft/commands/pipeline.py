@@ -167,7 +167,7 @@ def evaluate_stage(model_dir: Path, eval_cfg: dict[str, Any]) -> dict[str, float
 def write_summary(out: Path, stages: list[dict[str, Any]]) -> str:
     """Rewrite ``summary.md`` and ``summary.csv`` from the finished stages' ``done.json``."""
     rows = [r for stage in stages if (r := read_json(out / stage["name"] / DONE)) is not None]
-    cols = ["stage", "kind", "pass@1", "format", "length", "pref_accuracy", "kept", "wall_s"]
+    cols = ["stage", "kind", "step", "pass@1", "format", "length", "pref_accuracy", "kept", "wall_s"]
     write_csv(out / "summary.csv", cols, rows)
     table = markdown_table(cols, rows, cols[2:])
     atomic_write(out / "summary.md", table + "\n")
@@ -206,6 +206,9 @@ def _run_stage(cfg: dict[str, Any], stage: dict[str, Any], out: Path, seed: int)
             raise ConfigError(f"stage {stage['name']!r}: a preference stage trains one of {', '.join(PREFERENCE_MODULES)}; "
                                 f"{stage[kind]} has model.class_path {model_class!r} (use a fit stage)")
         _run(["fit", "--config", str(write_run_config(fit_cfg, d)), "--ckpt_path", "last"], d / "stage.log")  # continues a killed stage
+        exported = read_json(d / "hf" / "export.json")  # which step's weights (ExportHF best: the validation optimum)
+        if exported:
+            result["step"] = exported["step"]
         generates = not model_class or not model_class.endswith("RewardModule")
         result.update(evaluate_stage(d / "hf", eval_cfg) if eval_cfg.get("tasks") and generates else {})
         if kind == "preference":

@@ -24,6 +24,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from esft.data.prompts import prompt_messages
 from esft.data.packing import (
     Collate,
     Layout,
@@ -57,6 +58,11 @@ def held_out(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     random.Random(seed).shuffle(order)
     k = max(1, round(n * fraction))
     return order[k:], order[:k]
+
+
+def prompt_key(record: dict[str, Any]) -> str:
+    """A record's prompt (its conversation without the final answer) as one string."""
+    return json.dumps(prompt_messages(record), sort_keys=True)
 
 
 class SFTDataModule(L.LightningDataModule):
@@ -128,7 +134,10 @@ class SFTDataModule(L.LightningDataModule):
             name: HF dataset configuration name (hub ids only).
             split: HF dataset split to train on (hub ids only).
             val_path: validation data (same sources as `path`); wins over `val_fraction`.
-            val_split: HF dataset split to validate on (hub ids only).
+            val_split: HF dataset split to validate on (hub ids); with ``path: builtin``,
+                ``heldout`` (the default) or ``train``: unseen problems of the training split,
+                apart from the held-out problems that evaluations score (any whose prompt the
+                training data holds, `extra_paths` included, is dropped).
             val_fraction: hold out this fraction of `path` (a seeded shuffle) for validation.
             tasks: built-in tasks to generate when ``path: builtin``: names, or mappings of a
                 ``name`` and constructor options (``{name: math_word, think: true}``).
@@ -194,6 +203,9 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError(f"max_length ({max_length}) must not exceed max_tokens ({max_tokens}) when packing")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if path == BUILTIN and val_split not in (None, "heldout", "train"):
+            raise ValueError(f"val_split={val_split!r}: with path: builtin it is 'heldout' (the default) "
+                             "or 'train' (unseen problems of the training split)")
         self.sources = parse_sources(sources) if sources else None
         if self.sources and (path != BUILTIN or extra_paths or val_path):
             raise ValueError("data.sources replaces data.path, extra_paths and val_path: set one or the other")
@@ -244,7 +256,7 @@ class SFTDataModule(L.LightningDataModule):
         hp = self.hp
         if hp.path == BUILTIN:
             train = self.task_records("train", hp.num_train_per_task)
-            val = self.task_records("heldout", hp.num_val_per_task) if hp.num_val_per_task > 0 else []
+            val = self.builtin_val_records()
         else:
             train = self.read_records(hp.path, hp.split)
             if hp.val_path or hp.val_split:
@@ -256,7 +268,28 @@ class SFTDataModule(L.LightningDataModule):
                 val = []
         for source in hp.extra_paths or []:
             train = train + self.read_records(source, hp.split)
+        if hp.path == BUILTIN and hp.val_split == "train" and val:  # extra data may hold unseen problems too
+            seen = {prompt_key(r) for r in train}
+            kept = [r for r in val if prompt_key(r) not in seen]
+            if len(kept) < len(val):
+                rank_zero_info(f"[data] validation: {len(val) - len(kept)} of {len(val)} problems dropped "
+                               "(their prompts are in the training data)")
+            val = kept
         return train, val
+
+    def builtin_val_records(self) -> list[dict[str, Any]]:
+        """`num_val_per_task` validation problems per built-in task: from the held-out split (the
+        default), or with ``val_split: train`` from the training split past the `num_train_per_task`
+        trained on, so that a run can select its checkpoint on data apart from the held-out
+        problems it is evaluated on (`esft.callbacks.TaskEvaluation`, ``esft pipeline``'s eval)."""
+        hp = self.hp
+        if hp.num_val_per_task <= 0:
+            return []
+        if hp.val_split in (None, "heldout"):
+            return self.task_records("heldout", hp.num_val_per_task)
+        n = hp.num_train_per_task
+        return [r for spec in self.tasks
+                for r in build_task(spec).generate(n + hp.num_val_per_task, seed=hp.seed, split="train")[n:]]
 
     def report_load(self, source: str, stats: LoadStats, note: str = "") -> None:
         """Print, log and record one source's rows read and skipped (a `read_records` that reads

@@ -151,6 +151,11 @@ class CausalLMModule(L.LightningModule):
         return PackingNeeds(layout=packed_layout(self.model.config._attn_implementation),
                             static_shapes=bool(self.hparams.compile or self.hparams.fp8))
 
+    def on_fit_start(self) -> None:
+        # from_pretrained returns a model in eval mode and Lightning keeps every module's mode, so
+        # a pretrained model with dropout would fine-tune with it switched off
+        self.model.train()
+
     def configure_model(self) -> None:
         """Under Lightning's `ModelParallelStrategy` (FSDP2): ``fully_shard`` every decoder layer,
         then the root, over the data-parallel mesh (`esft.models.sharding`); ``compile`` then

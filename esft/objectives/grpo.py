@@ -215,7 +215,7 @@ class GRPOModule(CausalLMModule):
         super().configure_model()
 
     def on_fit_start(self) -> None:
-        self.model.train()  # a pretrained model loads in eval mode; generation switches modes itself
+        super().on_fit_start()  # train mode; generation switches modes itself
         if self.reference is not None:
             self.reference.to(self.device)
 

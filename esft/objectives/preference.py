@@ -91,6 +91,7 @@ class PreferenceModule(PairModule):
         super().configure_model()
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         if self.reference is None:
             return
         self.reference.to(self.device).match_attention(self.model)

@@ -1,10 +1,12 @@
 """Collect the r1 study: per-stage greedy pass@1 and format rate, mean and std over seeds.
 
-    python experiments/r1/collect.py experiments/r1/runs
+    python experiments/r1/collect.py experiments/r1/runs                         # -> results.*
+    python experiments/r1/collect.py experiments/r1/runs_base results_base      # -> results_base.*
 
 Reads every ``<runs>/<pipeline>_seed<k>/summary.csv`` written by ``esft pipeline`` and writes
-``results.csv`` (one row a stage and seed), ``results.md`` (mean ± std over seeds per stage, then
-R1's Table 6 comparison) and ``results.png`` next to this file. Table 6 takes its RL row from the
+``<name>.csv`` (one row a stage and seed, with the step of the exported weights), ``<name>.md``
+(mean ± std over seeds per stage, then R1's Table 6 comparison) and ``<name>.png`` next to this
+file (`name`: ``results`` unless given). Table 6 takes its RL row from the
 stages pipeline (`rl`: the tiny model's cold start + GRPO) and the rest from the table6 pipeline.
 """
 
@@ -20,17 +22,18 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
-def main(runs: Path) -> None:
+def main(runs: Path, name: str = "results") -> None:
     rows = []
     for summary in sorted(runs.glob("*_seed*/summary.csv")):
         pipeline, seed = re.fullmatch(r"(.+)_seed(\d+)", summary.parent.name).groups()
         for row in csv.DictReader(summary.open()):
             if row["kind"] == "fit":
                 rows.append({"pipeline": pipeline, "seed": int(seed), "stage": row["stage"],
-                             "pass@1": float(row["pass@1"]), "format": float(row["format"]), "wall_s": float(row["wall_s"])})
+                             "step": row.get("step") or "", "pass@1": float(row["pass@1"]), "format": float(row["format"]),
+                             "wall_s": float(row["wall_s"])})
     if not rows:
         raise SystemExit(f"no */summary.csv under {runs}")
-    with (HERE / "results.csv").open("w", newline="") as f:
+    with (HERE / f"{name}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -38,9 +41,10 @@ def main(runs: Path) -> None:
     for r in rows:
         groups[(r["pipeline"], r["stage"])].append(r)
     ms = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"  # noqa: E731
-    lines = ["| pipeline | stage | seeds | pass@1 | format | wall s |", "|---|---|---|---|---|---|"]
+    lines = ["| pipeline | stage | seeds | exported step (per seed) | pass@1 | format | wall s |", "|---|---|---|---|---|---|---|"]
     for (pipeline, stage), rs in groups.items():
-        lines.append(f"| {pipeline} | {stage} | {len(rs)} | {ms([r['pass@1'] for r in rs])} | "
+        steps = " / ".join(str(r["step"]) for r in rs) if any(r["step"] for r in rs) else "–"
+        lines.append(f"| {pipeline} | {stage} | {len(rs)} | {steps} | {ms([r['pass@1'] for r in rs])} | "
                      f"{ms([r['format'] for r in rs])} | {statistics.mean(r['wall_s'] for r in rs):.0f} |")
     table6 = [("tiny model: cold start + RL", "stages", "rl"),
               ("tiny model: distilled from the larger RL model", "table6", "small_distilled"),
@@ -51,7 +55,7 @@ def main(runs: Path) -> None:
         for label, pipeline, stage in table6:
             rs = groups[(pipeline, stage)]
             lines.append(f"| {label} | {ms([r['pass@1'] for r in rs])} | {ms([r['format'] for r in rs])} | {len(rs)} |")
-    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+    (HERE / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib
 
@@ -66,8 +70,8 @@ def main(runs: Path) -> None:
     ax.set_xticks(range(len(means)), labels, fontsize=6)
     ax.set_ylabel("held-out greedy pass@1")
     fig.tight_layout()
-    fig.savefig(HERE / "results.png", dpi=120)
+    fig.savefig(HERE / f"{name}.png", dpi=120)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else HERE / "runs"))
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else HERE / "runs"), *sys.argv[2:3])
