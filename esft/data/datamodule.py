@@ -24,7 +24,6 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from esft.data.prompts import prompt_messages
 from esft.data.packing import (
     Collate,
     Layout,
@@ -42,6 +41,7 @@ from esft.data.packing import (
     with_step_tokens,
 )
 from esft.data.mixture import MixBy, Source, mix, parse_sources
+from esft.data.prompts import prompt_messages
 from esft.data.records import DataFormatError, Format, LoadStats, OnBadRecord, load_records
 from esft.data.store import ExampleStore, ExampleView, StoreOptions, prepare_store, record_examples
 from esft.data.tasks import TaskSpec, build_task
