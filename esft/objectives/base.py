@@ -153,7 +153,7 @@ class CausalLMModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         # from_pretrained returns a model in eval mode and Lightning keeps every module's mode, so
-        # a pretrained model with dropout would fine-tune with it switched off
+        # a pretrained model would fine-tune with dropout and NEFTune (train-mode only) switched off
         self.model.train()
 
     def configure_model(self) -> None:
