@@ -81,18 +81,19 @@ class ExportHF(L.Callback):
                 "steps_trained": trainer.global_step, "checkpoint": cb.best_model_path}
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self._source = (self._restore_best(trainer, pl_module) if self.best
-                        else {"weights": "last", "step": trainer.global_step, "steps_trained": trainer.global_step})
+        source = (self._restore_best(trainer, pl_module) if self.best
+                  else {"weights": "last", "step": trainer.global_step, "steps_trained": trainer.global_step})
         model = pl_module.model
         if isinstance(model, FSDPModule):  # FSDP2: every rank takes part in gathering the full weights
             state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            self._write(trainer, pl_module, state)
+            self._write(trainer, pl_module, state, source)
         else:  # DeepSpeed ZeRO-3 partitions are gathered for the write (a no-op for whole weights)
             with gathered(list(model.parameters())):
-                self._write(trainer, pl_module, None)
+                self._write(trainer, pl_module, None, source)
         trainer.strategy.barrier("esft-export")
 
-    def _write(self, trainer, pl_module, state_dict: dict | None) -> None:
+    def _write(self, trainer, pl_module, state_dict: dict | None, source: dict) -> None:
+        """Write the export; `source` (which step's weights) goes to ``export.json``."""
         if not trainer.is_global_zero:
             return
         target = self._target(trainer)
@@ -113,7 +114,7 @@ class ExportHF(L.Callback):
         if is_lora(pl_module.model):  # the adapter alone too, in peft's format (`PeftModel.from_pretrained`)
             pl_module.model.save_pretrained(tmp / "adapter", safe_serialization=True, state_dict=full_state)
         (tmp / MARKER).write_text("written by esft.callbacks.ExportHF; replaced by the next export\n")
-        (tmp / "export.json").write_text(json.dumps(self._source, indent=2) + "\n")
+        (tmp / "export.json").write_text(json.dumps(source, indent=2) + "\n")
         if target.exists():
             shutil.rmtree(old, ignore_errors=True)
             target.rename(old)
