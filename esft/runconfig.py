@@ -246,14 +246,31 @@ def run_loggers(logger: Any, run_dir: Path, label: str | None) -> Any:
     return out if isinstance(logger, list) else out[0]
 
 
+SEED = "{seed}"
+
+
+def with_seed(value: Any, seed: int) -> Any:
+    """`value` with the run's seed for ``{seed}``: a string that is exactly ``{seed}`` becomes the
+    integer, one that contains it gets its digits (``cache_seed{seed}.safetensors``); mappings
+    and lists are walked."""
+    if isinstance(value, str):
+        return seed if value == SEED else value.replace(SEED, str(seed))
+    if isinstance(value, dict):
+        return {k: with_seed(v, seed) for k, v in value.items()}
+    if isinstance(value, list):
+        return [with_seed(v, seed) for v in value]
+    return value
+
+
 def run_config(base: dict, overrides: dict[str, Any], seed: int, run_dir: Path,
                seed_keys: Sequence[str] = (), label: str | None = None) -> tuple[dict, str]:
     """The run's full config (base + overrides + seed, every output in `run_dir`) and a hash of
     its run-independent part (base + overrides + seed), which tells a changed config from the
-    one a finished run was made with."""
+    one a finished run was made with. ``{seed}`` in an override's value is the run's seed
+    (`with_seed`): a per-seed file, or a data seed (``data.init_args.seed: "{seed}"``)."""
     cfg = copy.deepcopy(base)
     for key, value in overrides.items():
-        set_dotted(cfg, str(key), copy.deepcopy(value))
+        set_dotted(cfg, str(key), with_seed(copy.deepcopy(value), seed))
     cfg["seed_everything"] = seed
     for key in seed_keys:
         set_dotted(cfg, key, seed)

@@ -4,9 +4,11 @@ and the top-k teacher cache of a config's training data."""
 import json
 
 import pytest
+import torch
 import yaml
 
 import esft.evaluation
+from esft.data import DistillDataModule
 from esft.data.records import load_records
 from esft.data.tasks import get_task
 from esft.data.teacher_cache import TeacherCache
@@ -68,3 +70,12 @@ def test_topk_cache_of_a_config(teacher_dir, tmp_path):
     assert len(cache) == 10 and cache.k == 4 and cache.ids.shape == (summary["tokens"], 4)
     assert (cache.logprobs[:, :-1] >= cache.logprobs[:, 1:]).all()  # sorted top-k
     assert (cache.logprobs.exp().sum(-1) <= 1 + 1e-5).all()
+    # --data-seed: the cache of another data seed's examples, which that seed's data module accepts
+    main(["topk", "--config", str(path), "--teacher", str(teacher_dir), "--k", "4", "--out", str(tmp_path / "s1.st"),
+          "--data-seed", "1"])
+    seeded = TeacherCache(tmp_path / "s1.st")
+    assert not torch.equal(seeded.fingerprints, cache.fingerprints)
+    data = {**cfg["data"]["init_args"], "seed": 1, "teacher_cache": str(tmp_path / "s1.st"), "tokenizer_name": "builtin"}
+    DistillDataModule(**data).setup("fit")
+    with pytest.raises(ValueError, match="rebuild it"):
+        DistillDataModule(**{**data, "seed": 0}).setup("fit")

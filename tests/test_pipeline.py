@@ -64,6 +64,7 @@ def test_stage_fit_configs_of_r1_tiny_parse(tmp_path, capsys):
     from esft.cli import main
 
     cfg = load_pipeline(ROOT / "configs/pipelines/r1_tiny.yaml")
+    cfg["stages"][0]["overrides"] = {**(cfg["stages"][0].get("overrides") or {}), "data.init_args.seed": "{seed}"}
     for stage in cfg["stages"]:
         if "fit" not in stage:
             continue
@@ -74,6 +75,8 @@ def test_stage_fit_configs_of_r1_tiny_parse(tmp_path, capsys):
             main(["fit", "--config", str(path), "--print_config"])
         printed = yaml.safe_load(capsys.readouterr().out)
         assert printed["seed_everything"] == 3 and printed["trainer"]["default_root_dir"] == str(tmp_path / stage["name"])
+        if stage["name"] == "cold_start":  # "{seed}" in an override: the pipeline's seed
+            assert printed["data"]["init_args"]["seed"] == 3
         if stage.get("init_from"):
             assert printed["model"]["init_args"]["model_name_or_path"] == str(tmp_path / stage["init_from"] / "hf")
         if stage.get("data_from"):  # r1_tiny's rs_sft adds the samples to the cold-start data

@@ -382,3 +382,70 @@ def test_dpo_tiny_config_from_an_sft_start_raises_heldout_accuracy(tmp_path):
     # measured 0.800 -> 0.840 on the 200 held-out pairs (one thread, 2026-12-01); 60 steps gave 0.815
     assert float(after["val/accuracy"]) >= before + 0.025, (before, float(after["val/accuracy"]))
     assert float(after["val/rewards/margins"]) > 0
+
+
+def test_sampled_pairs_reject_the_models_wrong_answers(monkeypatch):
+    from esft.commands import rejection_sample as rejection
+    from esft.evaluation import Rollout
+
+    turns = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]  # noqa: E731
+    records = [{"task": "arithmetic", "answer": "5", "id": "a", "messages": turns("What is 2 + 3?", "5")},
+               {"task": "arithmetic", "answer": "7", "id": "b", "messages": turns("What is 3 + 4?", "7")},
+               {"task": "arithmetic", "answer": "9", "id": "c", "messages": turns("What is 4 + 5?", "9")}]
+    # a: right, wrong, the same wrong up to whitespace, another wrong; b: wrong, cut off, wrong, wrong;
+    # c: all right (no pair)
+    texts = ["5", "6", " 6 ", "4", "8", "7", "1", "2", "9", "9", "9", "9"]
+    truncated = [False] * 5 + [True] + [False] * 6
+
+    def fake_rollout(model, tokenizer, conversations, max_new_tokens, batch_size, k, progress, **sampling):
+        assert [c[-1]["role"] for c in conversations] == ["user"] * 3 and k == 4 and sampling["do_sample"]
+        return [Rollout([1], [2], t, tr) for t, tr in zip(texts, truncated)]
+
+    monkeypatch.setattr(rejection, "rollout", fake_rollout)
+    rows, stats = rejection.preference_pairs(None, None, records, k=4, max_per_prompt=2, require_format=False)
+    assert [(r["id"], r["chosen"], r["rejected"]) for r in rows] == [
+        ("a-pair1", "5", "6"), ("a-pair2", "5", "4"),  # a correct sample chosen; the duplicate " 6 " skipped
+        ("b-pair1", "7", "8"), ("b-pair2", "7", "1")]  # no untruncated correct sample: the reference answer
+    assert rows[0]["prompt"] == records[0]["messages"][:1] and rows[0]["task"] == "arithmetic"
+    assert stats["pairs"] == 4 and stats["prompts_paired"] == 2 and stats["chosen_from_reference"] == 2
+    assert stats["duplicates"] == 4 and stats["truncated"] == 1 and stats["wrong"] == 6 and stats["correct"] == 5
+    # a correct answer without the <think> format is not chosen when the format is required
+    rows, _ = rejection.preference_pairs(None, None, records, k=4, max_per_prompt=1)
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("5", "6"), ("7", "8")]
+    assert all(r["chosen"] == r["answer"] for r in rows)
+    with pytest.raises(ValueError, match="chosen must be"):
+        rejection.preference_pairs(None, None, records, chosen="best")
+    # a prompt file's record without a reference answer, and no correct sample: nothing to choose
+    monkeypatch.setattr(rejection, "rollout", lambda *a, **kw: [Rollout([1], [2], "6", False)])
+    with pytest.raises(ValueError, match="record 'q' has no reference answer"):
+        rejection.preference_pairs(None, None, [{"task": "arithmetic", "answer": "5", "id": "q",
+                                                 "messages": turns("What is 2 + 3?", "")[:1]}], k=1)
+
+
+def test_sampled_pairs_file_trains_through_the_preference_data(tmp_path, tokenizer, monkeypatch):
+    """`esft rejection-sample --pairs` on a model's own samples writes rows PreferenceDataModule reads,
+    each rejected answer scored wrong and each chosen one right by the task's verifier."""
+    import dataclasses
+
+    from esft.commands import rejection_sample as rejection
+    from esft.models import build_model
+
+    real = rejection.rollout  # a random model never ends its turn: count its 4 tokens as finished answers
+    monkeypatch.setattr(rejection, "rollout", lambda *a, **kw: [dataclasses.replace(o, truncated=False)
+                                                                 for o in real(*a, **kw)])
+
+    build_model(tokenizer, model_config=TINY["llama"], attn_implementation="sdpa").save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    out = tmp_path / "pairs.jsonl"
+    stats = rejection.main(["--pairs", "--no-format", "--model", str(tmp_path / "m"), "--task",
+                            '{"name": "arithmetic", "max_digits": 1}', "--num-prompts", "6", "--k", "2",
+                            "--max-new-tokens", "4", "--temperature", "1.0", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert stats["pairs"] == len(rows) > 0 and json.loads(Path(f"{out}.stats.json").read_text())["pairs"] == len(rows)
+    task = get_task("arithmetic", max_digits=1)
+    for r in rows:
+        assert task.score(r, r["chosen"]) == 1.0 and task.score(r, r["rejected"]) < 1.0
+    data = PreferenceDataModule(path=str(out), tokenizer_name=str(tmp_path / "m"), max_length=64, max_tokens=256)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].numel() > 0

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import esft.runs as runs
-from esft.commands.sweep import load_grid, main
+from esft.commands.sweep import load_grid, main, plan
 from esft.runconfig import ConfigError, set_dotted
 
 from conftest import TINY, alive, wait_for
@@ -230,6 +230,25 @@ cells:
     assert grid.cells["no-warmup-x,lr=0.003,packing=false"] == {
         "trainer.max_steps": 5, "model.init_args.optim.warmup_steps": 0,
         "model.init_args.optim.lr": 3e-3, "data.init_args.packing": False}
+
+
+def test_seed_placeholder_gives_each_run_its_own_value(tmp_path):
+    grid = load_grid(write_grid(tmp_path, """
+seeds: [0, 2]
+set:
+  data.init_args.seed: "{seed}"
+  data.init_args.teacher_cache: "cache_seed{seed}.safetensors"
+cells:
+  a: {data.init_args.paths: ["x{seed}.jsonl", "y.jsonl"]}
+"""))
+    base = {"seed_everything": 9, "data": {"init_args": {"seed": 5, "note": "{seed} stays in the base config"}}}
+    runs = plan(base, grid, tmp_path / "out")
+    for run, seed in zip(runs, [0, 2]):
+        data = run.config["data"]["init_args"]
+        assert data == {"seed": seed, "note": "{seed} stays in the base config",
+                        "teacher_cache": f"cache_seed{seed}.safetensors", "paths": [f"x{seed}.jsonl", "y.jsonl"]}
+        assert run.config["seed_everything"] == seed
+    assert runs[0].config_sha != runs[1].config_sha
 
 
 def test_quickstart_study_dry_run_lists_its_cells(capsys):

@@ -118,9 +118,9 @@ def run_responses(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def datamodule_from_config(path: str):
+def datamodule_from_config(path: str, seed: int | None = None):
     """The data module a fit config trains on (its ``data`` section; the tokenizer is the model's),
-    set up, without a teacher cache."""
+    set up, without a teacher cache; `seed` replaces its data seed."""
     from esft.models.tokenizer import resolve_tokenizer_name
     from esft.runconfig import load_yaml
 
@@ -131,6 +131,8 @@ def datamodule_from_config(path: str):
     module, _, name = data["class_path"].rpartition(".")
     init = dict(data.get("init_args") or {})
     init.pop("teacher_cache", None)
+    if seed is not None:
+        init["seed"] = seed
     init.setdefault("tokenizer_name", resolve_tokenizer_name(model.get("tokenizer"), model.get("model_name_or_path")))
     dm = getattr(importlib.import_module(module), name)(**init)
     dm.setup("fit")
@@ -142,7 +144,7 @@ def run_topk(args: argparse.Namespace) -> dict[str, Any]:
     from esft.objectives.loading import load_model
 
     start = time.perf_counter()
-    dm = datamodule_from_config(args.config)
+    dm = datamodule_from_config(args.config, args.data_seed)
     model, tokenizer = load_model(args.teacher, _device(args.device), args.dtype)
     if tokenizer.get_vocab() != dm.tokenizer.get_vocab():
         raise ValueError(f"teacher {args.teacher!r} and the data of {args.config} use different tokenizers")
@@ -184,6 +186,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     t.add_argument("--k", type=int, default=64, help="log-probs kept per token (the vocabulary size: exact)")
     t.add_argument("--max-tokens", type=int, default=8192, help="tokens per teacher forward")
     t.add_argument("--cache-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    t.add_argument("--data-seed", type=int, help="the data module's seed instead of the config's (one cache per data "
+                                                  "seed, for sweeps with seed_keys: [data.init_args.seed])")
     args = p.parse_args(argv)
     if args.command == "responses" and not args.tasks and not args.data:
         p.error("responses: give --tasks and/or --data")

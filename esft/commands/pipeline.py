@@ -19,14 +19,18 @@ A pipeline YAML::
       - {name: rl2, fit: configs/grpo/arithmetic_tiny.yaml, init_from: rs_sft, reward_from: rm}
       - {name: dpo, preference: configs/preference/dpo_tiny.yaml, init_from: rl2}
 
-Stage kinds: ``fit`` (an ``esft fit`` config; `overrides` sets dotted keys of it, `init_from`
+Stage kinds: ``fit`` (an ``esft fit`` config; `overrides` sets dotted keys of it, where ``{seed}``
+is the pipeline's seed: ``data.init_args.seed: "{seed}"`` varies a fit stage's data with it; `init_from`
 starts the model from that stage's exported ``hf/`` model, `data_from` trains on that stage's
 ``data.jsonl``: instead of the config's data with ``data_mode: replace`` (the default), beside it
 with ``data_mode: add``; `reward_from` points a GRPO stage's ``model`` reward at that stage's reward
 model: the config's ``rewards`` must weigh ``model``), ``preference`` (a fit stage whose config trains
 `esft.objectives.PreferenceModule` or `esft.objectives.RewardModule` on preference pairs: DPO and kin
 start from `init_from`'s model, which is also their reference; a reward model takes its decoder),
-``rejection_sample`` (arguments of ``esft rejection-sample``; the model comes from `model_from`). Each stage runs in its own process (``stage.log``; a fit stage's config in ``run.yaml``); a
+``rejection_sample`` (arguments of ``esft rejection-sample``; the model comes from `model_from`; with
+``pairs: true`` it writes preference pairs whose rejected answer is a wrong sample, which a
+``preference`` stage trains on with `data_from`; its ``kept`` column counts pairs). Each stage runs in
+its own process (``stage.log``; a fit stage's config in ``run.yaml``); a
 finished stage leaves ``done.json`` (its results) and is skipped on the next run, so an interrupted pipeline resumes at the stage it
 stopped in (a fit stage continues from its ``last.ckpt``). After every stage the stage's model is
 evaluated greedily on held-out prompts (pass@1, format rate, completion length; not a reward model,
@@ -217,7 +221,8 @@ def _run_stage(cfg: dict[str, Any], stage: dict[str, Any], out: Path, seed: int)
         result["kind"] = "rejection_sample"
         _run(["rejection-sample", *rejection_args(stage, d, seed)], d / "stage.log")
         stats = json.loads((d / "data.jsonl.stats.json").read_text())
-        result.update(kept=stats["kept"], correct_rate=stats["correct_rate"], format_rate=stats["format_rate"])
+        result.update(kept=stats["pairs" if "pairs" in stats else "kept"], correct_rate=stats["correct_rate"],
+                      format_rate=stats["format_rate"])
     result["wall_s"] = round(time.perf_counter() - start, 1)
     write_json(d / DONE, {**result, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
     print(f"[pipeline] {stage['name']}: finished in {result['wall_s']} s\n" + write_summary(out, cfg["stages"]), flush=True)

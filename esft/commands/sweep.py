@@ -18,6 +18,9 @@ The grid is a small YAML file::
       no_warmup: {model.init_args.optim.warmup_steps: 0}
     seed_keys: [data.init_args.seed]   # optional: more keys that receive the run's seed
 
+In any override's value, ``{seed}`` is the run's seed (`esft.runconfig.with_seed`): a per-seed
+file, e.g. ``data.init_args.teacher_cache: runs/cache_seed{seed}.safetensors``.
+
 Keys are dotted paths into the base YAML (`esft.runconfig.set_dotted`: a number indexes a list,
 a class name picks a callback, ``trainer.callbacks.TaskEvaluation.init_args.num_examples``). With
 both `axes` and `cells`, every cell is crossed with every axis combination.
