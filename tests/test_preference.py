@@ -393,8 +393,8 @@ def test_sampled_pairs_reject_the_models_wrong_answers(monkeypatch):
                {"task": "arithmetic", "answer": "7", "id": "b", "messages": turns("What is 3 + 4?", "7")},
                {"task": "arithmetic", "answer": "9", "id": "c", "messages": turns("What is 4 + 5?", "9")}]
     # a: right, wrong, the same wrong up to whitespace, another wrong; b: wrong, cut off, wrong, wrong;
-    # c: all right (no pair)
-    texts = ["5", "6", " 6 ", "4", "8", "7", "1", "2", "9", "9", "9", "9"]
+    # c: right three times and an empty turn (no pair)
+    texts = ["5", "6", " 6 ", "4", "8", "7", "1", "2", "9", "9", "9", ""]
     truncated = [False] * 5 + [True] + [False] * 6
 
     def fake_rollout(model, tokenizer, conversations, max_new_tokens, batch_size, k, progress, **sampling):
@@ -408,7 +408,8 @@ def test_sampled_pairs_reject_the_models_wrong_answers(monkeypatch):
         ("b-pair1", "7", "8"), ("b-pair2", "7", "1")]  # no untruncated correct sample: the reference answer
     assert rows[0]["prompt"] == records[0]["messages"][:1] and rows[0]["task"] == "arithmetic"
     assert stats["pairs"] == 4 and stats["prompts_paired"] == 2 and stats["chosen_from_reference"] == 2
-    assert stats["duplicates"] == 4 and stats["truncated"] == 1 and stats["wrong"] == 6 and stats["correct"] == 5
+    assert stats["duplicates"] == 3 and stats["truncated"] == 1 and stats["wrong"] == 6 and stats["correct"] == 4
+    assert stats["empty"] == 1
     # a correct answer without the <think> format is not chosen when the format is required
     rows, _ = rejection.preference_pairs(None, None, records, k=4, max_per_prompt=1)
     assert [(r["chosen"], r["rejected"]) for r in rows] == [("5", "6"), ("7", "8")]

@@ -130,7 +130,7 @@ def preference_pairs(
     **sampling: Any,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Preference pairs from `k` samples per record: each rejected answer is a distinct sample the
-    accuracy reward scores below 1 (truncated samples are skipped: a cut-off text is not an
+    accuracy reward scores below 1 (truncated and empty samples are skipped: neither is an
     answer), at most `max_per_prompt` per record. The chosen answer is, with ``chosen="sample"``,
     a distinct correct sample (formatted, with `require_format`) of the same record, taken in turn,
     or the record's reference answer when the model had none; with ``chosen="reference"``, always
@@ -142,14 +142,16 @@ def preference_pairs(
     if chosen not in ("sample", "reference"):
         raise ValueError(f"chosen must be 'sample' or 'reference', got {chosen!r}")
     rows: list[dict[str, Any]] = []
-    counts = dict(correct=0, wrong=0, formatted=0, truncated=0, duplicates=0, chosen_from_reference=0, prompts_paired=0)
+    counts = dict(correct=0, wrong=0, formatted=0, truncated=0, empty=0, duplicates=0, chosen_from_reference=0,
+                  prompts_paired=0)
     for i, (record, scored) in enumerate(_scored(model, tokenizer, records, k, max_new_tokens, batch_size, progress,
                                                  sampling)):
         right: dict[str, str] = {}
         wrong: dict[str, str] = {}
         for s, correct, formatted in scored:
             counts["truncated"] += s.truncated
-            if s.truncated:
+            counts["empty"] += not s.text.strip()
+            if s.truncated or not s.text.strip():  # an empty turn is no answer (and no preference row)
                 continue
             counts["correct"] += correct
             counts["wrong"] += not correct
