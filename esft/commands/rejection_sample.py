@@ -211,6 +211,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.task and not args.prompts:
         p.error("give --task and/or --prompts")
+    if args.pairs and args.min_language is not None:
+        p.error("--min-language filters kept samples; it does not apply to --pairs")
     return args
 
 
@@ -237,8 +239,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         records += load_records(args.prompts)[0]
     sampling = dict(progress=True, temperature=args.temperature, top_p=args.top_p, top_k=0)
     if args.pairs:
-        if args.min_language is not None:
-            raise ValueError("--min-language applies to kept samples, not to --pairs")
         rows, stats = preference_pairs(model, tokenizer, records, args.k, args.max_per_prompt, args.max_new_tokens,
                                        args.batch_size, not args.no_format, args.chosen, **sampling)
     else:
