@@ -60,3 +60,76 @@ def test_task_score_reads_the_task_own_metric(study_mod):
     assert study_mod.task_score({"eval/sort_words/exact_match": 0.5}, "sort_words") == 0.5
     assert study_mod.task_score({"eval/translate": 0.3}, "translate") == 0.3  # runs recorded before metric names
     assert study_mod.task_score({}, "translate") is None
+
+
+def test_rates_chosen_on_validation_reach_each_cell_and_controls_draw_per_seed(study_mod, tmp_path):
+    from esft.runconfig import with_seed
+
+    study = study_mod.Study(tmp_path / "hf", tmp_path / "runs", tmp_path / "results", tmp_path / "experts", own_base=False)
+    assert study_mod.selected_lrs(study, "translate", ["fft"]) == {}  # before lr_select: finetune.yaml's rate
+    study.results.mkdir()
+    (study.results / "lr_select.json").write_text('{"translate": {"fft": 0.001, "esft_token": 0.003, "esft_gate": 0.01}}')
+    cells = ["fft", "lora", "esft_token", "random_token_x", "esft_token_p0.3", "esft_gate_p0.05", "random_gate_x"]
+    assert study_mod.selected_lrs(study, "translate", cells) == {
+        "fft": 0.001, "esft_token": 0.003, "random_token_x": 0.003, "esft_token_p0.3": 0.003,
+        "esft_gate_p0.05": 0.01, "random_gate_x": 0.01}  # lora was not selected: finetune.yaml's
+    experts = {c: study_mod.ROOT / f"experiments/esft_paper/experts/translate/{c}.json" for c in cells[2:]}
+    experts["random_token_x"] = study_mod.ROOT / "experiments/esft_paper/experts/translate/random_token_x_seed{seed}.json"
+    path = study_mod.grid(study, "translate", experts, cells, cell_lrs=study_mod.selected_lrs(study, "translate", cells),
+                          validate=True)
+    grid = load_grid(path)
+    lr = "model.init_args.optim.lr"
+    assert grid.cells["fft"][lr] == 0.001 and grid.cells["random_token_x"][lr] == 0.003 and lr not in grid.cells["lora"]
+    assert grid.cells["fft"]["data.init_args.num_val_per_task"] == 200
+    assert grid.cells["fft"]["trainer.val_check_interval"] == 120 and grid.cells["fft"]["trainer.check_val_every_n_epoch"] is None
+    draw = grid.cells["random_token_x"]["model.init_args.experts"]
+    assert with_seed(draw, 2).endswith("translate/random_token_x_seed2.json")
+
+
+def test_specialisation_reads_concentration_and_task_overlap(study_mod, tmp_path):
+    import json
+
+    study = study_mod.Study(tmp_path / "hf", tmp_path / "runs", tmp_path / "results", tmp_path / "experts", own_base=False)
+    tables = {"intent_json": [0.5, 0.5, 0.0, 0.0], "extract_fields": [0.0, 0.5, 0.5, 0.0]}
+    chosen = {"intent_json": [0, 1], "extract_fields": [1, 2]}
+    for task, token in tables.items():
+        (study.experts / task).mkdir(parents=True)
+        (study.experts / task / "scores.json").write_text(json.dumps(
+            {"num_experts": 4, "top_k": 2, "token": {"1": token}, "gate": {"1": token}}))
+        (study.experts / task / "esft_token.json").write_text(json.dumps({"experts": {"1": chosen[task]}}))
+    text = "\n".join(study_mod.specialisation(study))
+    assert "| intent_json | 2.0 | 0.50 | 2.0 |" in text
+    assert "| intent_json / extract_fields | 0.50 | 0.33 |" in text  # TV distance 0.5; experts {1} of {0, 1, 2}
+
+
+def test_lr_select_chooses_by_validation_loss_and_extends_past_the_grid_edge(study_mod, tmp_path, monkeypatch):
+    import json
+
+    import yaml
+
+    study = study_mod.Study(tmp_path / "hf", tmp_path / "runs", tmp_path / "results", tmp_path / "experts", own_base=False)
+    # validation loss: fft best at 1e-3 (inside the grid); lora keeps improving up to 3e-2, past the grid's 1e-2
+    val = {"fft": lambda lr: abs(lr - 1e-3), "lora": lambda lr: abs(lr - 3e-2)}
+    swept = []
+
+    def fake_sweep(grid_path, out, seed):
+        spec = yaml.safe_load(grid_path.read_text())
+        assert spec["set"]["data.init_args.num_val_per_task"] == 200
+        lrs = spec["axes"]["model.init_args.optim.lr"]
+        for cell in spec["cells"]:
+            for lr in lrs:
+                swept.append((cell, lr))
+                run = out / f"{cell},lr={lr:g}" / f"seed{seed}"
+                run.mkdir(parents=True)
+                # the test score prefers the other rate: it must not be what chooses
+                metrics = {"val/loss": val[cell](lr), "eval/translate/chrf": lr}
+                (run / "done.json").write_text(json.dumps({"cell": f"{cell},lr={lr:g}", "seed": seed, "metrics": metrics,
+                                                           "overrides": {"model.init_args.optim.lr": lr}}))
+
+    monkeypatch.setattr(study_mod, "sweep", fake_sweep)
+    monkeypatch.setattr(study_mod, "expert_configs", lambda study, task: {})
+    chosen = study_mod.lr_select(study, ["translate"], ["fft", "lora"], [3e-4, 1e-3, 3e-3, 1e-2], seed=0)
+    assert chosen == {"translate": {"fft": 1e-3, "lora": 0.03}}
+    assert [s for s in swept if s[1] > 1e-2] == [("lora", 0.03), ("lora", 0.09)]  # 3e-2 best after the first step out
+    assert json.loads((study.results / "lr_select.json").read_text()) == {"translate": {"fft": 0.001, "lora": 0.03}}
+    assert "| translate | lora | 0.03 |" in (study.results / "lr_select.md").read_text()

@@ -61,6 +61,38 @@ def test_select_experts_and_random_control_keep_counts():
     rand = random_like(cfg, 4, seed=1)
     assert {i: len(v) for i, v in rand.experts.items()} == {1: 1, 3: 2}
     assert [random_like(cfg, 4, seed=s).experts for s in range(20)].count(cfg.experts) < 20
+    draws = [random_like(cfg, 4, seed=s, exclude=True).experts for s in range(20)]
+    assert all(d[1] != [1] and len(d[1]) == 1 for d in draws) and {d[1][0] for d in draws} == {0, 2, 3}
+    assert all(d[3] == [2, 3] for d in draws)  # the only 2 experts outside {0, 1}
+    with pytest.raises(ValueError, match="layer 3: cannot draw 3 random experts outside the 3 selected of 4"):
+        random_like(select_experts(scores, "token", 0.7), 4, exclude=True)
+
+
+def test_select_cli_draws_random_experts_outside_the_selection(tmp_path):
+    from esft.commands.experts import main
+
+    scores = {"num_experts": 4, "token": {"1": [0.1, 0.6, 0.3, 0.0]}, "gate": {"1": [0, 0, 0, 0.3]}}
+    (tmp_path / "scores.json").write_text(json.dumps(scores))
+    base = ["select", "--scores", str(tmp_path / "scores.json"), "--p", "0.5"]
+    for seed in range(6):
+        main(base + ["--random-seed", str(seed), "--exclude-selected", "--out", str(tmp_path / f"r{seed}.json")])
+        assert ExpertConfig.load(tmp_path / f"r{seed}.json").experts[1] in ([0], [2], [3])
+    with pytest.raises(SystemExit):
+        main(base + ["--exclude-selected", "--out", str(tmp_path / "x.json")])
+
+
+def test_concentration_and_score_distance_hand_values():
+    from esft.experts.scoring import concentration, score_distance
+
+    a = {"token": {1: [0.25, 0.25, 0.25, 0.25], 2: [1.0, 0.0, 0.0, 0.0], 3: [0.5, 0.5, 0.0, 0.0]}}
+    c = concentration(a)
+    assert c[1] == pytest.approx({"effective_experts": 4.0, "top_share": 0.25})
+    assert c[2] == pytest.approx({"effective_experts": 1.0, "top_share": 1.0})
+    assert c[3]["effective_experts"] == pytest.approx(2.0)
+    b = {"token": {1: [0.25, 0.25, 0.25, 0.25], 2: [0.0, 1.0, 0.0, 0.0], 3: [0.0, 0.5, 0.5, 0.0], 4: [1.0, 0, 0, 0]}}
+    # layer 1 alike (0), layer 2 disjoint (1), layer 3 half shared (0.5); layer 4 only in b
+    assert score_distance(a, b) == pytest.approx(0.5)
+    assert score_distance(a, a) == 0.0
 
 
 def test_expert_config_format_and_errors(tmp_path):

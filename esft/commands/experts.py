@@ -5,6 +5,7 @@
     esft experts select --scores runs/scores/math_word/scores.json --method token --p 0.2 \\
         --out runs/scores/math_word/token.json        # deepseek-ai/ESFT expert-config format
     esft experts select ... --random-seed 0           # same count per layer, random experts (Table 4)
+    esft experts select ... --random-seed 1 --exclude-selected   # ... none of them a selected one
     esft experts save   --ckpt runs/x/checkpoints/last.ckpt --out runs/x/adapter
     esft experts merge  --base runs/base/hf --adapter runs/x/adapter --out runs/x/merged
 
@@ -33,7 +34,7 @@ def _score(args) -> None:
     from transformers import AutoModelForCausalLM
 
     from esft.data import SFTDataModule
-    from esft.experts.scoring import plot_heatmap, save_scores, score_experts
+    from esft.experts.scoring import concentration, plot_heatmap, save_scores, score_experts
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -56,6 +57,9 @@ def _score(args) -> None:
     plot_heatmap(scores, out / "heatmap.png", args.title or ",".join(args.tasks or [Path(args.data).name]))
     print(f"[experts] scored {scores['num_tokens']} tokens in {scores['num_sequences']} sequences "
           f"({args.average} averaged) -> {out}/scores.json, heatmap.png")
+    spread = ", ".join(f"{i}: {c['effective_experts']:.1f} ({100 * c['top_share']:.0f}%)"
+                       for i, c in concentration(scores).items())
+    print(f"[experts] effective experts per layer of {scores['num_experts']} (top expert's token share): {spread}")
 
 
 def _select(args) -> None:
@@ -65,7 +69,7 @@ def _select(args) -> None:
     scores = load_scores(args.scores)
     cfg = select_experts(scores, args.method, args.p, args.relative, args.shared_experts, args.non_expert_modules)
     if args.random_seed is not None:
-        cfg = random_like(cfg, int(scores["num_experts"]), args.random_seed)
+        cfg = random_like(cfg, int(scores["num_experts"]), args.random_seed, args.exclude_selected)
     cfg.save(args.out)
     per_layer = {i: len(v) for i, v in cfg.experts.items()}
     print(f"[experts] {cfg.num_selected()} experts selected ({per_layer} per layer) -> {args.out}")
@@ -127,6 +131,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shared-experts", action="store_true", help="also train the shared experts")
     p.add_argument("--non-expert-modules", action="store_true", help="also train attention, norms, embeddings, routers")
     p.add_argument("--random-seed", type=int, default=None, help="random experts of the same count per layer")
+    p.add_argument("--exclude-selected", action="store_true",
+                   help="with --random-seed: draw only from the experts the scores did not select")
     p.add_argument("--out", required=True, help="expert config JSON to write")
     p.set_defaults(fn=_select)
     p = sub.add_parser("save", help="the trained experts of an ESFT checkpoint as an adapter")
@@ -144,6 +150,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "select" and args.p is None:
         args.p = 0.2 if args.method == "token" else 0.1
+    if args.command == "select" and args.exclude_selected and args.random_seed is None:
+        parser.error("select: --exclude-selected needs --random-seed")
     return args
 
 

@@ -165,6 +165,33 @@ def load_scores(path: str | Path) -> dict:
     return data
 
 
+def concentration(scores: dict, method: Literal["gate", "token"] = "token") -> dict[int, dict[str, float]]:
+    """How concentrated each layer's scores are (the paper's Figure 2 shows few experts taking a
+    task's tokens): per layer, the effective number of experts ``exp(H(s / sum s))`` (E when every
+    expert scores the same, 1 when one takes everything) and the top expert's share of the total."""
+    out = {}
+    for layer, values in sorted(scores[method].items()):
+        share = torch.tensor(values, dtype=torch.float64)
+        share = share / share.sum().clamp(min=1e-12)
+        entropy = -(share * share.clamp(min=1e-12).log()).sum()
+        out[layer] = {"effective_experts": float(entropy.exp()), "top_share": float(share.max())}
+    return out
+
+
+def score_distance(a: dict, b: dict, method: Literal["gate", "token"] = "token") -> float:
+    """Mean over the shared layers of the total-variation distance between two score files'
+    normalised score distributions: 0 when two tasks use the experts alike, 1 when they share no
+    expert (task specialisation, the paper's Figure 2 read across tasks)."""
+    layers = sorted(set(a[method]) & set(b[method]))
+    if not layers:
+        raise ValueError("score_distance: the two score files share no layer")
+    total = 0.0
+    for layer in layers:
+        x, y = (torch.tensor(s[method][layer], dtype=torch.float64) for s in (a, b))
+        total += float(0.5 * (x / x.sum() - y / y.sum()).abs().sum())
+    return total / len(layers)
+
+
 def plot_heatmap(scores: dict, path: str | Path, title: str = "") -> None:
     """Layers x experts heatmaps of the gate and token scores, side by side (PNG)."""
     matplotlib = require("matplotlib", "plots", "expert score heatmaps")

@@ -43,8 +43,16 @@ def select_experts(scores: dict, method: Method, p: float, relative: bool = Fals
                         shared_experts, non_expert_modules)
 
 
-def random_like(cfg: ExpertConfig, num_experts: int, seed: int = 0) -> ExpertConfig:
-    """The same number of experts per layer, drawn uniformly at random (paper Table 4)."""
+def random_like(cfg: ExpertConfig, num_experts: int, seed: int = 0, exclude: bool = False) -> ExpertConfig:
+    """The same number of experts per layer, drawn uniformly at random (paper Table 4); with
+    `exclude`, only from the experts `cfg` did not select (a control that shares no expert with
+    the selection), which needs at least as many unselected experts as selected ones per layer."""
     rng = random.Random(seed)
-    return ExpertConfig({i: sorted(rng.sample(range(num_experts), len(ids))) for i, ids in cfg.experts.items()},
-                        cfg.shared_experts, cfg.non_expert_modules)
+    drawn = {}
+    for i, ids in cfg.experts.items():
+        pool = [e for e in range(num_experts) if not (exclude and e in ids)]
+        if len(pool) < len(ids):
+            raise ValueError(f"layer {i}: cannot draw {len(ids)} random experts outside the {len(ids)} selected "
+                             f"of {num_experts}; drop the exclusion or select fewer (lower p)")
+        drawn[i] = sorted(rng.sample(pool, len(ids)))
+    return ExpertConfig(drawn, cfg.shared_experts, cfg.non_expert_modules)

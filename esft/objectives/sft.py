@@ -7,14 +7,21 @@ Logs ``train/loss`` and ``train/token_acc`` per optimizer step, ``val/loss`` and
 trained tokens whose argmax prediction is the label, counted on the logits the loss computes
 (`esft.losses.ce.correct_predictions`); it is not logged with ``loss_impl: liger``, whose fused
 kernel forms no logits.
+
+With ``router_aux_loss_coef`` > 0 (MoE models) the training loss adds that multiple of the routers'
+load-balancing loss (`esft.models.moe.RouterBalance`, DeepSeek-V2's expert-level balance loss,
+mean over the sparse layers; 1.0 = uniform routing), logged as ``train/router_balance``. Without
+it a small MoE trained from scratch can route almost every token to one expert per layer.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
+from esft.models.moe import RouterBalance
 from esft.objectives.base import CausalLMModule
 
 
@@ -28,11 +35,34 @@ class SFTModule(CausalLMModule):
     tokens, across gradient-accumulation micro-batches and ranks (`step_denominator`); token
     accuracy is weighted the same way (all correct tokens / all trained tokens of the step)."""
 
+    def __init__(self, router_aux_loss_coef: float = 0.0, **kwargs: Any) -> None:
+        """
+        Args:
+            router_aux_loss_coef: weight of the MoE routers' load-balancing loss (0: off; the
+                Switch Transformer used 1e-2, DeepSeek-V2 3e-3 for its expert-level term).
+        """
+        super().__init__(**kwargs)
+        if router_aux_loss_coef < 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {router_aux_loss_coef}")
+        # the routers' hooks record only inside `capture`, i.e. in training steps
+        self.router_balance = None
+        if router_aux_loss_coef > 0:
+            try:
+                self.router_balance = RouterBalance(self.model)
+            except ValueError as e:
+                raise ValueError(f"model option router_aux_loss_coef needs an MoE model: {e}") from None
+
     def training_step(self, batch: dict[str, Any], batch_idx: int):
-        loss_sum, count, correct = self.token_loss(batch, return_correct=True)
+        balance = self.router_balance
+        with balance.capture(batch.get("attention_mask")) if balance else nullcontext():
+            loss_sum, count, correct = self.token_loss(batch, return_correct=True)
         n = self.step_denominator(batch, count)
         loss = loss_sum / n
-        self.log_step(**{"train/loss": loss, **token_accuracy("train/token_acc", correct, n)})
+        values = {"train/loss": loss, **token_accuracy("train/token_acc", correct, n)}
+        if balance is not None:
+            values["train/router_balance"] = balance.loss()
+            loss = loss + self.hparams.router_aux_loss_coef * values["train/router_balance"]
+        self.log_step(**values)
         return loss
 
     def _eval_loss(self, batch: dict[str, Any], split: str) -> None:

@@ -7,6 +7,10 @@
     python experiments/esft_paper/run.py --base runs/bases/moe-<hash>/hf --name moe --seeds 0 1 2
         # another base (an HF directory, e.g. `esft base --config configs/base/moe.yaml`'s) instead
         # of pretraining base.yaml: runs/esft_paper_moe/, results_moe/, experts_moe/
+    python experiments/esft_paper/run.py --base ... --name moe_balanced --lr-select \
+        --lr-methods fft lora esft_token esft_gate        # each method's rate per task on a validation split;
+                                                          # the tables' runs then use those rates
+    python experiments/esft_paper/run.py --base ... --p-ablation --ablation-seeds 0 1 2  # paper Figure 4
 
 1. Base: `base.yaml` pretrains a tiny DeepSeek-V2-shaped MoE on the general mixture plus three
    domains (`base_data`: 4 general tasks x 6000 problems + 300 of each specialized task), once
@@ -14,11 +18,12 @@
 2. Experts, per held-out specialized task: `esft experts score` on 32,768 tokens of its training
    data, then `esft experts select` for ESFT-Token (p=0.2), ESFT-Gate (p=0.1), the Table 3 variants
    (token selection + shared experts; + non-expert modules) and the Table 4 controls (random
-   experts, same count per layer). Configs and heatmaps: experts/<task>/.
+   experts, same count per layer: `random_*` one draw for every seed, `random_*_x` a draw per seed
+   that excludes the selected experts). Configs and heatmaps: experts/<task>/.
 3. Fine-tuning, per task and seed: `esft sweep` over `finetune.yaml` with one cell per method
    (FFT, LoRA r=8, ESFT-Token, ESFT-Gate, and the ablations), into runs/esft_paper/sweep/<task>.
 4. Report: results/results.csv (one row per run), results/tables.md (our numbers beside the
-   paper's), results/methods.png.
+   paper's, and how concentrated and task-specific the base's routing is), results/methods.png.
 
 With --base, steps 2-4 run on that model instead (its vanilla row, expert scores and sizes too),
 into runs/esft_paper_<name>/, experts_<name>/ and results_<name>/; the own base's stay untouched.
@@ -48,7 +53,12 @@ TASKS = ["intent_json", "extract_fields", "translate"]
 GENERAL = ["general", {"name": "arithmetic", "max_digits": 2, "ops": "+"}, "sort_words", "list_ops"]
 GENERAL_NAMES = ["general", "arithmetic", "sort_words", "list_ops"]
 MAIN = ["fft", "lora", "esft_token", "esft_gate"]
-ABLATIONS = ["esft_token_shared", "esft_token_nonexpert", "random_token", "random_gate"]
+ABLATIONS = ["esft_token_shared", "esft_token_nonexpert", "random_token", "random_gate", "random_token_x", "random_gate_x"]
+# the p ablation (paper Figure 4): token p 0.1-0.4, gate p 0.05-0.3
+P_VALUES = {"token": [0.1, 0.2, 0.3, 0.4], "gate": [0.05, 0.1, 0.2, 0.3]}
+DRAWS = range(5)
+EXTEND = 2  # lr_select: rates tried beyond the grid's edge when the best one is on it
+FINETUNE_LR = yaml.safe_load((HERE / "finetune.yaml").read_text())["model"]["init_args"]["optim"]["lr"]  # random_*_x: one draw per seed, none of them a selected expert
 # ESFT paper (DeepSeek-V2-Lite), Tables 1-4
 PAPER = {
     "vanilla": {"specialized": 33.6, "general": 62.4},
@@ -58,6 +68,8 @@ PAPER = {
     "esft_gate": {"specialized": 50.2, "general": 60.6, "train_min": 20.9, "storage_gb": 3.20},
     "random_token": {"specialized_delta": -2.8},
     "random_gate": {"specialized_delta": -4.4},
+    "random_token_x": {"specialized_delta": -2.8},
+    "random_gate_x": {"specialized_delta": -4.4},
 }
 
 
@@ -179,22 +191,33 @@ def expert_configs(study: Study, task: str) -> dict[str, Path]:
         "esft_token_nonexpert": ["--method", "token", "--p", "0.2", "--non-expert-modules"],
         "random_token": ["--method", "token", "--p", "0.2", "--random-seed", "0"],
         "random_gate": ["--method", "gate", "--p", "0.1", "--random-seed", "0"],
+        **{f"random_{m}_x_seed{d}": ["--method", m, "--p", str(p), "--random-seed", str(d), "--exclude-selected"]
+           for m, p in (("token", 0.2), ("gate", 0.1)) for d in DRAWS},
+        **{f"esft_{m}_p{p:g}": ["--method", m, "--p", str(p)] for m, ps in P_VALUES.items() for p in ps},
     }
+    from esft.commands.experts import main as select  # in this process: ~20 selections per task
+
     paths = {}
     for name, args in variants.items():
         paths[name] = out / f"{name}.json"
         if not paths[name].exists():
-            sh("-m", "esft.cli", "experts", "select", "--scores", str(out / "scores.json"), *args, "--out", str(paths[name]))
+            select(["select", "--scores", str(out / "scores.json"), *args, "--out", str(paths[name])])
+    for m in ("token", "gate"):  # the sweep puts each seed's draw in: `{seed}` in an override value
+        paths[f"random_{m}_x"] = out / f"random_{m}_x_seed{{seed}}.json"
     return paths
 
 
 def grid(study: Study, task: str, configs: dict[str, Path], cells: list[str], lrs: list[float] | None = None,
-         stem: str | None = None) -> Path:
-    """The sweep grid of `cells` on `task` (crossed with the learning rates `lrs` when given),
-    written to the study's grids/<stem or task>.yaml."""
+         stem: str | None = None, cell_lrs: dict[str, float] | None = None, validate: bool = False) -> Path:
+    """The sweep grid of `cells` on `task` (crossed with the learning rates `lrs` when given, or
+    each cell at its own rate from `cell_lrs`), written to the study's grids/<stem or task>.yaml.
+    `validate`: validation loss on 200 problems per task after the last step (the rate selection)."""
     ft = "model.init_args"
     cell_overrides = {"fft": {}, "lora": {f"{ft}.lora": {"r": 8, "alpha": 16.0}}}
     cell_overrides.update({name: {f"{ft}.experts": str(configs[name].relative_to(ROOT))} for name in configs})
+    for cell, lr in (cell_lrs or {}).items():
+        if cell in cells:
+            cell_overrides[cell] = {**cell_overrides[cell], f"{ft}.optim.lr": lr}
     spec = {
         "seeds": [0, 1],
         # the seed also draws the training problems and their order: the weights come from the
@@ -206,6 +229,10 @@ def grid(study: Study, task: str, configs: dict[str, Path], cells: list[str], lr
     }
     if lrs:
         spec["axes"] = {f"{ft}.optim.lr": lrs}
+    if validate:  # finetune.yaml's max_steps is the only validation point; the problems follow the training ones
+        spec["set"].update({"data.init_args.num_val_per_task": 200, "trainer.limit_val_batches": 1.0,
+                            "trainer.val_check_interval": yaml.safe_load((HERE / "finetune.yaml").read_text())["trainer"]["max_steps"],
+                            "trainer.check_val_every_n_epoch": None})
     path = study.runs / "grids" / f"{stem or task}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -215,7 +242,7 @@ def grid(study: Study, task: str, configs: dict[str, Path], cells: list[str], lr
 def sweep(grid_path: Path, out: Path, seed: int) -> None:
     """One `esft sweep` of a grid's cells at `seed` over finetune.yaml, into `out` (resumable)."""
     sh("-m", "esft.commands.sweep", "--config", str(HERE / "finetune.yaml"), "--grid", str(grid_path),
-       "--out", str(out), "--seeds", str(seed), "--metrics", "eval/*", "wall_s")
+       "--out", str(out), "--seeds", str(seed), "--metrics", "eval/*", "val/loss", "wall_s")
 
 
 def lr_check(study: Study, task: str, cells: list[str], lrs: list[float], seed: int) -> None:
@@ -241,6 +268,146 @@ def lr_check(study: Study, task: str, cells: list[str], lrs: list[float], seed: 
     study.results.mkdir(parents=True, exist_ok=True)
     (study.results / f"lr_{task}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def runs_of(out: Path, seed: int | None = None) -> list[dict]:
+    """The done.json of every finished run of a sweep directory (one seed, or all)."""
+    pattern = f"*/seed{seed}/done.json" if seed is not None else "*/seed*/done.json"
+    return [json.loads(path.read_text()) for path in sorted(out.glob(pattern))]
+
+
+def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float], seed: int) -> dict[str, dict[str, float]]:
+    """Each method's learning rate per task, chosen by validation loss: `cells` x `lrs` on each
+    task at `seed`, validated after the last step on 200 problems that follow the training ones (not
+    the held-out test problems the tables score). Where a method's best rate is the grid's highest
+    (lowest), the next one out at the grid's spacing is tried too, up to `EXTEND` times. Writes results/lr_select.md (validation loss and,
+    for reference only, the test score per rate) and lr_select.json ({task: {method: lr}}), which
+    the main runs read (`selected_lrs`)."""
+    from esft.reports import markdown_table
+
+    chosen: dict[str, dict[str, float]] = {}
+    rows, tried = [], set(lrs)
+    for task in tasks:
+        out = study.runs / "lr_select" / task
+        configs = expert_configs(study, task)
+        sweep(grid(study, task, configs, cells, lrs, stem=f"lr_select_{task}", validate=True), out, seed)
+
+        def validated() -> dict[tuple[str, float], tuple[float, float]]:
+            return {(d["cell"].split(",")[0], d["overrides"]["model.init_args.optim.lr"]):
+                    (d["metrics"]["val/loss"], 100 * task_score(d["metrics"], task)) for d in runs_of(out, seed)}
+
+        val = validated()
+        for cell in cells:
+            for _ in range(EXTEND):  # a best rate at the edge of the grid: try the next one out, up to EXTEND times
+                done = {lr: v for (c, lr), v in val.items() if c == cell}
+                if len(done) < len(lrs):
+                    break
+                best, edge = min(done, key=lambda lr: done[lr][0]), sorted(done)
+                if best not in (edge[0], edge[-1]):
+                    break
+                step = edge[-1] / edge[-2] if best == edge[-1] else edge[0] / edge[1]
+                nxt = float(f"{best * step:.1g}")
+                tried.add(nxt)
+                sweep(grid(study, task, configs, [cell], [nxt], stem=f"lr_select_{task}_{cell}_{nxt:g}", validate=True),
+                      out, seed)
+                val = validated()
+        for cell in cells:
+            done = {lr: v for (c, lr), v in val.items() if c == cell}
+            if len(done) < len(lrs):
+                continue
+            chosen.setdefault(task, {})[cell] = min(done, key=lambda lr: done[lr][0])
+            rows.append({"task": task, "method": cell, "chosen lr": f"{chosen[task][cell]:g}",
+                         **{f"lr {lr:g}": f"{v[0]:.3f} ({v[1]:.1f})" for lr, v in sorted(done.items())}})
+    lrs = sorted(tried)
+    lines = [f"Learning rate per method and task by validation loss (seed {seed}; 200 validation problems per task "
+             "after the last step). Cells: validation loss (held-out test score %, not used to choose).", "",
+             markdown_table(["task", "method", "chosen lr", *(f"lr {lr:g}" for lr in lrs)], rows)]
+    study.results.mkdir(parents=True, exist_ok=True)
+    (study.results / "lr_select.md").write_text("\n".join(lines) + "\n")
+    (study.results / "lr_select.json").write_text(json.dumps(chosen, indent=1) + "\n")
+    print("\n".join(lines))
+    return chosen
+
+
+def selected_lrs(study: Study, task: str, cells: list[str]) -> dict[str, float]:
+    """Each cell's rate on `task` from `lr_select`'s choice ({} before it ran: finetune.yaml's rate
+    for all): a method's own, else ESFT-Token's for the token-selected variants and controls,
+    ESFT-Gate's for the gate ones."""
+    path = study.results / "lr_select.json"
+    chosen = json.loads(path.read_text()).get(task, {}) if path.exists() else {}
+    out = {}
+    for cell in cells:
+        kind = "esft_gate" if "gate" in cell else "esft_token" if cell.startswith(("esft_token", "random_token")) else cell
+        if (lr := chosen.get(cell, chosen.get(kind))) is not None:
+            out[cell] = lr
+    return out
+
+
+def p_ablation(study: Study, tasks: list[str], seeds: list[int]) -> None:
+    """The paper's Figure 4: ESFT-Token at p 0.1-0.4 and ESFT-Gate at p 0.05-0.3, each at the rate
+    `lr_select` chose for that method; results/p_ablation.md."""
+    from esft.reports import markdown_table
+
+    cells = [f"esft_{m}_p{p:g}" for m, ps in P_VALUES.items() for p in ps]
+    for seed in seeds:
+        for task in tasks:
+            sweep(grid(study, task, expert_configs(study, task), cells, stem=f"p_{task}",
+                       cell_lrs=selected_lrs(study, task, cells)),
+                  study.runs / "p_ablation" / task, seed)
+    rows = []
+    for cell in cells:
+        per_seed = defaultdict(list)
+        for task in tasks:
+            for d in runs_of(study.runs / "p_ablation" / task):
+                if d["cell"] == cell:
+                    m = d["metrics"]
+                    general = statistics.mean(task_score(m, g) for g in GENERAL_NAMES)
+                    config = json.loads((study.experts / task / f"{cell}.json").read_text())
+                    per_seed[d["seed"]].append((100 * task_score(m, task), 100 * general,
+                                                sum(len(v) for v in config["experts"].values()) / len(config["experts"])))
+        full = [v for v in per_seed.values() if len(v) == len(tasks)]
+        if full:
+            rows.append({"method": cell.rsplit("_", 1)[0], "p": cell.rsplit("_p", 1)[1],
+                         "experts / layer": f"{statistics.mean(x[2] for v in full for x in v):.2f}",
+                         "specialized": _mean_std([statistics.mean(x[0] for x in v) for v in full]),
+                         "general": _mean_std([statistics.mean(x[1] for x in v) for v in full]), "seeds": len(full)})
+    lines = ["p ablation (paper Figure 4): exact match % (mean over the tasks per seed; mean ± std over seeds).", "",
+             markdown_table(["method", "p", "experts / layer", "specialized", "general", "seeds"], rows)]
+    study.results.mkdir(parents=True, exist_ok=True)
+    (study.results / "p_ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def specialisation(study: Study) -> list[str]:
+    """How concentrated and how task-specific the base's routing is, from the expert scores (the
+    paper's Figure 2): per task the effective number of experts per layer and the top expert's
+    token share, mean over layers; between tasks the total-variation distance of their token
+    scores (0 = the same experts, 1 = none shared) and the overlap of their ESFT-Token selections."""
+    from esft.experts.scoring import concentration, load_scores, score_distance
+
+    scores = {t: load_scores(study.experts / t / "scores.json") for t in TASKS
+              if (study.experts / t / "scores.json").exists() and (study.experts / t / "esft_token.json").exists()}
+    if not scores:
+        return []
+    first = next(iter(scores.values()))
+    lines = ["", f"Expert specialisation of the base ({first['num_experts']} routed experts, top-{first.get('top_k', '?')}; "
+             "token scores):", "", "| task | effective experts / layer | top expert's share | ESFT-Token experts / layer |",
+             "|---|---|---|---|"]
+    selected = {}
+    for task, sc in scores.items():
+        conc = concentration(sc).values()
+        chosen = json.loads((study.experts / task / "esft_token.json").read_text())["experts"]
+        selected[task] = {(int(i), e) for i, v in chosen.items() for e in v}
+        lines.append(f"| {task} | {statistics.mean(c['effective_experts'] for c in conc):.1f} "
+                     f"| {statistics.mean(c['top_share'] for c in conc):.2f} | {len(selected[task]) / len(chosen):.1f} |")
+    names = list(scores)
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    if pairs:
+        lines += ["", "| tasks | score distance | ESFT-Token experts shared (Jaccard) |", "|---|---|---|"]
+        for a, b in pairs:
+            jaccard = len(selected[a] & selected[b]) / len(selected[a] | selected[b])
+            lines.append(f"| {a} / {b} | {score_distance(scores[a], scores[b]):.2f} | {jaccard:.2f} |")
+    return lines
 
 
 def sizes(study: Study, run_dir: Path, cell: str) -> dict[str, float]:
@@ -304,6 +471,7 @@ def collect(study: Study) -> list[dict]:
         general = [scores[g] for g in GENERAL_NAMES if scores[g] is not None]
         loss = heldout_losses(done.parent / "hf")
         rows.append({"task": task, "method": d["cell"], "seed": d["seed"],
+                     "lr": d["overrides"].get("model.init_args.optim.lr", FINETUNE_LR),
                      "specialized": 100 * (scores[task] if scores[task] is not None else float("nan")),
                      "general": 100 * statistics.mean(general) if general else float("nan"),
                      **{f"general_{g}": 100 * scores[g] for g in GENERAL_NAMES if scores[g] is not None},
@@ -378,7 +546,13 @@ def report(study: Study, rows: list[dict], base: dict[str, float]) -> None:
     lines += ["", "Losses: mean next-token cross-entropy on the answers of the same held-out problems (lower is "
               "better; the general loss averages the base's four tasks).",
               "", "Paper training time (min): FFT 28.5, LoRA 16.5, ESFT-Token 19.8, ESFT-Gate 20.9. "
-              "Paper Table 4: random experts of the same count lose 2.8 (token) and 4.4 (gate) points."]
+              "Paper Table 4: random experts of the same count lose 2.8 (token) and 4.4 (gate) points.",
+              "random_*_x: a different draw per seed, none of them a selected expert."]
+    rates = sorted({(r["method"], r["task"], r["lr"]) for r in rows})
+    if any(lr != FINETUNE_LR for *_, lr in rates):
+        lines += ["", "Learning rates (chosen per method and task by validation loss, lr_select.md): " + "; ".join(
+            f"{m} {', '.join(f'{t} {lr:g}' for mm, t, lr in rates if mm == m)}" for m in dict.fromkeys(r[0] for r in rates))]
+    lines += specialisation(study)
     (study.results / "tables.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(study.results / "methods.png", by, {"exact match %": (van_gen, van_spec),
@@ -430,6 +604,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr-methods", nargs="+", choices=MAIN + ABLATIONS, default=["fft", "esft_token"])
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2])
     parser.add_argument("--lr-seed", type=int, default=0)
+    parser.add_argument("--lr-select", action="store_true",
+                        help="instead of the tables: choose each --lr-methods' rate per task by validation loss "
+                             "(--lrs, seed --lr-seed); later runs of the tables use the chosen rates")
+    parser.add_argument("--p-ablation", action="store_true",
+                        help="instead of the tables: ESFT-Token / ESFT-Gate over p (paper Figure 4), --ablation-seeds")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     if args.name and not args.base:
@@ -438,6 +617,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.lr_check:
         ensure_base(study)
         lr_check(study, args.lr_check, args.lr_methods, args.lrs, args.lr_seed)
+        return
+    if args.lr_select:
+        ensure_base(study)
+        lr_select(study, args.tasks, args.lr_methods, args.lrs, args.lr_seed)
+        return
+    if args.p_ablation:
+        ensure_base(study)
+        p_ablation(study, args.tasks, args.ablation_seeds)
         return
     if not args.report_only:
         ensure_base(study)
@@ -448,7 +635,8 @@ def main(argv: list[str] | None = None) -> None:
             plan += [(args.ablations, s) for s in args.ablation_seeds]
         for cells, seed in plan:
             for task in args.tasks:
-                sweep(grid(study, task, configs[task], cells), study.runs / "sweep" / task, seed)
+                sweep(grid(study, task, configs[task], cells, cell_lrs=selected_lrs(study, task, cells)),
+                      study.runs / "sweep" / task, seed)
                 report(study, collect(study), base)
     report(study, collect(study), vanilla(study))
 
