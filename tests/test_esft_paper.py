@@ -108,8 +108,8 @@ def test_lr_select_chooses_by_validation_loss_and_extends_past_the_grid_edge(stu
     import yaml
 
     study = study_mod.Study(tmp_path / "hf", tmp_path / "runs", tmp_path / "results", tmp_path / "experts", own_base=False)
-    # validation loss: fft best at 1e-3 (inside the grid); lora keeps improving up to 3e-2, past the grid's 1e-2
-    val = {"fft": lambda lr: abs(lr - 1e-3), "lora": lambda lr: abs(lr - 3e-2)}
+    # validation loss: fft best at 1e-3 (inside the grid); lora keeps improving past the grid's 1e-2
+    val = {"fft": lambda lr: abs(lr - 1e-3), "lora": lambda lr: -lr}
     swept = []
 
     def fake_sweep(grid_path, out, seed):
@@ -118,8 +118,10 @@ def test_lr_select_chooses_by_validation_loss_and_extends_past_the_grid_edge(stu
         lrs = spec["axes"]["model.init_args.optim.lr"]
         for cell in spec["cells"]:
             for lr in lrs:
-                swept.append((cell, lr))
                 run = out / f"{cell},lr={lr:g}" / f"seed{seed}"
+                if run.exists():  # a sweep skips finished runs
+                    continue
+                swept.append((cell, lr))
                 run.mkdir(parents=True)
                 # the test score prefers the other rate: it must not be what chooses
                 metrics = {"val/loss": val[cell](lr), "eval/translate/chrf": lr}
@@ -129,7 +131,12 @@ def test_lr_select_chooses_by_validation_loss_and_extends_past_the_grid_edge(stu
     monkeypatch.setattr(study_mod, "sweep", fake_sweep)
     monkeypatch.setattr(study_mod, "expert_configs", lambda study, task: {})
     chosen = study_mod.lr_select(study, ["translate"], ["fft", "lora"], [3e-4, 1e-3, 3e-3, 1e-2], seed=0)
-    assert chosen == {"translate": {"fft": 1e-3, "lora": 0.03}}
-    assert [s for s in swept if s[1] > 1e-2] == [("lora", 0.03), ("lora", 0.09)]  # 3e-2 best after the first step out
-    assert json.loads((study.results / "lr_select.json").read_text()) == {"translate": {"fft": 0.001, "lora": 0.03}}
-    assert "| translate | lora | 0.03 |" in (study.results / "lr_select.md").read_text()
+    assert chosen == {"translate": {"fft": 1e-3, "lora": 0.09}}
+    assert [s for s in swept if s[1] > 1e-2] == [("lora", 0.03), ("lora", 0.09)]  # EXTEND = 2 steps out, then stop
+    (study.results / "lr_select.json").write_text('{"intent_json": {"fft": 0.01}}')  # another task's choice stays
+    assert study_mod.lr_select(study, ["translate"], ["fft", "lora"], [3e-4, 1e-3, 3e-3, 1e-2], seed=0) == chosen
+    assert json.loads((study.results / "lr_select.json").read_text()) == {
+        "intent_json": {"fft": 0.01}, "translate": {"fft": 0.001, "lora": 0.09}}
+    assert "| translate | lora | 0.09 |" in (study.results / "lr_select.md").read_text()
+    assert "| lr 0.01 | lr 0.03 | lr 0.09 |" in (study.results / "lr_select.md").read_text()  # the rerun's table too
+    assert len([s for s in swept if s[1] > 1e-2]) == 2  # the rerun tried nothing more beyond the edge

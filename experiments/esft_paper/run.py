@@ -298,9 +298,9 @@ def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float]
 
         val = validated()
         for cell in cells:
-            for _ in range(EXTEND):  # a best rate at the edge of the grid: try the next one out, up to EXTEND times
+            while True:  # a best rate at the edge of the grid: try the next one out, up to EXTEND beyond it
                 done = {lr: v for (c, lr), v in val.items() if c == cell}
-                if len(done) < len(lrs):
+                if len(done) < len(lrs) or sum(not min(lrs) <= lr <= max(lrs) for lr in done) >= EXTEND:
                     break
                 best, edge = min(done, key=lambda lr: done[lr][0]), sorted(done)
                 if best not in (edge[0], edge[-1]):
@@ -311,6 +311,7 @@ def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float]
                 sweep(grid(study, task, configs, [cell], [nxt], stem=f"lr_select_{task}_{cell}_{nxt:g}", validate=True),
                       out, seed)
                 val = validated()
+        tried |= {lr for (c, lr) in val if c in cells}  # also the rates an earlier run added
         for cell in cells:
             done = {lr: v for (c, lr), v in val.items() if c == cell}
             if len(done) < len(lrs):
@@ -324,7 +325,8 @@ def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float]
              markdown_table(["task", "method", "chosen lr", *(f"lr {lr:g}" for lr in lrs)], rows)]
     study.results.mkdir(parents=True, exist_ok=True)
     (study.results / "lr_select.md").write_text("\n".join(lines) + "\n")
-    (study.results / "lr_select.json").write_text(json.dumps(chosen, indent=1) + "\n")
+    path = study.results / "lr_select.json"  # other tasks' choices (another process's) are kept
+    path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **chosen}, indent=1) + "\n")
     print("\n".join(lines))
     return chosen
 
