@@ -140,3 +140,48 @@ def test_lr_select_chooses_by_validation_loss_and_extends_past_the_grid_edge(stu
     assert "| translate | lora | 0.09 |" in (study.results / "lr_select.md").read_text()
     assert "| lr 0.01 | lr 0.03 | lr 0.09 |" in (study.results / "lr_select.md").read_text()  # the rerun's table too
     assert len([s for s in swept if s[1] > 1e-2]) == 2  # the rerun tried nothing more beyond the edge
+
+
+def test_p_ablation_runs_each_p_at_its_methods_rate_and_tabulates_the_mean_over_tasks(study_mod, tmp_path, monkeypatch):
+    import json
+
+    import yaml
+
+    study = study_mod.Study(tmp_path / "hf", tmp_path / "runs", tmp_path / "results", tmp_path / "experts", own_base=False)
+    study.results.mkdir()
+    (study.results / "lr_select.json").write_text(json.dumps({t: {"esft_token": 0.01, "esft_gate": 0.03}
+                                                              for t in ("translate", "extract_fields")}))
+    configs = {}
+    for task in ("translate", "extract_fields"):
+        (study.experts / task).mkdir(parents=True)
+        for m, ps in study_mod.P_VALUES.items():
+            for p in ps:
+                cell = f"esft_{m}_p{p:g}"
+                configs[task, cell] = study.experts / task / f"{cell}.json"
+                k = int(10 * p) or 1  # more experts per layer for a larger p
+                configs[task, cell].write_text(json.dumps({"experts": {"1": list(range(k)), "2": list(range(k))}}))
+    rates = {}
+
+    def fake_sweep(grid_path, out, seed):
+        spec = yaml.safe_load(grid_path.read_text())
+        task = spec["set"]["data.init_args.tasks"][0]
+        for cell, overrides in spec["cells"].items():
+            rates[cell] = overrides["model.init_args.optim.lr"]
+            run = out / cell / f"seed{seed}"
+            run.mkdir(parents=True)
+            p = float(cell.rsplit("_p", 1)[1])
+            # specialized score p (translate) or 2p (extract_fields); general 1 - p
+            score = p if task == "translate" else 2 * p
+            metrics = {f"eval/{task}": score, **{f"eval/{g}": 1 - p for g in study_mod.GENERAL_NAMES}}
+            (run / "done.json").write_text(json.dumps({"cell": cell, "seed": seed, "metrics": metrics}))
+
+    monkeypatch.setattr(study_mod, "sweep", fake_sweep)
+    monkeypatch.setattr(study_mod, "ROOT", tmp_path)  # grids name expert configs relative to the repository
+    monkeypatch.setattr(study_mod, "expert_configs", lambda study, task: {c: path for (t, c), path in configs.items() if t == task})
+    study_mod.p_ablation(study, ["translate", "extract_fields"], seeds=[0, 1])
+    assert rates == {**{f"esft_token_p{p:g}": 0.01 for p in study_mod.P_VALUES["token"]},
+                     **{f"esft_gate_p{p:g}": 0.03 for p in study_mod.P_VALUES["gate"]}}
+    table = (study.results / "p_ablation.md").read_text()
+    # token p=0.3: specialized mean(30, 60) = 45 on both seeds, general 70; 3 experts per layer
+    assert "| esft_token | 0.3 | 3.00 | 45.0 ± 0.0 | 70.0 ± 0.0 | 2 |" in table
+    assert "| esft_gate | 0.05 | 1.00 | 7.5 ± 0.0 | 95.0 ± 0.0 | 2 |" in table

@@ -20,6 +20,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from esft.losses.router import load_balancing_loss
+
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 """The fused routed-expert parameters, each ``[num_experts, ...]``."""
 
@@ -126,8 +128,6 @@ class RouterBalance:
 
     def loss(self) -> torch.Tensor:
         """Mean balance loss over the layers recorded by the last `capture` (which it releases)."""
-        from esft.losses.router import load_balancing_loss
-
         if not self._records:
             raise RuntimeError("RouterBalance.loss: no router ran inside capture()")
         losses = [load_balancing_loss(self.family.router_probs(logits), indices, self.num_experts, self._mask)

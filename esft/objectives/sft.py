@@ -10,8 +10,9 @@ kernel forms no logits.
 
 With ``router_aux_loss_coef`` > 0 (MoE models) the training loss adds that multiple of the routers'
 load-balancing loss (`esft.models.moe.RouterBalance`, DeepSeek-V2's expert-level balance loss,
-mean over the sparse layers; 1.0 = uniform routing), logged as ``train/router_balance``. Without
-it a small MoE trained from scratch can route almost every token to one expert per layer.
+mean over the sparse layers; 1.0 = uniform routing), logged as ``train/router_balance``;
+``train/loss`` stays the cross-entropy alone, comparable with ``val/loss``. Without it a small MoE
+trained from scratch can route almost every token to one expert per layer.
 """
 
 from __future__ import annotations

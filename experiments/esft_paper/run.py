@@ -56,9 +56,10 @@ MAIN = ["fft", "lora", "esft_token", "esft_gate"]
 ABLATIONS = ["esft_token_shared", "esft_token_nonexpert", "random_token", "random_gate", "random_token_x", "random_gate_x"]
 # the p ablation (paper Figure 4): token p 0.1-0.4, gate p 0.05-0.3
 P_VALUES = {"token": [0.1, 0.2, 0.3, 0.4], "gate": [0.05, 0.1, 0.2, 0.3]}
-DRAWS = range(5)
+DRAWS = range(5)  # random_*_x: one draw per seed, none of them a selected expert
 EXTEND = 2  # lr_select: rates tried beyond the grid's edge when the best one is on it
-FINETUNE_LR = yaml.safe_load((HERE / "finetune.yaml").read_text())["model"]["init_args"]["optim"]["lr"]  # random_*_x: one draw per seed, none of them a selected expert
+FINETUNE = yaml.safe_load((HERE / "finetune.yaml").read_text())
+FINETUNE_LR = FINETUNE["model"]["init_args"]["optim"]["lr"]
 # ESFT paper (DeepSeek-V2-Lite), Tables 1-4
 PAPER = {
     "vanilla": {"specialized": 33.6, "general": 62.4},
@@ -231,7 +232,7 @@ def grid(study: Study, task: str, configs: dict[str, Path], cells: list[str], lr
         spec["axes"] = {f"{ft}.optim.lr": lrs}
     if validate:  # finetune.yaml's max_steps is the only validation point; the problems follow the training ones
         spec["set"].update({"data.init_args.num_val_per_task": 200, "trainer.limit_val_batches": 1.0,
-                            "trainer.val_check_interval": yaml.safe_load((HERE / "finetune.yaml").read_text())["trainer"]["max_steps"],
+                            "trainer.val_check_interval": FINETUNE["trainer"]["max_steps"],
                             "trainer.check_val_every_n_epoch": None})
     path = study.runs / "grids" / f"{stem or task}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -280,9 +281,10 @@ def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float]
     """Each method's learning rate per task, chosen by validation loss: `cells` x `lrs` on each
     task at `seed`, validated after the last step on 200 problems that follow the training ones (not
     the held-out test problems the tables score). Where a method's best rate is the grid's highest
-    (lowest), the next one out at the grid's spacing is tried too, up to `EXTEND` times. Writes results/lr_select.md (validation loss and,
-    for reference only, the test score per rate) and lr_select.json ({task: {method: lr}}), which
-    the main runs read (`selected_lrs`)."""
+    (lowest), the next one out at the grid's spacing is tried too, up to `EXTEND` rates beyond the
+    grid in all (reruns add none). Writes results/lr_select.md (validation loss and, for reference
+    only, the test score per rate) and lr_select.json ({task: {method: lr}}, other tasks' entries
+    kept), which the main runs read (`selected_lrs`)."""
     from esft.reports import markdown_table
 
     chosen: dict[str, dict[str, float]] = {}
