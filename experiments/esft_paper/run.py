@@ -255,8 +255,7 @@ def lr_check(study: Study, task: str, cells: list[str], lrs: list[float], seed: 
     out = study.runs / "lr" / task
     sweep(grid(study, task, configs, cells, lrs, stem=f"lr_{task}"), out, seed)
     done = {}
-    for path in out.glob(f"*/seed{seed}/done.json"):
-        d = json.loads(path.read_text())
+    for d in runs_of(out, seed):
         m = d["metrics"]
         method = d["cell"].split(",")[0]  # the sweep names a cell "<method>,lr=<lr>"
         done[method, d["overrides"]["model.init_args.optim.lr"]] = (
