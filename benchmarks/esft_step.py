@@ -14,10 +14,11 @@ One random-init DeepSeek-V2-shaped MoE (the study's shape by default), packed mi
 built-in tasks from `SFTDataModule`, the product's `token_loss`, AdamW (weight decay 0.1). Three
 copies of the same weights: FFT (everything trains), ESFT (the experts that token scores on the
 data select with p=0.2, `esft.experts`), LoRA r=8 on every linear layer (`esft.models.lora`).
-Steps are interleaved (FFT, ESFT, LoRA, FFT, ...) on the same batches so that machine load hits
-all three alike; each row reports the median step time (forward, backward, optimizer step) after
+Steps are interleaved on the same batches, the order reversed on every other batch, so that machine
+load hits all three alike; each row reports the median step time (forward, backward, optimizer step) after
 `--warmup` steps, its ratio to FFT, the median forward time (the loss computation inside the same
-steps) and its ratio to FFT's forward, the trainable parameters, and the bytes held in gradients
+steps) and its ratio to FFT's forward (with ``--forward-reps``, also the median of paired ratios
+over that many more rounds of forwards alone), the trainable parameters, and the bytes held in gradients
 plus optimizer state after a step. FFT's experts run transformers' ``grouped_mm`` implementation,
 ESFT's the two grouped calls of `esft.experts.trainable`.
 """
@@ -110,8 +111,10 @@ def run_size(size: str, args: argparse.Namespace, batches: list[dict], examples:
     times: dict[str, list[float]] = {k: [] for k in models}
     forward: dict[str, list[float]] = {k: [] for k in models}
     memory = {}
-    for batch in batches:
-        for name, model in models.items():
+    for i, batch in enumerate(batches):
+        # each side goes first on every other batch: what one side's optimizer step leaves in the
+        # caches and the allocator does not always land on the same side's next forward
+        for name, model in (list(models.items()) if i % 2 == 0 else reversed(models.items())):
             _sync(device)
             start = time.perf_counter()
             loss_sum, count = token_loss(model, batch, 1024)
@@ -123,6 +126,17 @@ def run_size(size: str, args: argparse.Namespace, batches: list[dict], examples:
             opts[name].zero_grad(set_to_none=True)
             _sync(device)
             times[name].append(time.perf_counter() - start)
+    # forwards alone (autograd recording, as in training; no backward), `--forward_reps` rounds over
+    # the batches, sides alternating which goes first: many more paired samples than the steps give
+    alone: dict[str, list[float]] = {k: [] for k in models}
+    for i in range(args.forward_reps * len(batches)):
+        first_goes_first = (i % len(batches) + i // len(batches)) % 2 == 0  # batch + round: each batch in both orders
+        for name, model in (list(models.items()) if first_goes_first else reversed(models.items())):
+            _sync(device)
+            start = time.perf_counter()
+            token_loss(model, batches[i % len(batches)], 1024)
+            _sync(device)
+            alone[name].append(time.perf_counter() - start)
     first = next(iter(models))
     ref_step, ref_fwd = (statistics.median(t[args.warmup:]) for t in (times[first], forward[first]))
     rows = []
@@ -135,6 +149,13 @@ def run_size(size: str, args: argparse.Namespace, batches: list[dict], examples:
                      "grad_optim_mib": round(memory[name] / 2**20, 2),
                      "grad_optim_vs_fft": round(memory[name] / memory[first], 3),
                      "steps_s": [round(t, 4) for t in times[name]], "forwards_s": [round(t, 4) for t in forward[name]]})
+        if alone[name]:
+            paired = [ours / ref for ours, ref in zip(alone[name], alone[first])]
+            q1, _, q3 = statistics.quantiles(paired, n=4)
+            rows[-1].update({"forward_alone_s": round(statistics.median(alone[name]), 4),
+                             "forward_alone_vs_fft": round(statistics.median(paired), 3),
+                             "forward_alone_vs_fft_iqr": [round(q1, 3), round(q3, 3)],
+                             "forwards_alone_s": [round(t, 4) for t in alone[name]]})
     return {"size": size, "config": config, "params": params, "experts_selected": experts.num_selected(),
             "experts_total": scores["num_experts"] * len(scores["token"]), "scored_tokens": scores["num_tokens"],
             "loadavg": os.getloadavg(), "rows": rows}
@@ -153,6 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3,
                         help="AdamW learning rate; use deepseek-ai/ESFT's 1e-5 to compare forwards: at 1e-3 FFT's "
                              "routers drift within a few steps and its forward no longer runs the same experts")
+    parser.add_argument("--forward-reps", type=int, default=0,
+                        help="after the steps, this many rounds of forwards alone over the batches (more paired samples "
+                             "of the forward ratio than the steps give)")
     parser.add_argument("--score-tokens", type=int, default=16384, help="tokens scored to select the ESFT experts")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -171,6 +195,10 @@ def main(argv: list[str] | None = None) -> dict:
         for r in res["rows"]:
             print(f"| {r['setup']} | {r['step_s']} | {r['vs_fft']} | {r['forward_s']} | {r['forward_vs_fft']} | "
                   f"{r['trainable_pct']} | {r['grad_optim_mib']} | {r['grad_optim_vs_fft']} |", flush=True)
+        for r in res["rows"]:
+            if "forward_alone_s" in r:
+                print(f"{r['setup']}: forwards alone {r['forward_alone_s']} s, {r['forward_alone_vs_fft']}x FFT's "
+                      f"(median of {len(r['forwards_alone_s'])} paired ratios, quartiles {r['forward_alone_vs_fft_iqr']})")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

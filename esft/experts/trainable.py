@@ -81,12 +81,15 @@ def esft_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     offsets = torch.bincount(key, minlength=num_experts + self.esft_gate_up_proj.shape[0]).cumsum(0).to(torch.int32)
     split = int(offsets[num_experts - 1])  # pairs routed to frozen experts: the only host sync
     x = hidden_states[perm // k]
-    out = torch.cat([
-        _expert_mlp(self, x[:split], self.gate_up_proj, self.down_proj, offsets[:num_experts]),
-        _expert_mlp(self, x[split:], self.esft_gate_up_proj, self.esft_down_proj, offsets[num_experts:] - split),
-    ]) * top_k_weights.reshape(-1)[perm, None]
-    # back to (token, k) order and summed over k, as transformers' grouped_mm path does
-    return out[torch.argsort(perm)].view(tokens, k, -1).sum(1).to(hidden_states.dtype)
+    weights = top_k_weights.reshape(-1)[perm, None]
+    frozen = _expert_mlp(self, x[:split], self.gate_up_proj, self.down_proj, offsets[:num_experts])
+    trained = _expert_mlp(self, x[split:], self.esft_gate_up_proj, self.esft_down_proj, offsets[num_experts:] - split)
+    # each part straight back to (token, k) order: no concatenation of the two, one write per row
+    out = frozen.new_empty(tokens * k, frozen.shape[-1])
+    out[perm[:split]] = frozen * weights[:split]
+    out[perm[split:]] = trained * weights[split:]
+    # summed over k, as transformers' grouped_mm path does
+    return out.view(tokens, k, -1).sum(1).to(hidden_states.dtype)
 
 
 def _check(model: nn.Module, cfg: ExpertConfig) -> dict[int, nn.Module]:
