@@ -174,6 +174,11 @@ def test_p_ablation_runs_each_p_at_its_methods_rate_and_tabulates_the_mean_over_
             score = p if task == "translate" else 2 * p
             metrics = {f"eval/{task}": score, **{f"eval/{g}": 1 - p for g in study_mod.GENERAL_NAMES}}
             (run / "done.json").write_text(json.dumps({"cell": cell, "seed": seed, "metrics": metrics}))
+            # held-out losses (heldout_losses' cache in the run's export): specialized 4 - 10p on
+            # translate, 5 - 10p on extract_fields; general 1 + seed
+            (run / "hf").mkdir()
+            (run / "hf" / "heldout_loss.json").write_text(json.dumps(
+                {task: (4 if task == "translate" else 5) - 10 * p, **{g: 1.0 + seed for g in study_mod.GENERAL_NAMES}}))
 
     monkeypatch.setattr(study_mod, "sweep", fake_sweep)
     monkeypatch.setattr(study_mod, "ROOT", tmp_path)  # grids name expert configs relative to the repository
@@ -183,5 +188,7 @@ def test_p_ablation_runs_each_p_at_its_methods_rate_and_tabulates_the_mean_over_
                      **{f"esft_gate_p{p:g}": 0.03 for p in study_mod.P_VALUES["gate"]}}
     table = (study.results / "p_ablation.md").read_text()
     # token p=0.3: specialized mean(30, 60) = 45 on both seeds, general 70; 3 experts per layer
-    assert "| esft_token | 0.3 | 3.00 | 45.0 ± 0.0 | 70.0 ± 0.0 | 2 |" in table
-    assert "| esft_gate | 0.05 | 1.00 | 7.5 ± 0.0 | 95.0 ± 0.0 | 2 |" in table
+    # losses: specialized mean(4 - 3, 5 - 3) = 1.5; general 1 (seed 0) and 2 (seed 1): 1.5 ± 0.707
+    assert "| esft_token | 0.3 | 3.00 | 45.0 ± 0.0 | 70.0 ± 0.0 | 1.500 ± 0.000 | 1.500 ± 0.707 | 2 |" in table
+    assert "| esft_gate | 0.05 | 1.00 | 7.5 ± 0.0 | 95.0 ± 0.0 | 4.000 ± 0.000 | 1.500 ± 0.707 | 2 |" in table
+    assert (study.results / "p_ablation.png").stat().st_size > 0

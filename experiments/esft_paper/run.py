@@ -271,9 +271,10 @@ def lr_check(study: Study, task: str, cells: list[str], lrs: list[float], seed: 
 
 
 def runs_of(out: Path, seed: int | None = None) -> list[dict]:
-    """The done.json of every finished run of a sweep directory (one seed, or all)."""
+    """The done.json of every finished run of a sweep directory (one seed, or all), each with the
+    run's directory under "dir"."""
     pattern = f"*/seed{seed}/done.json" if seed is not None else "*/seed*/done.json"
-    return [json.loads(path.read_text()) for path in sorted(out.glob(pattern))]
+    return [{**json.loads(path.read_text()), "dir": path.parent} for path in sorted(out.glob(pattern))]
 
 
 def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float], seed: int) -> dict[str, dict[str, float]]:
@@ -348,7 +349,8 @@ def selected_lrs(study: Study, task: str, cells: list[str]) -> dict[str, float]:
 
 def p_ablation(study: Study, tasks: list[str], seeds: list[int]) -> None:
     """The paper's Figure 4: ESFT-Token at p 0.1-0.4 and ESFT-Gate at p 0.05-0.3, each at the rate
-    `lr_select` chose for that method; results/p_ablation.md."""
+    `lr_select` chose for that method; results/p_ablation.md (exact match and held-out loss, mean
+    over the tasks per seed) and p_ablation.png."""
     from esft.reports import markdown_table
 
     cells = [f"esft_{m}_p{p:g}" for m, ps in P_VALUES.items() for p in ps]
@@ -363,22 +365,63 @@ def p_ablation(study: Study, tasks: list[str], seeds: list[int]) -> None:
         for task in tasks:
             for d in runs_of(study.runs / "p_ablation" / task):
                 if d["cell"] == cell:
-                    m = d["metrics"]
-                    general = statistics.mean(task_score(m, g) for g in GENERAL_NAMES)
+                    m, loss = d["metrics"], heldout_losses(d["dir"] / "hf")
                     config = json.loads((study.experts / task / f"{cell}.json").read_text())
-                    per_seed[d["seed"]].append((100 * task_score(m, task), 100 * general,
-                                                sum(len(v) for v in config["experts"].values()) / len(config["experts"])))
+                    per_seed[d["seed"]].append({
+                        "specialized": 100 * task_score(m, task),
+                        "general": 100 * statistics.mean(task_score(m, g) for g in GENERAL_NAMES),
+                        "specialized_loss": loss[task], "general_loss": statistics.mean(loss[g] for g in GENERAL_NAMES),
+                        "experts": sum(len(v) for v in config["experts"].values()) / len(config["experts"])})
         full = [v for v in per_seed.values() if len(v) == len(tasks)]
         if full:
+            def over_seeds(key: str, digits: int = 1) -> str:
+                return _mean_std([statistics.mean(x[key] for x in v) for v in full], digits)
+
             rows.append({"method": cell.rsplit("_", 1)[0], "p": cell.rsplit("_p", 1)[1],
-                         "experts / layer": f"{statistics.mean(x[2] for v in full for x in v):.2f}",
-                         "specialized": _mean_std([statistics.mean(x[0] for x in v) for v in full]),
-                         "general": _mean_std([statistics.mean(x[1] for x in v) for v in full]), "seeds": len(full)})
-    lines = ["p ablation (paper Figure 4): exact match % (mean over the tasks per seed; mean ± std over seeds).", "",
-             markdown_table(["method", "p", "experts / layer", "specialized", "general", "seeds"], rows)]
+                         "experts / layer": f"{statistics.mean(x['experts'] for v in full for x in v):.2f}",
+                         "specialized": over_seeds("specialized"), "general": over_seeds("general"),
+                         "spec. loss": over_seeds("specialized_loss", 3), "general loss": over_seeds("general_loss", 3),
+                         "seeds": len(full)})
+    lines = ["p ablation (paper Figure 4): exact match % and held-out loss (mean over the tasks per seed; "
+             "mean ± std over seeds).", "",
+             markdown_table(["method", "p", "experts / layer", "specialized", "general", "spec. loss", "general loss",
+                             "seeds"], rows)]
     study.results.mkdir(parents=True, exist_ok=True)
     (study.results / "p_ablation.md").write_text("\n".join(lines) + "\n")
+    if rows:
+        plot_p(study.results / "p_ablation.png", rows)
     print("\n".join(lines))
+
+
+def plot_p(path: Path, rows: list[dict]) -> None:
+    """The p ablation's rows against experts per layer, one line per method: exact match and
+    held-out loss on the specialized and general tasks (± std over seeds as error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def value(cell: str) -> tuple[float, float]:
+        mean, _, std = cell.partition(" ± ")
+        return float(mean), float(std or 0)
+
+    panels = [("specialized", "specialized exact match %"), ("general", "general exact match %"),
+              ("spec. loss", "specialized held-out loss"), ("general loss", "general held-out loss")]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
+    for ax, (key, title) in zip(axes, panels):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = [r for r in rows if r["method"] == method]
+            x = [float(r["experts / layer"]) for r in mine]
+            y, err = zip(*(value(r[key]) for r in mine))
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+            for r, xi, yi in zip(mine, x, y):
+                ax.annotate(f"p={r['p']}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("experts trained per layer")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def specialisation(study: Study) -> list[str]:
