@@ -84,10 +84,11 @@ def esft_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
     weights = top_k_weights.reshape(-1)[perm, None]
     frozen = _expert_mlp(self, x[:split], self.gate_up_proj, self.down_proj, offsets[:num_experts])
     trained = _expert_mlp(self, x[split:], self.esft_gate_up_proj, self.esft_down_proj, offsets[num_experts:] - split)
+    frozen, trained = frozen * weights[:split], trained * weights[split:]  # in the weights' dtype if wider
     # each part straight back to (token, k) order: no concatenation of the two, one write per row
     out = frozen.new_empty(tokens * k, frozen.shape[-1])
-    out[perm[:split]] = frozen * weights[:split]
-    out[perm[split:]] = trained * weights[split:]
+    out[perm[:split]] = frozen
+    out[perm[split:]] = trained
     # summed over k, as transformers' grouped_mm path does
     return out.view(tokens, k, -1).sum(1).to(hidden_states.dtype)
 
