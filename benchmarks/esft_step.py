@@ -14,13 +14,14 @@ One random-init DeepSeek-V2-shaped MoE (the study's shape by default), packed mi
 built-in tasks from `SFTDataModule`, the product's `token_loss`, AdamW (weight decay 0.1). Three
 copies of the same weights: FFT (everything trains), ESFT (the experts that token scores on the
 data select with p=0.2, `esft.experts`), LoRA r=8 on every linear layer (`esft.models.lora`).
-Steps are interleaved on the same batches, the order reversed on every other batch, so that machine
-load hits all three alike; each row reports the median step time (forward, backward, optimizer step) after
-`--warmup` steps, its ratio to FFT, the median forward time (the loss computation inside the same
-steps) and its ratio to FFT's forward (with ``--forward-reps``, also the median of paired ratios
-over that many more rounds of forwards alone), the trainable parameters, and the bytes held in gradients
-plus optimizer state after a step. FFT's experts run transformers' ``grouped_mm`` implementation,
-ESFT's the two grouped calls of `esft.experts.trainable`.
+Steps are interleaved on the same batches, the order reversed on every other batch, so that
+machine load hits all three alike; each row reports the median step time (forward, backward,
+optimizer step) after `--warmup` steps, its ratio to FFT, the median forward time (the loss
+computation inside the same steps) and its ratio to FFT's forward (with ``--forward-reps``, also
+the median of paired ratios over that many more rounds of forwards alone), the trainable
+parameters, and the bytes held in gradients plus optimizer state after a step. FFT's experts run
+transformers' ``grouped_mm`` implementation, ESFT's the two grouped calls of
+`esft.experts.trainable`.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def run_size(size: str, args: argparse.Namespace, batches: list[dict], examples:
             opts[name].zero_grad(set_to_none=True)
             _sync(device)
             times[name].append(time.perf_counter() - start)
-    # forwards alone (autograd recording, as in training; no backward), `--forward_reps` rounds over
+    # forwards alone (autograd recording, as in training; no backward), `--forward-reps` rounds over
     # the batches, sides alternating which goes first: many more paired samples than the steps give
     alone: dict[str, list[float]] = {k: [] for k in models}
     for i in range(args.forward_reps * len(batches)):
