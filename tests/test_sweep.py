@@ -89,6 +89,7 @@ def resumed(tmp_path_factory):
     return root / "out", before, printed.getvalue()
 
 
+@pytest.mark.slow  # the shared 4-run sweep: 84.5 s of the default suite's 10 minutes
 def test_rerun_finishes_only_the_missing_runs(resumed):
     out, (mtime, text), printed = resumed
     done = out / "lr=0.01" / "seed0" / "done.json"
@@ -100,6 +101,7 @@ def test_rerun_finishes_only_the_missing_runs(resumed):
     assert len(list(out.glob("*/seed*/done.json"))) == 4
 
 
+@pytest.mark.slow  # the shared 4-run sweep: 84.5 s of the default suite's 10 minutes
 def test_sweep_writes_results_summary_and_plot(resumed):
     import pandas as pd
 
@@ -131,6 +133,7 @@ def test_sweep_writes_results_summary_and_plot(resumed):
     assert json.loads((run / "done.json").read_text())["metrics"]["eval/reverse_words/exact_match"] >= 0.0
 
 
+@pytest.mark.slow  # the shared 4-run sweep: 84.5 s of the default suite's 10 minutes
 def test_metrics_option_selects_the_table_columns(resumed, tmp_path, capsys):
     out, _, _ = resumed
     root = out.parent
