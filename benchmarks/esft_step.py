@@ -85,6 +85,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def in_turn(models: dict[str, torch.nn.Module], flip: bool) -> list[tuple[str, torch.nn.Module]]:
+    """The sides in their order, or reversed: alternating which goes first keeps what one side's
+    optimizer step leaves in the caches and the allocator off always the same side's forward."""
+    order = list(models.items())
+    return order[::-1] if flip else order
+
+
 def run_size(size: str, args: argparse.Namespace, batches: list[dict], examples: list[list[int]]) -> dict:
     device = torch.device(args.device)
     config = dict(SIZES[size], **({"num_hidden_layers": args.layers} if args.layers else {}))
@@ -113,9 +120,7 @@ def run_size(size: str, args: argparse.Namespace, batches: list[dict], examples:
     forward: dict[str, list[float]] = {k: [] for k in models}
     memory = {}
     for i, batch in enumerate(batches):
-        # each side goes first on every other batch: what one side's optimizer step leaves in the
-        # caches and the allocator does not always land on the same side's next forward
-        for name, model in (list(models.items()) if i % 2 == 0 else reversed(models.items())):
+        for name, model in in_turn(models, flip=i % 2 == 1):
             _sync(device)
             start = time.perf_counter()
             loss_sum, count = token_loss(model, batch, 1024)
@@ -130,14 +135,14 @@ def run_size(size: str, args: argparse.Namespace, batches: list[dict], examples:
     # forwards alone (autograd recording, as in training; no backward), `--forward-reps` rounds over
     # the batches, sides alternating which goes first: many more paired samples than the steps give
     alone: dict[str, list[float]] = {k: [] for k in models}
-    for i in range(args.forward_reps * len(batches)):
-        first_goes_first = (i % len(batches) + i // len(batches)) % 2 == 0  # batch + round: each batch in both orders
-        for name, model in (list(models.items()) if first_goes_first else reversed(models.items())):
-            _sync(device)
-            start = time.perf_counter()
-            token_loss(model, batches[i % len(batches)], 1024)
-            _sync(device)
-            alone[name].append(time.perf_counter() - start)
+    for rep in range(args.forward_reps):
+        for i, batch in enumerate(batches):
+            for name, model in in_turn(models, flip=(i + rep) % 2 == 1):  # each batch in both orders
+                _sync(device)
+                start = time.perf_counter()
+                token_loss(model, batch, 1024)
+                _sync(device)
+                alone[name].append(time.perf_counter() - start)
     first = next(iter(models))
     ref_step, ref_fwd = (statistics.median(t[args.warmup:]) for t in (times[first], forward[first]))
     rows = []
