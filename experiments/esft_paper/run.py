@@ -56,6 +56,7 @@ MAIN = ["fft", "lora", "esft_token", "esft_gate"]
 ABLATIONS = ["esft_token_shared", "esft_token_nonexpert", "random_token", "random_gate", "random_token_x", "random_gate_x"]
 # the p ablation (paper Figure 4): token p 0.1-0.4, gate p 0.05-0.3
 P_VALUES = {"token": [0.1, 0.2, 0.3, 0.4], "gate": [0.05, 0.1, 0.2, 0.3]}
+P_COLUMNS = ["specialized", "general", "spec. loss", "general loss"]  # its table's measured columns
 DRAWS = range(5)  # random_*_x: one draw per seed, none of them a selected expert
 EXTEND = 2  # lr_select: rates tried beyond the grid's edge when the best one is on it
 FINETUNE = yaml.safe_load((HERE / "finetune.yaml").read_text())
@@ -359,63 +360,60 @@ def p_ablation(study: Study, tasks: list[str], seeds: list[int]) -> None:
             sweep(grid(study, task, expert_configs(study, task), cells, stem=f"p_{task}",
                        cell_lrs=selected_lrs(study, task, cells)),
                   study.runs / "p_ablation" / task, seed)
-    rows = []
+    finished = {task: runs_of(study.runs / "p_ablation" / task) for task in tasks}
+    rows, series = [], []
     for cell in cells:
         per_seed = defaultdict(list)
         for task in tasks:
-            for d in runs_of(study.runs / "p_ablation" / task):
+            for d in finished[task]:
                 if d["cell"] == cell:
                     m, loss = d["metrics"], heldout_losses(d["dir"] / "hf")
                     config = json.loads((study.experts / task / f"{cell}.json").read_text())
                     per_seed[d["seed"]].append({
                         "specialized": 100 * task_score(m, task),
                         "general": 100 * statistics.mean(task_score(m, g) for g in GENERAL_NAMES),
-                        "specialized_loss": loss[task], "general_loss": statistics.mean(loss[g] for g in GENERAL_NAMES),
+                        "spec. loss": loss[task], "general loss": statistics.mean(loss[g] for g in GENERAL_NAMES),
                         "experts": sum(len(v) for v in config["experts"].values()) / len(config["experts"])})
         full = [v for v in per_seed.values() if len(v) == len(tasks)]
         if full:
-            def over_seeds(key: str, digits: int = 1) -> str:
-                return _mean_std([statistics.mean(x[key] for x in v) for v in full], digits)
-
-            rows.append({"method": cell.rsplit("_", 1)[0], "p": cell.rsplit("_p", 1)[1],
-                         "experts / layer": f"{statistics.mean(x['experts'] for v in full for x in v):.2f}",
-                         "specialized": over_seeds("specialized"), "general": over_seeds("general"),
-                         "spec. loss": over_seeds("specialized_loss", 3), "general loss": over_seeds("general_loss", 3),
-                         "seeds": len(full)})
+            # per key, one value per seed (the mean over the tasks): the table and the plot read these
+            by_seed = {key: [statistics.mean(x[key] for x in v) for v in full] for key in P_COLUMNS}
+            experts = statistics.mean(x["experts"] for v in full for x in v)
+            method, p = cell.rsplit("_", 1)[0], cell.rsplit("_p", 1)[1]
+            series.append({"method": method, "p": p, "experts": experts, **by_seed})
+            rows.append({"method": method, "p": p, "experts / layer": f"{experts:.2f}",
+                         **{key: _mean_std(by_seed[key], 1 if key in ("specialized", "general") else 3)
+                            for key in P_COLUMNS}, "seeds": len(full)})
     lines = ["p ablation (paper Figure 4): exact match % and held-out loss (mean over the tasks per seed; "
              "mean ± std over seeds).", "",
-             markdown_table(["method", "p", "experts / layer", "specialized", "general", "spec. loss", "general loss",
-                             "seeds"], rows)]
+             markdown_table(["method", "p", "experts / layer", *P_COLUMNS, "seeds"], rows)]
     study.results.mkdir(parents=True, exist_ok=True)
     (study.results / "p_ablation.md").write_text("\n".join(lines) + "\n")
-    if rows:
-        plot_p(study.results / "p_ablation.png", rows)
+    if series:
+        plot_p(study.results / "p_ablation.png", series)
     print("\n".join(lines))
 
 
-def plot_p(path: Path, rows: list[dict]) -> None:
-    """The p ablation's rows against experts per layer, one line per method: exact match and
-    held-out loss on the specialized and general tasks (± std over seeds as error bars)."""
+def plot_p(path: Path, series: list[dict]) -> None:
+    """The p ablation against experts per layer, one line per method: exact match and held-out loss
+    on the specialized and general tasks, mean over seeds with their std as error bars (`series`:
+    per cell its method, p, experts per layer and one value per seed of each of `P_COLUMNS`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def value(cell: str) -> tuple[float, float]:
-        mean, _, std = cell.partition(" ± ")
-        return float(mean), float(std or 0)
-
-    panels = [("specialized", "specialized exact match %"), ("general", "general exact match %"),
-              ("spec. loss", "specialized held-out loss"), ("general loss", "general held-out loss")]
+    titles = ["specialized exact match %", "general exact match %", "specialized held-out loss", "general held-out loss"]
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
-    for ax, (key, title) in zip(axes, panels):
-        for method in dict.fromkeys(r["method"] for r in rows):
-            mine = [r for r in rows if r["method"] == method]
-            x = [float(r["experts / layer"]) for r in mine]
-            y, err = zip(*(value(r[key]) for r in mine))
+    for ax, key, title in zip(axes, P_COLUMNS, titles):
+        for method in dict.fromkeys(c["method"] for c in series):
+            mine = [c for c in series if c["method"] == method]
+            x = [c["experts"] for c in mine]
+            y = [statistics.mean(c[key]) for c in mine]
+            err = [statistics.stdev(c[key]) if len(c[key]) > 1 else 0.0 for c in mine]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
-            for r, xi, yi in zip(mine, x, y):
-                ax.annotate(f"p={r['p']}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            for c, xi, yi in zip(mine, x, y):
+                ax.annotate(f"p={c['p']}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("experts trained per layer")
         ax.set_title(title)
     axes[0].legend(fontsize=8)
