@@ -192,3 +192,35 @@ def test_p_ablation_runs_each_p_at_its_methods_rate_and_tabulates_the_mean_over_
     assert "| esft_token | 0.3 | 3.00 | 45.0 ± 0.0 | 70.0 ± 0.0 | 1.500 ± 0.000 | 1.500 ± 0.707 | 2 |" in table
     assert "| esft_gate | 0.05 | 1.00 | 7.5 ± 0.0 | 95.0 ± 0.0 | 4.000 ± 0.000 | 1.500 ± 0.707 | 2 |" in table
     assert (study.results / "p_ablation.png").stat().st_size > 0
+
+
+def test_tables_refuse_finished_runs_at_a_rate_lr_select_has_since_changed(study_mod, tmp_path, monkeypatch):
+    import json
+
+    hf = tmp_path / "base" / "hf"
+    hf.mkdir(parents=True)
+    (hf / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(study_mod, "ROOT", tmp_path)
+    monkeypatch.setattr(study_mod, "HERE", tmp_path / "experiment")
+    study = study_mod.Study.given(hf, "b")
+    for cell, lr in (("fft", 0.003), ("esft_token", 0.03), ("lora", None)):
+        run = study.runs / "sweep" / "translate" / cell / "seed0"
+        run.mkdir(parents=True)
+        overrides = {"model.init_args.optim.lr": lr} if lr else {}  # lora ran at finetune.yaml's rate
+        (run / "done.json").write_text(json.dumps({"cell": cell, "seed": 0, "metrics": {}, "overrides": overrides}))
+    study.results.mkdir(parents=True)
+    (study.results / "lr_select.json").write_text(json.dumps({"translate": {"fft": 0.01, "esft_token": 0.03}}))
+    swept = []
+    monkeypatch.setattr(study_mod, "sweep", lambda grid_path, out, seed: swept.append(out))
+    monkeypatch.setattr(study_mod, "vanilla", lambda study: {})
+    monkeypatch.setattr(study_mod, "expert_configs", lambda study, task: {})
+    monkeypatch.setattr(study_mod, "grid", lambda *args, **kwargs: tmp_path / "grid.yaml")
+    monkeypatch.setattr(study_mod, "collect", lambda study: [])
+    monkeypatch.setattr(study_mod, "report", lambda study, rows, base: None)
+    argv = ["--base", str(hf), "--name", "b", "--tasks", "translate", "--seeds", "0", "--no-ablations"]
+    with pytest.raises(SystemExit, match=r"1 finished runs .*\n  sweep/translate/fft/seed0 \(0.003, now 0.01\)\nMove them"):
+        study_mod.main(argv)
+    assert swept == []  # nothing ran
+    (study.results / "lr_select.json").write_text(json.dumps({"translate": {"fft": 0.003, "esft_token": 0.03}}))
+    study_mod.main(argv)  # the finished runs' rates are the chosen ones: the tables go on
+    assert swept == [study.runs / "sweep" / "translate"]

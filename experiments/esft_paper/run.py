@@ -162,6 +162,7 @@ def heldout_losses(model_dir: Path, cache: Path | None = None) -> dict[str, floa
     from esft.data.tasks import build_task
     from esft.evaluation.perplexity import perplexity
     from esft.objectives.loading import load_model
+    from esft.runconfig import atomic_write
 
     import torch
 
@@ -170,7 +171,7 @@ def heldout_losses(model_dir: Path, cache: Path | None = None) -> dict[str, floa
     losses = {t.name: perplexity(model, tokenizer, t.generate(100, seed, "heldout"), max_length=256)["loss"]
               for t in (build_task(s) for s in TASKS + GENERAL)}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(losses, indent=1) + "\n")
+    atomic_write(cache, json.dumps(losses, indent=1) + "\n")  # parallel run.py processes may read it meanwhile
     return losses
 
 
@@ -287,6 +288,7 @@ def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float]
     only, the test score per rate) and lr_select.json ({task: {method: lr}}, other tasks' entries
     kept), which the main runs read (`selected_lrs`)."""
     from esft.reports import markdown_table
+    from esft.runconfig import atomic_write
 
     chosen: dict[str, dict[str, float]] = {}
     rows, tried = [], set(lrs)
@@ -329,7 +331,7 @@ def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float]
     study.results.mkdir(parents=True, exist_ok=True)
     (study.results / "lr_select.md").write_text("\n".join(lines) + "\n")
     path = study.results / "lr_select.json"  # other tasks' choices (another process's) are kept
-    path.write_text(json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **chosen}, indent=1) + "\n")
+    atomic_write(path, json.dumps({**(json.loads(path.read_text()) if path.exists() else {}), **chosen}, indent=1) + "\n")
     print("\n".join(lines))
     return chosen
 
@@ -346,6 +348,20 @@ def selected_lrs(study: Study, task: str, cells: list[str]) -> dict[str, float]:
         if (lr := chosen.get(cell, chosen.get(kind))) is not None:
             out[cell] = lr
     return out
+
+
+def stale_runs(study: Study, task: str, cells: list[str]) -> list[str]:
+    """The tables' finished runs of `cells` on `task` whose learning rate is no longer the one they
+    would run at now (`lr_select` chose another since): "<run dir> (<used>, now <chosen>)". The sweep
+    skips finished runs, so these would stay in the tables under the old rate."""
+    want = selected_lrs(study, task, cells)
+    stale = []
+    for d in runs_of(study.runs / "sweep" / task):
+        if d["cell"] in cells:
+            used, now = d["overrides"].get("model.init_args.optim.lr", FINETUNE_LR), want.get(d["cell"], FINETUNE_LR)
+            if used != now:
+                stale.append(f"{d['dir'].relative_to(study.runs)} ({used:g}, now {now:g})")
+    return stale
 
 
 def p_ablation(study: Study, tasks: list[str], seeds: list[int]) -> None:
@@ -671,12 +687,17 @@ def main(argv: list[str] | None = None) -> None:
         p_ablation(study, args.tasks, args.ablation_seeds)
         return
     if not args.report_only:
-        ensure_base(study)
-        base = vanilla(study)
-        configs = {t: expert_configs(study, t) for t in args.tasks}
         plan = [(MAIN, s) for s in args.seeds]
         if not args.no_ablations:
             plan += [(args.ablations, s) for s in args.ablation_seeds]
+        if stale := [r for t in args.tasks for r in stale_runs(study, t, list(dict.fromkeys(c for cs, _ in plan for c in cs)))]:
+            raise SystemExit(f"run.py: {len(stale)} finished runs used another learning rate than lr_select.json "
+                             f"now gives (run, its rate, the chosen one):\n  " + "\n  ".join(stale) +
+                             f"\nMove them out of {study.runs / 'sweep'} (e.g. to a sibling directory) to rerun them "
+                             "at the chosen rates, or --report-only to tabulate them as they are.")
+        ensure_base(study)
+        base = vanilla(study)
+        configs = {t: expert_configs(study, t) for t in args.tasks}
         for cells, seed in plan:
             for task in args.tasks:
                 sweep(grid(study, task, configs[task], cells, cell_lrs=selected_lrs(study, task, cells)),
