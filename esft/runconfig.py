@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,16 @@ def load_config(path: str | Path) -> dict:
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write `path` through a temporary file and a rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    """Write `path` through a temporary file and a rename: readers see the old or the new file. The
+    temporary file is the writer's own (process and thread), so concurrent writers of one path, e.g.
+    a study's processes sharing a cache, do not write into each other's file; the last rename wins."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_run_config(cfg: dict, run_dir: Path) -> Path:

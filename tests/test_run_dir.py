@@ -1,6 +1,7 @@
 """Runs and their files: one option (`trainer.default_root_dir`) moves every output; a resume
 with other model or data options is refused; ``--ckpt_path last`` falls back to the newest
-intact checkpoint; checkpoints are written through fresh temporary files; a diverging run stops
+intact checkpoint; checkpoints and run files are written through fresh
+temporary files, each writer its own; a diverging run stops
 by default, non-zero, leaving the previous export intact; `ExportHF` replaces only its own
 directories."""
 
@@ -211,3 +212,28 @@ def test_export_best_needs_a_monitored_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="ModelCheckpoint with a monitor"):
         main(["fit", "--config", str(best_export_config(tmp_path, "min", monitor=None))])
     assert not (tmp_path / "run" / "hf").exists()
+
+
+def test_concurrent_atomic_writes_of_one_file_neither_fail_nor_mix(tmp_path):
+    import threading
+
+    from esft.runconfig import atomic_write
+
+    path, errors = tmp_path / "cache.json", []
+
+    def writer(i):
+        try:
+            for _ in range(200):  # with one shared temporary name, a rename takes another writer's file away
+                atomic_write(path, json.dumps({"writer": i, "pad": str(i) * 20000}))
+        except Exception as e:  # noqa: BLE001 - collected and reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    last = json.loads(path.read_text())
+    assert last["pad"] == str(last["writer"]) * 20000  # one writer's whole file
+    assert [p.name for p in tmp_path.iterdir()] == ["cache.json"]  # no temporary file left
