@@ -160,20 +160,25 @@ def test_p_ablation_runs_each_p_at_its_methods_rate_and_tabulates_the_mean_over_
                 configs[task, cell] = study.experts / task / f"{cell}.json"
                 k = int(10 * p) or 1  # more experts per layer for a larger p
                 configs[task, cell].write_text(json.dumps({"experts": {"1": list(range(k)), "2": list(range(k))}}))
-    rates = {}
+    for task in ("translate", "extract_fields"):  # the tables' ESFT cells select as their p cells do
+        for m, p in study_mod.TABLE_P.items():
+            configs[task, f"esft_{m}"] = configs[task, f"esft_{m}_p{p:g}"]
+    rates, where = {}, set()
 
     def fake_sweep(grid_path, out, seed):
         spec = yaml.safe_load(grid_path.read_text())
         task = spec["set"]["data.init_args.tasks"][0]
         for cell, overrides in spec["cells"].items():
             rates[cell] = overrides["model.init_args.optim.lr"]
+            where.add((out.relative_to(study.runs).parts[0], cell))
             run = out / cell / f"seed{seed}"
             run.mkdir(parents=True)
-            p = float(cell.rsplit("_p", 1)[1])
+            p = float(cell.rsplit("_p", 1)[1]) if "_p" in cell else study_mod.TABLE_P[cell.split("_")[1]]
             # specialized score p (translate) or 2p (extract_fields); general 1 - p
             score = p if task == "translate" else 2 * p
             metrics = {f"eval/{task}": score, **{f"eval/{g}": 1 - p for g in study_mod.GENERAL_NAMES}}
-            (run / "done.json").write_text(json.dumps({"cell": cell, "seed": seed, "metrics": metrics}))
+            (run / "done.json").write_text(json.dumps({"cell": cell, "seed": seed, "metrics": metrics,
+                                                       "overrides": {"model.init_args.optim.lr": rates[cell]}}))
             # held-out losses (heldout_losses' cache in the run's export): specialized 4 - 10p on
             # translate, 5 - 10p on extract_fields; general 1 + seed
             (run / "hf").mkdir()
@@ -183,14 +188,28 @@ def test_p_ablation_runs_each_p_at_its_methods_rate_and_tabulates_the_mean_over_
     monkeypatch.setattr(study_mod, "sweep", fake_sweep)
     monkeypatch.setattr(study_mod, "ROOT", tmp_path)  # grids name expert configs relative to the repository
     monkeypatch.setattr(study_mod, "expert_configs", lambda study, task: {c: path for (t, c), path in configs.items() if t == task})
+    stray = study.runs / "p_ablation" / "translate" / "esft_token_p0.2" / "seed0"  # an earlier version's run of it
+    stray.mkdir(parents=True)
+    (stray / "done.json").write_text(json.dumps({"cell": "esft_token_p0.2", "seed": 0, "metrics": {}, "overrides": {}}))
     study_mod.p_ablation(study, ["translate", "extract_fields"], seeds=[0, 1])
-    assert rates == {**{f"esft_token_p{p:g}": 0.01 for p in study_mod.P_VALUES["token"]},
-                     **{f"esft_gate_p{p:g}": 0.03 for p in study_mod.P_VALUES["gate"]}}
+    # the tables' p (token 0.2, gate 0.1) is the tables' own cell, run in (or read from) their sweep
+    assert rates == {**{f"esft_token_p{p:g}": 0.01 for p in study_mod.P_VALUES["token"] if p != 0.2},
+                     **{f"esft_gate_p{p:g}": 0.03 for p in study_mod.P_VALUES["gate"] if p != 0.1},
+                     "esft_token": 0.01, "esft_gate": 0.03}
+    assert {c for d, c in where if d == "sweep"} == {"esft_token", "esft_gate"}
+    assert [p.name for p in (study.runs / "p_ablation" / "translate" / "esft_token_p0.2").iterdir()] == ["seed0"]
     table = (study.results / "p_ablation.md").read_text()
     # token p=0.3: specialized mean(30, 60) = 45 on both seeds, general 70; 3 experts per layer
     # losses: specialized mean(4 - 3, 5 - 3) = 1.5; general 1 (seed 0) and 2 (seed 1): 1.5 ± 0.707
     assert "| esft_token | 0.3 | 3.00 | 45.0 ± 0.0 | 70.0 ± 0.0 | 1.500 ± 0.000 | 1.500 ± 0.707 | 2 |" in table
     assert "| esft_gate | 0.05 | 1.00 | 7.5 ± 0.0 | 95.0 ± 0.0 | 4.000 ± 0.000 | 1.500 ± 0.707 | 2 |" in table
+    # token p=0.2, read from the tables' runs: specialized mean(20, 40) = 30; 2 experts per layer
+    assert "| esft_token | 0.2 | 2.00 | 30.0 ± 0.0 | 80.0 ± 0.0 | 2.500 ± 0.000 | 1.500 ± 0.707 | 2 |" in table
+    # the tables' runs at another rate than the chosen one are refused, not read
+    (study.results / "lr_select.json").write_text(json.dumps({t: {"esft_token": 0.02, "esft_gate": 0.03}
+                                                              for t in ("translate", "extract_fields")}))
+    with pytest.raises(SystemExit, match=r"sweep/translate/esft_token/seed0 \(0.01, now 0.02\)"):
+        study_mod.p_ablation(study, ["translate", "extract_fields"], seeds=[0, 1])
     assert (study.results / "p_ablation.png").stat().st_size > 0
 
 

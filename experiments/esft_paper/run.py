@@ -56,6 +56,7 @@ MAIN = ["fft", "lora", "esft_token", "esft_gate"]
 ABLATIONS = ["esft_token_shared", "esft_token_nonexpert", "random_token", "random_gate", "random_token_x", "random_gate_x"]
 # the p ablation (paper Figure 4): token p 0.1-0.4, gate p 0.05-0.3
 P_VALUES = {"token": [0.1, 0.2, 0.3, 0.4], "gate": [0.05, 0.1, 0.2, 0.3]}
+TABLE_P = {"token": 0.2, "gate": 0.1}  # the tables' ESFT-Token and ESFT-Gate (the paper's setting)
 P_COLUMNS = ["specialized", "general", "spec. loss", "general loss"]  # its table's measured columns
 DRAWS = range(5)  # random_*_x: one draw per seed, none of them a selected expert
 EXTEND = 2  # lr_select: rates tried beyond the grid's edge when the best one is on it
@@ -187,15 +188,13 @@ def expert_configs(study: Study, task: str) -> dict[str, Path]:
         sh("-m", "esft.cli", "experts", "score", "--model", str(study.base), "--tokenizer", "builtin", "--tasks", task,
            "--num-per-task", "4000", "--tokens", "32768", "--max-length", "256", "--max-tokens", "2048",
            "--out", str(out))
+    table = {m: ["--method", m, "--p", str(p)] for m, p in TABLE_P.items()}  # the tables' two selections
     variants = {
-        "esft_token": ["--method", "token", "--p", "0.2"],
-        "esft_gate": ["--method", "gate", "--p", "0.1"],
-        "esft_token_shared": ["--method", "token", "--p", "0.2", "--shared-experts"],
-        "esft_token_nonexpert": ["--method", "token", "--p", "0.2", "--non-expert-modules"],
-        "random_token": ["--method", "token", "--p", "0.2", "--random-seed", "0"],
-        "random_gate": ["--method", "gate", "--p", "0.1", "--random-seed", "0"],
-        **{f"random_{m}_x_seed{d}": ["--method", m, "--p", str(p), "--random-seed", str(d), "--exclude-selected"]
-           for m, p in (("token", 0.2), ("gate", 0.1)) for d in DRAWS},
+        **{f"esft_{m}": table[m] for m in table},
+        "esft_token_shared": [*table["token"], "--shared-experts"],
+        "esft_token_nonexpert": [*table["token"], "--non-expert-modules"],
+        **{f"random_{m}": [*table[m], "--random-seed", "0"] for m in table},
+        **{f"random_{m}_x_seed{d}": [*table[m], "--random-seed", str(d), "--exclude-selected"] for m in table for d in DRAWS},
         **{f"esft_{m}_p{p:g}": ["--method", m, "--p", str(p)] for m, ps in P_VALUES.items() for p in ps},
     }
     from esft.commands.experts import main as select  # in this process: ~20 selections per task
@@ -350,6 +349,16 @@ def selected_lrs(study: Study, task: str, cells: list[str]) -> dict[str, float]:
     return out
 
 
+def refuse_stale(study: Study, tasks: list[str], cells: list[str]) -> None:
+    """Stop, listing them, where the tables' finished runs of `cells` are at another rate than the
+    chosen one (`stale_runs`): nothing is deleted, the user moves them."""
+    if stale := [r for t in tasks for r in stale_runs(study, t, cells)]:
+        raise SystemExit(f"run.py: {len(stale)} finished runs used another learning rate than lr_select.json "
+                         f"now gives (run, its rate, the chosen one):\n  " + "\n  ".join(stale) +
+                         f"\nMove them out of {study.runs / 'sweep'} (e.g. to a sibling directory) to rerun them "
+                         "at the chosen rates, or --report-only to tabulate them as they are.")
+
+
 def stale_runs(study: Study, task: str, cells: list[str]) -> list[str]:
     """The tables' finished runs of `cells` on `task` whose learning rate is no longer the one they
     would run at now (`lr_select` chose another since): "<run dir> (<used>, now <chosen>)". The sweep
@@ -367,16 +376,24 @@ def stale_runs(study: Study, task: str, cells: list[str]) -> list[str]:
 def p_ablation(study: Study, tasks: list[str], seeds: list[int]) -> None:
     """The paper's Figure 4: ESFT-Token at p 0.1-0.4 and ESFT-Gate at p 0.05-0.3, each at the rate
     `lr_select` chose for that method; results/p_ablation.md (exact match and held-out loss, mean
-    over the tasks per seed) and p_ablation.png."""
+    over the tasks per seed) and p_ablation.png. The tables' p (`TABLE_P`) is the tables' own
+    ESFT-Token / ESFT-Gate cell: those runs (sweep/<task>, run here where missing) serve both."""
     from esft.reports import markdown_table
 
     cells = [f"esft_{m}_p{p:g}" for m, ps in P_VALUES.items() for p in ps]
+    tables = {f"esft_{m}": f"esft_{m}_p{p:g}" for m, p in TABLE_P.items()}  # the tables' cell -> its p cell
+    own = [c for c in cells if c not in tables.values()]
+    refuse_stale(study, tasks, list(tables))
     for seed in seeds:
         for task in tasks:
-            sweep(grid(study, task, expert_configs(study, task), cells, stem=f"p_{task}",
-                       cell_lrs=selected_lrs(study, task, cells)),
+            configs = expert_configs(study, task)
+            sweep(grid(study, task, configs, own, stem=f"p_{task}", cell_lrs=selected_lrs(study, task, own)),
                   study.runs / "p_ablation" / task, seed)
-    finished = {task: runs_of(study.runs / "p_ablation" / task) for task in tasks}
+            sweep(grid(study, task, configs, list(tables), stem=f"{task}_esft",
+                       cell_lrs=selected_lrs(study, task, list(tables))), study.runs / "sweep" / task, seed)
+    finished = {task: [d for d in runs_of(study.runs / "p_ablation" / task) if d["cell"] in own] +
+                [{**d, "cell": tables[d["cell"]]} for d in runs_of(study.runs / "sweep" / task) if d["cell"] in tables]
+                for task in tasks}  # (earlier versions ran the tables' p here too: those runs are not read)
     rows, series = [], []
     for cell in cells:
         per_seed = defaultdict(list)
@@ -690,11 +707,7 @@ def main(argv: list[str] | None = None) -> None:
         plan = [(MAIN, s) for s in args.seeds]
         if not args.no_ablations:
             plan += [(args.ablations, s) for s in args.ablation_seeds]
-        if stale := [r for t in args.tasks for r in stale_runs(study, t, list(dict.fromkeys(c for cs, _ in plan for c in cs)))]:
-            raise SystemExit(f"run.py: {len(stale)} finished runs used another learning rate than lr_select.json "
-                             f"now gives (run, its rate, the chosen one):\n  " + "\n  ".join(stale) +
-                             f"\nMove them out of {study.runs / 'sweep'} (e.g. to a sibling directory) to rerun them "
-                             "at the chosen rates, or --report-only to tabulate them as they are.")
+        refuse_stale(study, args.tasks, list(dict.fromkeys(c for cells, _ in plan for c in cells)))
         ensure_base(study)
         base = vanilla(study)
         configs = {t: expert_configs(study, t) for t in args.tasks}
