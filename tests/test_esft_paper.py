@@ -243,3 +243,13 @@ def test_tables_refuse_finished_runs_at_a_rate_lr_select_has_since_changed(study
     (study.results / "lr_select.json").write_text(json.dumps({"translate": {"fft": 0.003, "esft_token": 0.03}}))
     study_mod.main(argv)  # the finished runs' rates are the chosen ones: the tables go on
     assert swept == [study.runs / "sweep" / "translate"]
+
+
+def test_sweep_collects_val_loss_only_where_the_grid_validates(study_mod, tmp_path, monkeypatch):
+    study = study_mod.Study(tmp_path / "hf", tmp_path / "runs", tmp_path / "results", tmp_path / "experts", own_base=False)
+    commands = []
+    monkeypatch.setattr(study_mod, "sh", lambda *cmd: commands.append(cmd))
+    for validate in (False, True):
+        study_mod.sweep(study_mod.grid(study, "translate", {}, ["fft"], validate=validate), tmp_path / "out", 0)
+    metrics = [list(c[c.index("--metrics") + 1:]) for c in commands]
+    assert metrics == [["eval/*", "wall_s"], ["eval/*", "val/loss", "wall_s"]]

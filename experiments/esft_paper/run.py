@@ -242,9 +242,11 @@ def grid(study: Study, task: str, configs: dict[str, Path], cells: list[str], lr
 
 
 def sweep(grid_path: Path, out: Path, seed: int) -> None:
-    """One `esft sweep` of a grid's cells at `seed` over finetune.yaml, into `out` (resumable)."""
+    """One `esft sweep` of a grid's cells at `seed` over finetune.yaml, into `out` (resumable); its
+    reports collect the held-out scores, the wall time and, where the grid validates, val/loss."""
+    validated = "data.init_args.num_val_per_task" in yaml.safe_load(grid_path.read_text())["set"]
     sh("-m", "esft.commands.sweep", "--config", str(HERE / "finetune.yaml"), "--grid", str(grid_path),
-       "--out", str(out), "--seeds", str(seed), "--metrics", "eval/*", "val/loss", "wall_s")
+       "--out", str(out), "--seeds", str(seed), "--metrics", "eval/*", *(["val/loss"] if validated else []), "wall_s")
 
 
 def lr_check(study: Study, task: str, cells: list[str], lrs: list[float], seed: int) -> None:
