@@ -75,13 +75,10 @@ def test_rates_chosen_on_validation_reach_each_cell_and_controls_draw_per_seed(s
         "esft_gate_p0.05": 0.01, "random_gate_x": 0.01}  # lora was not selected: finetune.yaml's
     experts = {c: study_mod.ROOT / f"experiments/esft_paper/experts/translate/{c}.json" for c in cells[2:]}
     experts["random_token_x"] = study_mod.ROOT / "experiments/esft_paper/experts/translate/random_token_x_seed{seed}.json"
-    path = study_mod.grid(study, "translate", experts, cells, cell_lrs=study_mod.selected_lrs(study, "translate", cells),
-                          validate=True)
+    path = study_mod.grid(study, "translate", experts, cells, cell_lrs=study_mod.selected_lrs(study, "translate", cells))
     grid = load_grid(path)
     lr = "model.init_args.optim.lr"
     assert grid.cells["fft"][lr] == 0.001 and grid.cells["random_token_x"][lr] == 0.003 and lr not in grid.cells["lora"]
-    assert grid.cells["fft"]["data.init_args.num_val_per_task"] == 200
-    assert grid.cells["fft"]["trainer.val_check_interval"] == 120 and grid.cells["fft"]["trainer.check_val_every_n_epoch"] is None
     draw = grid.cells["random_token_x"]["model.init_args.experts"]
     assert with_seed(draw, 2).endswith("translate/random_token_x_seed2.json")
 
@@ -114,7 +111,6 @@ def test_lr_select_chooses_by_validation_loss_and_extends_past_the_grid_edge(stu
 
     def fake_sweep(grid_path, out, seed):
         spec = yaml.safe_load(grid_path.read_text())
-        assert spec["set"]["data.init_args.num_val_per_task"] == 200
         lrs = spec["axes"]["model.init_args.optim.lr"]
         for cell in spec["cells"]:
             for lr in lrs:
@@ -124,9 +120,11 @@ def test_lr_select_chooses_by_validation_loss_and_extends_past_the_grid_edge(stu
                 swept.append((cell, lr))
                 run.mkdir(parents=True)
                 # the test score prefers the other rate: it must not be what chooses
-                metrics = {"val/loss": val[cell](lr), "eval/translate/chrf": lr}
+                metrics = {"eval/translate/chrf": lr}
                 (run / "done.json").write_text(json.dumps({"cell": f"{cell},lr={lr:g}", "seed": seed, "metrics": metrics,
                                                            "overrides": {"model.init_args.optim.lr": lr}}))
+                # validation_loss's cache: the loss of the run's model on the validation problems
+                (run / "validation_loss.json").write_text(json.dumps({"loss": val[cell](lr)}))
 
     monkeypatch.setattr(study_mod, "sweep", fake_sweep)
     monkeypatch.setattr(study_mod, "expert_configs", lambda study, task: {})
@@ -245,11 +243,30 @@ def test_tables_refuse_finished_runs_at_a_rate_lr_select_has_since_changed(study
     assert swept == [study.runs / "sweep" / "translate"]
 
 
-def test_sweep_collects_val_loss_only_where_the_grid_validates(study_mod, tmp_path, monkeypatch):
-    study = study_mod.Study(tmp_path / "hf", tmp_path / "runs", tmp_path / "results", tmp_path / "experts", own_base=False)
-    commands = []
-    monkeypatch.setattr(study_mod, "sh", lambda *cmd: commands.append(cmd))
-    for validate in (False, True):
-        study_mod.sweep(study_mod.grid(study, "translate", {}, ["fft"], validate=validate), tmp_path / "out", 0)
-    metrics = [list(c[c.index("--metrics") + 1:]) for c in commands]
-    assert metrics == [["eval/*", "wall_s"], ["eval/*", "val/loss", "wall_s"]]
+def test_validation_loss_scores_problems_after_the_training_ones_not_the_test_problems(study_mod, tmp_path, monkeypatch):
+    import importlib
+
+    from esft.callbacks.evaluation import TaskEvaluation
+    from esft.data.tasks import build_task
+
+    scored = []
+
+    def fake_perplexity(model, tokenizer, records, max_length):
+        scored.append(records)
+        return {"loss": 1.25}
+
+    # the package exports a function of the module's name: the module itself from importlib
+    monkeypatch.setattr(importlib.import_module("esft.evaluation.perplexity"), "perplexity", fake_perplexity)
+    monkeypatch.setattr(importlib.import_module("esft.objectives.loading"), "load_model", lambda *args: (None, None))
+    monkeypatch.setattr(study_mod, "FINETUNE", {"data": {"init_args": {"num_train_per_task": 300, "max_length": 256}}})
+    run = {"dir": tmp_path, "seed": 1}
+    assert study_mod.validation_loss(run, "translate") == 1.25
+    assert study_mod.validation_loss(run, "translate") == 1.25 and len(scored) == 1  # the second from the cache
+    key = str  # a record as text: its prompt and answer
+    val = {key(r) for r in scored[0]}
+    task = build_task("translate")
+    assert len(val) == study_mod.VAL_PROBLEMS
+    assert val == {key(r) for r in task.generate(300 + study_mod.VAL_PROBLEMS, 1, "train")[300:]}
+    assert val.isdisjoint(key(r) for r in task.generate(300, 1, "train"))  # not trained on
+    test = task.generate(100, TaskEvaluation(tasks=[]).seed, "heldout")  # what the tables score
+    assert val.isdisjoint(key(r) for r in test)

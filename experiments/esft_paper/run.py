@@ -60,6 +60,7 @@ TABLE_P = {"token": 0.2, "gate": 0.1}  # the tables' ESFT-Token and ESFT-Gate (t
 P_COLUMNS = ["specialized", "general", "spec. loss", "general loss"]  # its table's measured columns
 DRAWS = range(5)  # random_*_x: one draw per seed, none of them a selected expert
 EXTEND = 2  # lr_select: rates tried beyond the grid's edge when the best one is on it
+VAL_PROBLEMS = 200  # lr_select: validation problems per task (after the training ones)
 FINETUNE = yaml.safe_load((HERE / "finetune.yaml").read_text())
 FINETUNE_LR = FINETUNE["model"]["init_args"]["optim"]["lr"]
 # ESFT paper (DeepSeek-V2-Lite), Tables 1-4
@@ -210,10 +211,9 @@ def expert_configs(study: Study, task: str) -> dict[str, Path]:
 
 
 def grid(study: Study, task: str, configs: dict[str, Path], cells: list[str], lrs: list[float] | None = None,
-         stem: str | None = None, cell_lrs: dict[str, float] | None = None, validate: bool = False) -> Path:
+         stem: str | None = None, cell_lrs: dict[str, float] | None = None) -> Path:
     """The sweep grid of `cells` on `task` (crossed with the learning rates `lrs` when given, or
-    each cell at its own rate from `cell_lrs`), written to the study's grids/<stem or task>.yaml.
-    `validate`: validation loss on 200 problems per task after the last step (the rate selection)."""
+    each cell at its own rate from `cell_lrs`), written to the study's grids/<stem or task>.yaml."""
     ft = "model.init_args"
     cell_overrides = {"fft": {}, "lora": {f"{ft}.lora": {"r": 8, "alpha": 16.0}}}
     cell_overrides.update({name: {f"{ft}.experts": str(configs[name].relative_to(ROOT))} for name in configs})
@@ -231,10 +231,6 @@ def grid(study: Study, task: str, configs: dict[str, Path], cells: list[str], lr
     }
     if lrs:
         spec["axes"] = {f"{ft}.optim.lr": lrs}
-    if validate:  # finetune.yaml's max_steps is the only validation point; the problems follow the training ones
-        spec["set"].update({"data.init_args.num_val_per_task": 200, "trainer.limit_val_batches": 1.0,
-                            "trainer.val_check_interval": FINETUNE["trainer"]["max_steps"],
-                            "trainer.check_val_every_n_epoch": None})
     path = study.runs / "grids" / f"{stem or task}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -242,11 +238,9 @@ def grid(study: Study, task: str, configs: dict[str, Path], cells: list[str], lr
 
 
 def sweep(grid_path: Path, out: Path, seed: int) -> None:
-    """One `esft sweep` of a grid's cells at `seed` over finetune.yaml, into `out` (resumable); its
-    reports collect the held-out scores, the wall time and, where the grid validates, val/loss."""
-    validated = "data.init_args.num_val_per_task" in yaml.safe_load(grid_path.read_text())["set"]
+    """One `esft sweep` of a grid's cells at `seed` over finetune.yaml, into `out` (resumable)."""
     sh("-m", "esft.commands.sweep", "--config", str(HERE / "finetune.yaml"), "--grid", str(grid_path),
-       "--out", str(out), "--seeds", str(seed), "--metrics", "eval/*", *(["val/loss"] if validated else []), "wall_s")
+       "--out", str(out), "--seeds", str(seed), "--metrics", "eval/*", "wall_s")
 
 
 def lr_check(study: Study, task: str, cells: list[str], lrs: list[float], seed: int) -> None:
@@ -280,10 +274,35 @@ def runs_of(out: Path, seed: int | None = None) -> list[dict]:
     return [{**json.loads(path.read_text()), "dir": path.parent} for path in sorted(out.glob(pattern))]
 
 
+def validation_loss(run: dict, task: str) -> float:
+    """A finished run's (`runs_of`) mean answer loss on `VAL_PROBLEMS` problems of `task` that follow
+    the ones it trained on: the training split past finetune.yaml's `num_train_per_task`, at the
+    run's data seed, as `SFTDataModule(val_split="train")` builds them (none of them a training
+    prompt or one of the held-out problems the tables score). Computed on the run's export after
+    its last step; cached in the run's validation_loss.json."""
+    cache = run["dir"] / "validation_loss.json"
+    if cache.exists():
+        return json.loads(cache.read_text())["loss"]
+    from esft.data import SFTDataModule
+    from esft.evaluation.perplexity import perplexity
+    from esft.objectives.loading import load_model
+    from esft.runconfig import atomic_write
+
+    import torch
+
+    data = FINETUNE["data"]["init_args"]
+    _, records = SFTDataModule(tasks=[task], num_train_per_task=data["num_train_per_task"], num_val_per_task=VAL_PROBLEMS,
+                               val_split="train", seed=run["seed"]).load_records()
+    model, tokenizer = load_model(str(run["dir"] / "hf"), torch.device("cpu"), "float32")
+    loss = perplexity(model, tokenizer, records, max_length=data["max_length"])["loss"]
+    atomic_write(cache, json.dumps({"task": task, "problems": len(records), "loss": loss}, indent=1) + "\n")
+    return loss
+
+
 def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float], seed: int) -> dict[str, dict[str, float]]:
     """Each method's learning rate per task, chosen by validation loss: `cells` x `lrs` on each
-    task at `seed`, validated after the last step on 200 problems that follow the training ones (not
-    the held-out test problems the tables score). Where a method's best rate is the grid's highest
+    task at `seed`, each run's final model scored by `validation_loss` (problems that follow the
+    training ones, not the held-out test problems the tables score). Where a method's best rate is the grid's highest
     (lowest), the next one out at the grid's spacing is tried too, up to `EXTEND` rates beyond the
     grid in all (reruns add none). Writes results/lr_select.md (validation loss and, for reference
     only, the test score per rate) and lr_select.json ({task: {method: lr}}, other tasks' entries
@@ -296,11 +315,11 @@ def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float]
     for task in tasks:
         out = study.runs / "lr_select" / task
         configs = expert_configs(study, task)
-        sweep(grid(study, task, configs, cells, lrs, stem=f"lr_select_{task}", validate=True), out, seed)
+        sweep(grid(study, task, configs, cells, lrs, stem=f"lr_select_{task}"), out, seed)
 
         def validated() -> dict[tuple[str, float], tuple[float, float]]:
             return {(d["cell"].split(",")[0], d["overrides"]["model.init_args.optim.lr"]):
-                    (d["metrics"]["val/loss"], 100 * task_score(d["metrics"], task)) for d in runs_of(out, seed)}
+                    (validation_loss(d, task), 100 * task_score(d["metrics"], task)) for d in runs_of(out, seed)}
 
         val = validated()
         for cell in cells:
@@ -314,7 +333,7 @@ def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float]
                 step = edge[-1] / edge[-2] if best == edge[-1] else edge[0] / edge[1]
                 nxt = float(f"{best * step:.1g}")
                 tried.add(nxt)
-                sweep(grid(study, task, configs, [cell], [nxt], stem=f"lr_select_{task}_{cell}_{nxt:g}", validate=True),
+                sweep(grid(study, task, configs, [cell], [nxt], stem=f"lr_select_{task}_{cell}_{nxt:g}"),
                       out, seed)
                 val = validated()
         tried |= {lr for (c, lr) in val if c in cells}  # also the rates an earlier run added
@@ -326,8 +345,9 @@ def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float]
             rows.append({"task": task, "method": cell, "chosen lr": f"{chosen[task][cell]:g}",
                          **{f"lr {lr:g}": f"{v[0]:.3f} ({v[1]:.1f})" for lr, v in sorted(done.items())}})
     lrs = sorted(tried)
-    lines = [f"Learning rate per method and task by validation loss (seed {seed}; 200 validation problems per task "
-             "after the last step). Cells: validation loss (held-out test score %, not used to choose).", "",
+    lines = [f"Learning rate per method and task by validation loss (seed {seed}; the final model's answer loss on "
+             f"{VAL_PROBLEMS} problems per task that follow the training ones, none of them a held-out test problem). "
+             "Cells: validation loss (held-out test score %, not used to choose).", "",
              markdown_table(["task", "method", "chosen lr", *(f"lr {lr:g}" for lr in lrs)], rows)]
     study.results.mkdir(parents=True, exist_ok=True)
     (study.results / "lr_select.md").write_text("\n".join(lines) + "\n")
