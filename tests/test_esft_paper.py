@@ -99,45 +99,68 @@ def test_specialisation_reads_concentration_and_task_overlap(study_mod, tmp_path
     assert "| intent_json / extract_fields | 0.50 | 0.33 |" in text  # TV distance 0.5; experts {1} of {0, 1, 2}
 
 
-def test_lr_select_chooses_by_validation_loss_and_extends_past_the_grid_edge(study_mod, tmp_path, monkeypatch):
+def fake_lr_sweep(loss, swept):
+    """A stand-in for `sweep` on lr_select's grids: each run's done.json and validation_loss.json
+    cache, its validation loss `loss(cell, lr, seed)`, its test score the rate itself (so that the
+    test score prefers other rates than the loss: it must not be what chooses)."""
     import json
 
     import yaml
+
+    def fake_sweep(grid_path, out, seed):
+        spec = yaml.safe_load(grid_path.read_text())
+        for cell in spec["cells"]:
+            for lr in spec["axes"]["model.init_args.optim.lr"]:
+                run = out / f"{cell},lr={lr:g}" / f"seed{seed}"
+                if run.exists():  # a sweep skips finished runs
+                    continue
+                swept.append((cell, lr, seed))
+                run.mkdir(parents=True)
+                (run / "done.json").write_text(json.dumps({
+                    "cell": f"{cell},lr={lr:g}", "seed": seed, "metrics": {"eval/translate/chrf": lr},
+                    "overrides": {"model.init_args.optim.lr": lr}}))
+                (run / "validation_loss.json").write_text(json.dumps({"loss": loss(cell, lr, seed)}))
+    return fake_sweep
+
+
+def test_lr_select_chooses_by_validation_loss_and_extends_past_the_grid_edge(study_mod, tmp_path, monkeypatch):
+    import json
 
     study = study_mod.Study(tmp_path / "hf", tmp_path / "runs", tmp_path / "results", tmp_path / "experts", own_base=False)
     # validation loss: fft best at 1e-3 (inside the grid); lora keeps improving past the grid's 1e-2
     val = {"fft": lambda lr: abs(lr - 1e-3), "lora": lambda lr: -lr}
     swept = []
-
-    def fake_sweep(grid_path, out, seed):
-        spec = yaml.safe_load(grid_path.read_text())
-        lrs = spec["axes"]["model.init_args.optim.lr"]
-        for cell in spec["cells"]:
-            for lr in lrs:
-                run = out / f"{cell},lr={lr:g}" / f"seed{seed}"
-                if run.exists():  # a sweep skips finished runs
-                    continue
-                swept.append((cell, lr))
-                run.mkdir(parents=True)
-                # the test score prefers the other rate: it must not be what chooses
-                metrics = {"eval/translate/chrf": lr}
-                (run / "done.json").write_text(json.dumps({"cell": f"{cell},lr={lr:g}", "seed": seed, "metrics": metrics,
-                                                           "overrides": {"model.init_args.optim.lr": lr}}))
-                # validation_loss's cache: the loss of the run's model on the validation problems
-                (run / "validation_loss.json").write_text(json.dumps({"loss": val[cell](lr)}))
-
-    monkeypatch.setattr(study_mod, "sweep", fake_sweep)
+    monkeypatch.setattr(study_mod, "sweep", fake_lr_sweep(lambda cell, lr, seed: val[cell](lr), swept))
     monkeypatch.setattr(study_mod, "expert_configs", lambda study, task: {})
-    chosen = study_mod.lr_select(study, ["translate"], ["fft", "lora"], [3e-4, 1e-3, 3e-3, 1e-2], seed=0)
+    chosen = study_mod.lr_select(study, ["translate"], ["fft", "lora"], [3e-4, 1e-3, 3e-3, 1e-2], seeds=[0])
     assert chosen == {"translate": {"fft": 1e-3, "lora": 0.09}}
-    assert [s for s in swept if s[1] > 1e-2] == [("lora", 0.03), ("lora", 0.09)]  # EXTEND = 2 steps out, then stop
+    assert [s for s in swept if s[1] > 1e-2] == [("lora", 0.03, 0), ("lora", 0.09, 0)]  # EXTEND = 2 steps out, then stop
     (study.results / "lr_select.json").write_text('{"intent_json": {"fft": 0.01}}')  # another task's choice stays
-    assert study_mod.lr_select(study, ["translate"], ["fft", "lora"], [3e-4, 1e-3, 3e-3, 1e-2], seed=0) == chosen
+    assert study_mod.lr_select(study, ["translate"], ["fft", "lora"], [3e-4, 1e-3, 3e-3, 1e-2], seeds=[0]) == chosen
     assert json.loads((study.results / "lr_select.json").read_text()) == {
         "intent_json": {"fft": 0.01}, "translate": {"fft": 0.001, "lora": 0.09}}
     assert "| translate | lora | 0.09 |" in (study.results / "lr_select.md").read_text()
     assert "| lr 0.01 | lr 0.03 | lr 0.09 |" in (study.results / "lr_select.md").read_text()  # the rerun's table too
     assert len([s for s in swept if s[1] > 1e-2]) == 2  # the rerun tried nothing more beyond the edge
+
+
+def test_lr_select_over_seeds_chooses_by_the_mean_validation_loss(study_mod, tmp_path, monkeypatch):
+    study = study_mod.Study(tmp_path / "hf", tmp_path / "runs", tmp_path / "results", tmp_path / "experts", own_base=False)
+    lrs = [3e-4, 1e-3, 3e-3, 1e-2]
+    # seed 0 prefers 1e-3 a little, seed 1 prefers 3e-3 by more: their mean prefers 3e-3
+    loss = {0: {3e-4: 2.0, 1e-3: 1.0, 3e-3: 1.1, 1e-2: 2.0, 0.03: 0.1}, 1: {3e-4: 2.0, 1e-3: 1.5, 3e-3: 0.5, 1e-2: 2.0}}
+    swept = []
+    monkeypatch.setattr(study_mod, "sweep", fake_lr_sweep(lambda cell, lr, seed: loss[seed][lr], swept))
+    monkeypatch.setattr(study_mod, "expert_configs", lambda study, task: {})
+    # an earlier single-seed run at a rate seed 1 never ran: not a mean over the seeds, not a candidate
+    study_mod.sweep(study_mod.grid(study, "translate", {}, ["fft"], [0.03], stem="one"), study.runs / "lr_select" / "translate", 0)
+    swept.clear()
+    assert study_mod.lr_select(study, ["translate"], ["fft"], lrs, seeds=[0, 1]) == {"translate": {"fft": 3e-3}}
+    assert sorted(swept) == sorted(("fft", lr, s) for lr in lrs for s in (0, 1))
+    table = (study.results / "lr_select.md").read_text()
+    assert "mean over seeds 0, 1;" in table
+    # the mean loss per rate, and the mean test score (the rate itself, as a %)
+    assert "| translate | fft | 0.003 | 2.000 (0.0) | 1.250 (0.1) | 0.800 (0.3) | 2.000 (1.0) |" in table
 
 
 def test_p_ablation_runs_each_p_at_its_methods_rate_and_tabulates_the_mean_over_tasks(study_mod, tmp_path, monkeypatch):

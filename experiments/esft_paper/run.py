@@ -299,14 +299,16 @@ def validation_loss(run: dict, task: str) -> float:
     return loss
 
 
-def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float], seed: int) -> dict[str, dict[str, float]]:
+def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float],
+              seeds: list[int]) -> dict[str, dict[str, float]]:
     """Each method's learning rate per task, chosen by validation loss: `cells` x `lrs` on each
-    task at `seed`, each run's final model scored by `validation_loss` (problems that follow the
-    training ones, not the held-out test problems the tables score). Where a method's best rate is the grid's highest
-    (lowest), the next one out at the grid's spacing is tried too, up to `EXTEND` rates beyond the
-    grid in all (reruns add none). Writes results/lr_select.md (validation loss and, for reference
-    only, the test score per rate) and lr_select.json ({task: {method: lr}}, other tasks' entries
-    kept), which the main runs read (`selected_lrs`)."""
+    task at each of `seeds`, each run's final model scored by `validation_loss` (problems that
+    follow the training ones, not the held-out test problems the tables score), a rate's loss the
+    mean over the seeds. Where a method's best rate is the grid's highest (lowest), the next one out
+    at the grid's spacing is tried too, up to `EXTEND` rates beyond the grid in all (reruns add
+    none). Writes results/lr_select.md (validation loss and, for reference only, the test score
+    per rate) and lr_select.json ({task: {method: lr}}, other tasks' entries kept), which the main
+    runs read (`selected_lrs`)."""
     from esft.reports import markdown_table
     from esft.runconfig import atomic_write
 
@@ -315,11 +317,18 @@ def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float]
     for task in tasks:
         out = study.runs / "lr_select" / task
         configs = expert_configs(study, task)
-        sweep(grid(study, task, configs, cells, lrs, stem=f"lr_select_{task}"), out, seed)
+        for seed in seeds:
+            sweep(grid(study, task, configs, cells, lrs, stem=f"lr_select_{task}"), out, seed)
 
         def validated() -> dict[tuple[str, float], tuple[float, float]]:
-            return {(d["cell"].split(",")[0], d["overrides"]["model.init_args.optim.lr"]):
-                    (validation_loss(d, task), 100 * task_score(d["metrics"], task)) for d in runs_of(out, seed)}
+            """(method, rate) -> mean validation loss and test score over `seeds`, where all ran."""
+            per_seed = defaultdict(list)
+            for d in runs_of(out):
+                if d["seed"] in seeds:
+                    per_seed[d["cell"].split(",")[0], d["overrides"]["model.init_args.optim.lr"]].append(
+                        (validation_loss(d, task), 100 * task_score(d["metrics"], task)))
+            return {key: (statistics.mean(v[0] for v in runs), statistics.mean(v[1] for v in runs))
+                    for key, runs in per_seed.items() if len(runs) == len(seeds)}
 
         val = validated()
         for cell in cells:
@@ -333,8 +342,8 @@ def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float]
                 step = edge[-1] / edge[-2] if best == edge[-1] else edge[0] / edge[1]
                 nxt = float(f"{best * step:.1g}")
                 tried.add(nxt)
-                sweep(grid(study, task, configs, [cell], [nxt], stem=f"lr_select_{task}_{cell}_{nxt:g}"),
-                      out, seed)
+                for seed in seeds:
+                    sweep(grid(study, task, configs, [cell], [nxt], stem=f"lr_select_{task}_{cell}_{nxt:g}"), out, seed)
                 val = validated()
         tried |= {lr for (c, lr) in val if c in cells}  # also the rates an earlier run added
         for cell in cells:
@@ -345,7 +354,8 @@ def lr_select(study: Study, tasks: list[str], cells: list[str], lrs: list[float]
             rows.append({"task": task, "method": cell, "chosen lr": f"{chosen[task][cell]:g}",
                          **{f"lr {lr:g}": f"{v[0]:.3f} ({v[1]:.1f})" for lr, v in sorted(done.items())}})
     lrs = sorted(tried)
-    lines = [f"Learning rate per method and task by validation loss (seed {seed}; the final model's answer loss on "
+    over = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {', '.join(map(str, seeds))}"
+    lines = [f"Learning rate per method and task by validation loss ({over}; the final model's answer loss on "
              f"{VAL_PROBLEMS} problems per task that follow the training ones, none of them a held-out test problem). "
              "Cells: validation loss (held-out test score %, not used to choose).", "",
              markdown_table(["task", "method", "chosen lr", *(f"lr {lr:g}" for lr in lrs)], rows)]
@@ -699,13 +709,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", help="with --base: names its runs/esft_paper_<name>, results_<name>, experts_<name> "
                                        "(default: the base's directory name)")
     parser.add_argument("--lr-check", metavar="TASK", choices=TASKS,
-                        help="instead of the tables: --lr-methods x --lrs on TASK, seed --lr-seed")
+                        help="instead of the tables: --lr-methods x --lrs on TASK, at one --lr-seeds seed")
     parser.add_argument("--lr-methods", nargs="+", choices=MAIN + ABLATIONS, default=["fft", "esft_token"])
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2])
-    parser.add_argument("--lr-seed", type=int, default=0)
+    parser.add_argument("--lr-seeds", "--lr-seed", type=int, nargs="+", default=[0],
+                        help="--lr-select: the seeds whose mean validation loss chooses a rate (default: 0)")
     parser.add_argument("--lr-select", action="store_true",
                         help="instead of the tables: choose each --lr-methods' rate per task by validation loss "
-                             "(--lrs, seed --lr-seed); later runs of the tables use the chosen rates")
+                             "(--lrs, --lr-seeds); later runs of the tables use the chosen rates")
     parser.add_argument("--p-ablation", action="store_true",
                         help="instead of the tables: ESFT-Token / ESFT-Gate over p (paper Figure 4), --ablation-seeds")
     parser.add_argument("--report-only", action="store_true")
@@ -715,11 +726,13 @@ def main(argv: list[str] | None = None) -> None:
     study = Study.given(args.base, args.name) if args.base else Study.own()
     if args.lr_check:
         ensure_base(study)
-        lr_check(study, args.lr_check, args.lr_methods, args.lrs, args.lr_seed)
+        if len(args.lr_seeds) > 1:
+            parser.error("--lr-check runs one seed: give one --lr-seeds")
+        lr_check(study, args.lr_check, args.lr_methods, args.lrs, args.lr_seeds[0])
         return
     if args.lr_select:
         ensure_base(study)
-        lr_select(study, args.tasks, args.lr_methods, args.lrs, args.lr_seed)
+        lr_select(study, args.tasks, args.lr_methods, args.lrs, args.lr_seeds)
         return
     if args.p_ablation:
         ensure_base(study)
