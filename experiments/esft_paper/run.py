@@ -8,7 +8,8 @@
         # another base (an HF directory, e.g. `esft base --config configs/base/moe.yaml`'s) instead
         # of pretraining base.yaml: runs/esft_paper_moe/, results_moe/, experts_moe/
     python experiments/esft_paper/run.py --base ... --name moe_balanced --lr-select \
-        --lr-methods fft lora esft_token esft_gate        # each method's rate per task on a validation split;
+        --lr-methods fft lora esft_token esft_gate        # each method's rate per task on a validation split
+                                                          # (--lr-seeds 0 1: by the mean over seeds);
                                                           # the tables' runs then use those rates
     python experiments/esft_paper/run.py --base ... --p-ablation --ablation-seeds 0 1 2  # paper Figure 4
 
@@ -725,9 +726,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--name needs --base")
     study = Study.given(args.base, args.name) if args.base else Study.own()
     if args.lr_check:
-        ensure_base(study)
         if len(args.lr_seeds) > 1:
             parser.error("--lr-check runs one seed: give one --lr-seeds")
+        ensure_base(study)
         lr_check(study, args.lr_check, args.lr_methods, args.lrs, args.lr_seeds[0])
         return
     if args.lr_select:
