@@ -226,10 +226,11 @@ def test_p_ablation_runs_each_p_at_its_methods_rate_and_tabulates_the_mean_over_
     assert "| esft_gate | 0.05 | 1.00 | 7.5 ± 0.0 | 95.0 ± 0.0 | 4.000 ± 0.000 | 1.500 ± 0.707 | 2 |" in table
     # token p=0.2, read from the tables' runs: specialized mean(20, 40) = 30; 2 experts per layer
     assert "| esft_token | 0.2 | 2.00 | 30.0 ± 0.0 | 80.0 ± 0.0 | 2.500 ± 0.000 | 1.500 ± 0.707 | 2 |" in table
-    # the tables' runs at another rate than the chosen one are refused, not read
+    # runs at another rate than the chosen one, the tables' and its own, are refused, not read
     (study.results / "lr_select.json").write_text(json.dumps({t: {"esft_token": 0.02, "esft_gate": 0.03}
                                                               for t in ("translate", "extract_fields")}))
-    with pytest.raises(SystemExit, match=r"sweep/translate/esft_token/seed0 \(0.01, now 0.02\)"):
+    with pytest.raises(SystemExit, match=r"sweep/translate/esft_token/seed0 \(0.01, now 0.02\)(.|\n)*"
+                                         r"p_ablation/translate/esft_token_p0.3/seed0 \(0.01, now 0.02\)"):
         study_mod.p_ablation(study, ["translate", "extract_fields"], seeds=[0, 1])
     assert (study.results / "p_ablation.png").stat().st_size > 0
 

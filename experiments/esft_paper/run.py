@@ -382,23 +382,25 @@ def selected_lrs(study: Study, task: str, cells: list[str]) -> dict[str, float]:
     return out
 
 
-def refuse_stale(study: Study, tasks: list[str], cells: list[str]) -> None:
-    """Stop, listing them, where the tables' finished runs of `cells` are at another rate than the
-    chosen one (`stale_runs`): nothing is deleted, the user moves them."""
-    if stale := [r for t in tasks for r in stale_runs(study, t, cells)]:
+def refuse_stale(study: Study, tasks: list[str], cells: dict[str, list[str]]) -> None:
+    """Stop, listing them, where finished runs of `cells` ({sweep directory: cells}, e.g. the
+    tables' "sweep") are at another rate than the chosen one (`stale_runs`): nothing is deleted,
+    the user moves them."""
+    if stale := [r for where, cs in cells.items() for t in tasks for r in stale_runs(study, t, cs, where)]:
         raise SystemExit(f"run.py: {len(stale)} finished runs used another learning rate than lr_select.json "
                          f"now gives (run, its rate, the chosen one):\n  " + "\n  ".join(stale) +
-                         f"\nMove them out of {study.runs / 'sweep'} (e.g. to a sibling directory) to rerun them "
-                         "at the chosen rates, or --report-only to tabulate them as they are.")
+                         f"\nMove them out of {study.runs} (e.g. to a sibling directory) to rerun them at the chosen "
+                         "rates, or --report-only to tabulate them as they are.")
 
 
-def stale_runs(study: Study, task: str, cells: list[str]) -> list[str]:
-    """The tables' finished runs of `cells` on `task` whose learning rate is no longer the one they
-    would run at now (`lr_select` chose another since): "<run dir> (<used>, now <chosen>)". The sweep
-    skips finished runs, so these would stay in the tables under the old rate."""
+def stale_runs(study: Study, task: str, cells: list[str], where: str = "sweep") -> list[str]:
+    """The finished runs of `cells` on `task` in the study's `where` sweeps (the tables' "sweep",
+    "p_ablation") whose learning rate is no longer the one they would run at now (`lr_select` chose
+    another since): "<run dir> (<used>, now <chosen>)". The sweep skips finished runs, so these would
+    stay in the tables under the old rate."""
     want = selected_lrs(study, task, cells)
     stale = []
-    for d in runs_of(study.runs / "sweep" / task):
+    for d in runs_of(study.runs / where / task):
         if d["cell"] in cells:
             used, now = d["overrides"].get("model.init_args.optim.lr", FINETUNE_LR), want.get(d["cell"], FINETUNE_LR)
             if used != now:
@@ -416,7 +418,7 @@ def p_ablation(study: Study, tasks: list[str], seeds: list[int]) -> None:
     cells = [f"esft_{m}_p{p:g}" for m, ps in P_VALUES.items() for p in ps]
     tables = {f"esft_{m}": f"esft_{m}_p{p:g}" for m, p in TABLE_P.items()}  # the tables' cell -> its p cell
     own = [c for c in cells if c not in tables.values()]
-    refuse_stale(study, tasks, list(tables))
+    refuse_stale(study, tasks, {"sweep": list(tables), "p_ablation": own})
     for seed in seeds:
         for task in tasks:
             configs = expert_configs(study, task)
@@ -743,7 +745,7 @@ def main(argv: list[str] | None = None) -> None:
         plan = [(MAIN, s) for s in args.seeds]
         if not args.no_ablations:
             plan += [(args.ablations, s) for s in args.ablation_seeds]
-        refuse_stale(study, args.tasks, list(dict.fromkeys(c for cells, _ in plan for c in cells)))
+        refuse_stale(study, args.tasks, {"sweep": list(dict.fromkeys(c for cells, _ in plan for c in cells))})
         ensure_base(study)
         base = vanilla(study)
         configs = {t: expert_configs(study, t) for t in args.tasks}
