@@ -7,7 +7,6 @@ import csv
 import fnmatch
 import io
 import math
-import os
 import statistics
 import sys
 from collections.abc import Sequence
@@ -115,7 +114,7 @@ def bar_plot(path: Path, groups: list[str], metrics: list[str], stats: dict) -> 
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write(path, buf.getvalue())
