@@ -154,6 +154,19 @@ def vanilla(study: Study) -> dict[str, float]:
     return scores
 
 
+def answer_losses(model_dir: Path, records: dict[str, list[dict]]) -> dict[str, float]:
+    """The mean next-token loss of the model in `model_dir` on the answers of each named list of
+    records, cut to finetune.yaml's max_length as the fine-tuning runs cut them."""
+    from esft.evaluation.perplexity import perplexity
+    from esft.objectives.loading import load_model
+
+    import torch
+
+    model, tokenizer = load_model(str(model_dir), torch.device("cpu"), "float32")
+    max_length = FINETUNE["data"]["init_args"]["max_length"]
+    return {name: perplexity(model, tokenizer, recs, max_length=max_length)["loss"] for name, recs in records.items()}
+
+
 def heldout_losses(model_dir: Path, cache: Path | None = None) -> dict[str, float]:
     """Mean next-token loss on the answers of the same held-out problems as the exact-match
     evaluation (a continuous signal where exact match is still 0 at this scale); cached in
@@ -163,16 +176,10 @@ def heldout_losses(model_dir: Path, cache: Path | None = None) -> dict[str, floa
         return json.loads(cache.read_text())
     from esft.callbacks.evaluation import TaskEvaluation
     from esft.data.tasks import build_task
-    from esft.evaluation.perplexity import perplexity
-    from esft.objectives.loading import load_model
     from esft.runconfig import atomic_write
 
-    import torch
-
-    model, tokenizer = load_model(str(model_dir), torch.device("cpu"), "float32")
     seed = TaskEvaluation(tasks=[]).seed
-    losses = {t.name: perplexity(model, tokenizer, t.generate(100, seed, "heldout"), max_length=256)["loss"]
-              for t in (build_task(s) for s in TASKS + GENERAL)}
+    losses = answer_losses(model_dir, {t.name: t.generate(100, seed, "heldout") for t in map(build_task, TASKS + GENERAL)})
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cache, json.dumps(losses, indent=1) + "\n")  # parallel run.py processes may read it meanwhile
     return losses
@@ -285,17 +292,11 @@ def validation_loss(run: dict, task: str) -> float:
     if cache.exists():
         return json.loads(cache.read_text())["loss"]
     from esft.data import SFTDataModule
-    from esft.evaluation.perplexity import perplexity
-    from esft.objectives.loading import load_model
     from esft.runconfig import atomic_write
 
-    import torch
-
-    data = FINETUNE["data"]["init_args"]
-    _, records = SFTDataModule(tasks=[task], num_train_per_task=data["num_train_per_task"], num_val_per_task=VAL_PROBLEMS,
-                               val_split="train", seed=run["seed"]).load_records()
-    model, tokenizer = load_model(str(run["dir"] / "hf"), torch.device("cpu"), "float32")
-    loss = perplexity(model, tokenizer, records, max_length=data["max_length"])["loss"]
+    _, records = SFTDataModule(tasks=[task], num_train_per_task=FINETUNE["data"]["init_args"]["num_train_per_task"],
+                               num_val_per_task=VAL_PROBLEMS, val_split="train", seed=run["seed"]).load_records()
+    loss = answer_losses(run["dir"] / "hf", {task: records})[task]
     atomic_write(cache, json.dumps({"task": task, "problems": len(records), "loss": loss}, indent=1) + "\n")
     return loss
 
